@@ -1,0 +1,266 @@
+// .stb v1 reader: maps the file and checks every rule of docs/format.md before anything touches the data.
+// All size arithmetic goes through checked helpers so a hostile header cannot wrap an offset.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+
+#include "stbllm/format.h"
+
+namespace stb {
+namespace {
+
+constexpr uint8_t kMagic[8] = {0x89, 'S', 'T', 'B', '\r', '\n', 0x1A, '\n'};
+constexpr uint32_t kByteOrderMark = 0x0A0B0C0D;
+constexpr uint64_t kFixedHeaderSize = 64;
+constexpr uint64_t kAlignment = 64;
+constexpr uint64_t kMaxJsonLength = 256ull << 20;
+constexpr int64_t kMaxDim = (1ll << 31) - 1;
+constexpr int64_t kMaxElements = 1ll << 40;
+constexpr int64_t kMaxOffset = 1ll << 62;
+
+uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+uint64_t checked_mul(uint64_t a, uint64_t b, const std::string& what) {
+  if (a != 0 && b > UINT64_MAX / a) throw FormatError(what + ": size overflows");
+  return a * b;
+}
+uint64_t checked_add(uint64_t a, uint64_t b, const std::string& what) {
+  if (b > UINT64_MAX - a) throw FormatError(what + ": size overflows");
+  return a + b;
+}
+uint64_t align_up(uint64_t x) { return checked_add(x, kAlignment - 1, "alignment") / kAlignment * kAlignment; }
+
+std::string hex64(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof buf, "0x%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+bool valid_tensor_name(const std::string& name) {
+  if (name.empty() || name.size() > 256) return false;
+  for (unsigned char c : name)
+    if (c < 0x21 || c > 0x7E) return false;
+  return true;
+}
+
+// Expected byte length of each component for a tensor's codec; throws on unknown codecs or bad params.
+std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonValue* params) {
+  const std::string what = "tensor '" + t.name + "'";
+  const uint64_t n = uint64_t(t.num_elements);
+  auto no_params = [&] {
+    if (params && !params->is_null() && !params->as_object(what + " params").empty())
+      throw FormatError(what + ": codec " + t.codec + " takes no params");
+  };
+  if (t.codec == kCodecF32) { no_params(); return {{"data", checked_mul(n, 4, what)}}; }
+  if (t.codec == kCodecF16) { no_params(); return {{"data", checked_mul(n, 2, what)}}; }
+  if (t.codec == kCodecBytes) {
+    no_params();
+    if (t.shape.size() != 1) throw FormatError(what + ": stb.bytes.v1 needs a 1-D shape");
+    return {{"data", n}};
+  }
+  if (t.codec == kCodecSignBlock) {
+    if (t.shape.size() != 2) throw FormatError(what + ": stb.sign-block.v1 needs a 2-D shape");
+    if (!params) throw FormatError(what + ": stb.sign-block.v1 needs params");
+    t.block = int(params->at("block", what + " params").as_int(what + " block", 64, 4096));
+    if (t.block % 64 != 0) throw FormatError(what + ": block must be a multiple of 64");
+    const JsonValue& nm = params->at("nm", what + " params");
+    if (!nm.is_null()) {
+      const auto& a = nm.as_array(what + " nm");
+      if (a.size() != 2) throw FormatError(what + ": nm must be [N, M]");
+      t.nm_m = int(a[1].as_int(what + " nm M", 1, 64));
+      t.nm_n = int(a[0].as_int(what + " nm N", 1, t.nm_m));
+    }
+    for (const auto& kv : params->as_object(what + " params"))
+      if (kv.first != "block" && kv.first != "nm") throw FormatError(what + ": unknown param '" + kv.first + "'");
+    const uint64_t rows = uint64_t(t.shape[0]), cols = uint64_t(t.shape[1]);
+    const uint64_t words = (cols + 63) / 64;
+    const uint64_t blocks = (cols + uint64_t(t.block) - 1) / uint64_t(t.block);
+    std::map<std::string, uint64_t> out = {{"signs", checked_mul(checked_mul(rows, words, what), 8, what)},
+                                           {"scales", checked_mul(checked_mul(rows, blocks, what), 2, what)}};
+    if (t.nm_m) out["mask"] = out["signs"];
+    return out;
+  }
+  throw FormatError(what + ": unknown codec '" + t.codec + "' (this reader knows stb.f32.v1, stb.f16.v1, "
+                    "stb.bytes.v1, stb.sign-block.v1)");
+}
+
+}  // namespace
+
+const Component& TensorEntry::component(const std::string& key) const {
+  auto it = components.find(key);
+  if (it == components.end()) throw FormatError("tensor '" + name + "' has no component '" + key + "'");
+  return it->second;
+}
+
+StbFile::~StbFile() {
+  if (base_) munmap(const_cast<uint8_t*>(base_), size_);
+}
+
+const TensorEntry* StbFile::find(const std::string& name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &tensors_[it->second];
+}
+
+const TensorEntry& StbFile::get(const std::string& name) const {
+  const TensorEntry* t = find(name);
+  if (!t) throw FormatError("tensor '" + name + "' is missing from " + path_);
+  return *t;
+}
+
+std::shared_ptr<const StbFile> StbFile::open(const std::string& path, bool verify_checksums) {
+  std::shared_ptr<StbFile> f(new StbFile());
+  f->path_ = path;
+
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
+  struct stat st;
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw std::runtime_error(path + " is not a regular file");
+  }
+  const uint64_t size = uint64_t(st.st_size);
+  if (size < kFixedHeaderSize) {
+    ::close(fd);
+    throw FormatError(path + " is too small to be an .stb file (" + std::to_string(size) + " bytes)");
+  }
+  void* map = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (map == MAP_FAILED) throw std::runtime_error("cannot map " + path + ": " + std::strerror(errno));
+  f->base_ = static_cast<const uint8_t*>(map);
+  f->size_ = size;
+  const uint8_t* h = f->base_;
+
+  // Fixed header.
+  if (std::memcmp(h, kMagic, 8) != 0) throw FormatError(path + " is not an .stb file (bad magic)");
+  if (load_u32(h + 8) != kByteOrderMark) throw FormatError("bad byte-order mark (not a little-endian .stb file)");
+  if (load_u32(h + 60) != crc32c(h, 60)) throw FormatError("fixed header checksum mismatch (file is corrupt)");
+  f->version_ = load_u32(h + 12);
+  if (f->version_ != 1)
+    throw FormatError("unsupported .stb format version " + std::to_string(f->version_) + " (this reader knows 1)");
+  f->required_features_ = load_u64(h + 16);
+  if (f->required_features_ & ~kKnownFeatures)
+    throw FormatError("file requires unknown features " + hex64(f->required_features_ & ~kKnownFeatures) +
+                      "; this runtime is too old to load it correctly");
+  const uint64_t json_length = load_u64(h + 24), data_offset = load_u64(h + 32), declared_size = load_u64(h + 40);
+  if (load_u32(h + 52) != 0 || load_u32(h + 56) != 0) throw FormatError("reserved header fields are not zero");
+  if (declared_size != size)
+    throw FormatError("file size is " + std::to_string(size) + " bytes but the header says " +
+                      std::to_string(declared_size) + " (truncated or appended to)");
+  if (json_length < 2 || json_length > kMaxJsonLength) throw FormatError("JSON header length out of range");
+  if (json_length > size - kFixedHeaderSize) throw FormatError("JSON header runs past the end of the file");
+  if (data_offset != align_up(kFixedHeaderSize + json_length))
+    throw FormatError("data offset " + std::to_string(data_offset) + " is not the aligned end of the JSON header");
+  if (data_offset > size) throw FormatError("data section starts past the end of the file");
+  const char* json = reinterpret_cast<const char*>(h + kFixedHeaderSize);
+  if (load_u32(h + 48) != crc32c(json, json_length)) throw FormatError("JSON header checksum mismatch");
+  for (uint64_t i = kFixedHeaderSize + json_length; i < data_offset; ++i)
+    if (h[i] != 0) throw FormatError("non-zero padding after the JSON header");
+  f->json_text_.assign(json, json_length);
+
+  JsonValue root = JsonValue::parse(json, json_length);
+  const auto& top = root.as_object("JSON header");
+  if (top.size() != 2 || !root.find("metadata") || !root.find("tensors"))
+    throw FormatError("JSON header must have exactly the keys 'metadata' and 'tensors'");
+  f->metadata_ = root.at("metadata", "header");
+  f->metadata_.as_object("metadata");
+
+  // Tensor table.
+  const uint64_t data_size = size - data_offset;
+  struct Range { uint64_t offset, length; std::string owner; };
+  std::vector<Range> ranges;
+  bool any_mask = false;
+  for (const auto& kv : root.at("tensors", "header").as_object("tensors")) {
+    TensorEntry t;
+    t.name = kv.first;
+    if (!valid_tensor_name(t.name)) throw FormatError("invalid tensor name (1-256 printable ASCII characters)");
+    const std::string what = "tensor '" + t.name + "'";
+    const JsonValue& e = kv.second;
+    for (const auto& field : e.as_object(what))
+      if (field.first != "codec" && field.first != "shape" && field.first != "params" && field.first != "components")
+        throw FormatError(what + ": unknown field '" + field.first + "'");
+    t.codec = e.at("codec", what).as_string(what + " codec");
+    const auto& dims = e.at("shape", what).as_array(what + " shape");
+    if (dims.empty() || dims.size() > 4) throw FormatError(what + ": shape must have 1 to 4 dimensions");
+    t.num_elements = 1;
+    for (const auto& d : dims) {
+      t.shape.push_back(d.as_int(what + " dimension", 1, kMaxDim));
+      if (t.num_elements > kMaxElements / t.shape.back()) throw FormatError(what + ": too many elements");
+      t.num_elements *= t.shape.back();
+    }
+    auto expected = expected_components(t, e.find("params"));
+    const auto& comps = e.at("components", what).as_object(what + " components");
+    if (comps.size() != expected.size())
+      throw FormatError(what + ": codec " + t.codec + " needs " + std::to_string(expected.size()) +
+                        " components, found " + std::to_string(comps.size()));
+    for (const auto& ckv : comps) {
+      const std::string cwhat = what + " component '" + ckv.first + "'";
+      auto exp = expected.find(ckv.first);
+      if (exp == expected.end()) throw FormatError(what + ": unexpected component '" + ckv.first + "'");
+      const JsonValue& c = ckv.second;
+      if (c.as_object(cwhat).size() != 3) throw FormatError(cwhat + " must have offset, length and crc32c");
+      Component comp;
+      comp.offset = uint64_t(c.at("offset", cwhat).as_int(cwhat + " offset", 0, kMaxOffset));
+      comp.length = uint64_t(c.at("length", cwhat).as_int(cwhat + " length", 1, kMaxOffset));
+      comp.crc32c = uint32_t(c.at("crc32c", cwhat).as_int(cwhat + " crc32c", 0, 0xFFFFFFFFll));
+      if (comp.length != exp->second)
+        throw FormatError(cwhat + " is " + std::to_string(comp.length) + " bytes, but its shape and codec need " +
+                          std::to_string(exp->second));
+      if (comp.offset % kAlignment != 0) throw FormatError(cwhat + " offset is not 64-byte aligned");
+      if (comp.offset > data_size || comp.length > data_size - comp.offset)
+        throw FormatError(cwhat + " lies outside the file");
+      comp.data = f->base_ + data_offset + comp.offset;
+      ranges.push_back({comp.offset, comp.length, cwhat});
+      t.components.emplace(ckv.first, comp);
+    }
+    any_mask |= t.nm_m != 0;
+    f->index_.emplace(t.name, f->tensors_.size());
+    f->tensors_.push_back(std::move(t));
+  }
+
+  // Components tile the data section: no holes, no overlaps, nothing trailing.
+  std::stable_sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.offset < b.offset; });
+  uint64_t expected_offset = 0, end = 0;
+  for (const Range& r : ranges) {
+    if (r.offset < expected_offset) throw FormatError(r.owner + " overlaps the previous component");
+    if (r.offset > expected_offset) throw FormatError(r.owner + " leaves a hole before it");
+    for (uint64_t i = end; i < r.offset; ++i)
+      if (f->base_[data_offset + i] != 0) throw FormatError("non-zero padding before " + r.owner);
+    end = r.offset + r.length;
+    expected_offset = align_up(end);
+  }
+  if (end != data_size)
+    throw FormatError(std::to_string(data_size - end) + " bytes after the last component are not described");
+
+  // Features must be declared when used: a reader that lacked them would compute garbage.
+  if (any_mask && !(f->required_features_ & kFeatureNmMask))
+    throw FormatError("tensors carry N:M masks but the nm_mask feature bit is not set");
+  if (const JsonValue* cfg = f->metadata_.find("config"))
+    if (const JsonValue* sw = cfg->find("sliding_window"))
+      if (!sw->is_null() && !(f->required_features_ & kFeatureSlidingWindow))
+        throw FormatError("config has a sliding window but the sliding_window feature bit is not set");
+
+  if (verify_checksums)
+    for (const TensorEntry& t : f->tensors_)
+      for (const auto& ckv : t.components)
+        if (crc32c(ckv.second.data, ckv.second.length) != ckv.second.crc32c)
+          throw FormatError("checksum mismatch in tensor '" + t.name + "' component '" + ckv.first +
+                            "' (file is corrupt)");
+  return f;
+}
+
+}  // namespace stb

@@ -1,0 +1,70 @@
+// Python view of an .stb file: the C++ reader validates, Python gets the JSON and zero-copy component buffers.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "stbllm/format.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// Keeps the mapping alive for as long as any numpy view of it exists.
+struct FileHandle {
+  std::shared_ptr<const stb::StbFile> file;
+};
+
+py::array component_array(const std::shared_ptr<FileHandle>& h, const std::string& tensor, const std::string& key) {
+  const stb::Component& c = h->file->get(tensor).component(key);
+  py::capsule owner(new std::shared_ptr<FileHandle>(h),
+                    [](void* p) { delete static_cast<std::shared_ptr<FileHandle>*>(p); });
+  py::array_t<uint8_t> a({py::ssize_t(c.length)}, {py::ssize_t(1)}, c.data, owner);
+  py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return std::move(a);
+}
+
+}  // namespace
+
+void bind_format(py::module_& m) {
+  static py::exception<stb::FormatError> format_error(m, "FormatError", PyExc_ValueError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const stb::FormatError& e) {
+      py::set_error(format_error, e.what());
+    }
+  });
+
+  m.def(
+      "crc32c",
+      [](py::buffer data, uint32_t crc) {
+        py::buffer_info info = data.request();
+        py::ssize_t expected_stride = info.itemsize;
+        for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+          if (info.shape[size_t(d)] > 1 && info.strides[size_t(d)] != expected_stride)
+            throw py::value_error("crc32c needs a C-contiguous buffer");
+          expected_stride *= info.shape[size_t(d)];
+        }
+        const size_t n = size_t(info.size) * size_t(info.itemsize);
+        py::gil_scoped_release release;
+        return stb::crc32c(info.ptr, n, crc);
+      },
+      py::arg("data"), py::arg("crc") = 0, "CRC-32C of a contiguous buffer (continue from `crc`).");
+
+  py::class_<FileHandle, std::shared_ptr<FileHandle>>(m, "StbFile")
+      .def(py::init([](const std::string& path, bool verify_checksums) {
+             std::shared_ptr<const stb::StbFile> f;
+             {
+               py::gil_scoped_release release;
+               f = stb::StbFile::open(path, verify_checksums);
+             }
+             return std::make_shared<FileHandle>(FileHandle{f});
+           }),
+           py::arg("path"), py::arg("verify_checksums") = true)
+      .def_property_readonly("json", [](const FileHandle& h) { return py::bytes(h.file->json_text()); })
+      .def_property_readonly("format_version", [](const FileHandle& h) { return h.file->format_version(); })
+      .def_property_readonly("required_features", [](const FileHandle& h) { return h.file->required_features(); })
+      .def_property_readonly("file_size", [](const FileHandle& h) { return h.file->file_size(); })
+      .def("component", &component_array, py::arg("tensor"), py::arg("key"),
+           "Read-only uint8 view of one component's bytes (zero-copy from the mapping).");
+}

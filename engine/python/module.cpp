@@ -1,0 +1,10 @@
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+void bind_format(py::module_& m);
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "stbllm native runtime";
+  bind_format(m);
+}

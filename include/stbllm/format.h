@@ -1,0 +1,84 @@
+// Reader for the .stb v1 format (docs/format.md): mmap, strict validation, zero-copy access to components.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "stbllm/json.h"
+
+namespace stb {
+
+// Every malformed-file condition raises this (exposed to Python as stbllm_rt.FormatError).
+struct FormatError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+enum RequiredFeature : uint64_t {
+  kFeatureSlidingWindow = 1ull << 0,
+  kFeatureNmMask = 1ull << 1,
+};
+constexpr uint64_t kKnownFeatures = kFeatureSlidingWindow | kFeatureNmMask;
+
+constexpr char kCodecF32[] = "stb.f32.v1";
+constexpr char kCodecF16[] = "stb.f16.v1";
+constexpr char kCodecBytes[] = "stb.bytes.v1";
+constexpr char kCodecSignBlock[] = "stb.sign-block.v1";
+
+struct Component {
+  const uint8_t* data = nullptr;  // points into the mapping; valid while the StbFile lives
+  uint64_t offset = 0;            // relative to the data section
+  uint64_t length = 0;
+  uint32_t crc32c = 0;
+};
+
+struct TensorEntry {
+  std::string name;
+  std::string codec;
+  std::vector<int64_t> shape;
+  int64_t num_elements = 0;
+  // stb.sign-block.v1 parameters (0 when not that codec / no mask)
+  int block = 0;
+  int nm_n = 0, nm_m = 0;
+  std::map<std::string, Component> components;
+
+  const Component& component(const std::string& key) const;  // throws FormatError when missing
+};
+
+class StbFile {
+ public:
+  // Maps and validates the whole file; throws FormatError on any violation, std::runtime_error on I/O errors.
+  static std::shared_ptr<const StbFile> open(const std::string& path, bool verify_checksums = true);
+  ~StbFile();
+  StbFile(const StbFile&) = delete;
+  StbFile& operator=(const StbFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  uint32_t format_version() const { return version_; }
+  uint64_t required_features() const { return required_features_; }
+  uint64_t file_size() const { return size_; }
+  const JsonValue& metadata() const { return metadata_; }
+  const std::string& json_text() const { return json_text_; }
+  const std::vector<TensorEntry>& tensors() const { return tensors_; }
+  const TensorEntry* find(const std::string& name) const;  // nullptr when absent
+  const TensorEntry& get(const std::string& name) const;   // throws FormatError when absent
+
+ private:
+  StbFile() = default;
+  std::string path_;
+  const uint8_t* base_ = nullptr;
+  uint64_t size_ = 0;
+  uint32_t version_ = 0;
+  uint64_t required_features_ = 0;
+  std::string json_text_;
+  JsonValue metadata_;
+  std::vector<TensorEntry> tensors_;
+  std::map<std::string, size_t> index_;
+};
+
+// CRC-32C (Castagnoli); hardware-accelerated where the CPU has SSE4.2.
+uint32_t crc32c(const void* data, size_t length, uint32_t crc = 0);
+
+}  // namespace stb

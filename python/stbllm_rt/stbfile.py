@@ -1,0 +1,288 @@
+"""Write and read `.stb` v1 files (docs/format.md).
+
+The writer is pure Python (numpy); reading goes through the C++ reader in `_core`, so one validator guards both the
+runtime and every Python tool: a file that Python accepts is exactly a file the engine accepts.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from . import _core
+from ._core import FormatError
+
+MAGIC = b"\x89STB\r\n\x1a\n"
+BYTE_ORDER_MARK = 0x0A0B0C0D
+FORMAT_VERSION = 1
+FIXED_HEADER_SIZE = 64
+ALIGNMENT = 64
+
+FEATURE_SLIDING_WINDOW = 1 << 0
+FEATURE_NM_MASK = 1 << 1
+
+CODEC_F32 = "stb.f32.v1"
+CODEC_F16 = "stb.f16.v1"
+CODEC_BYTES = "stb.bytes.v1"
+CODEC_SIGN_BLOCK = "stb.sign-block.v1"
+
+LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_o.weight",
+                   "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+
+
+def _align(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """bool [rows, cols] -> uint64 [rows, ceil(cols/64)]; bit j of a row is bit j%64 of word j//64."""
+    rows, cols = bits.shape
+    words = (cols + 63) // 64
+    padded = np.zeros((rows, words * 64), dtype=bool)
+    padded[:, :cols] = bits
+    return np.packbits(padded, axis=1, bitorder="little").view("<u8")
+
+
+def unpack_bits(words: np.ndarray, cols: int) -> np.ndarray:
+    """Inverse of pack_bits."""
+    return np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :cols].astype(bool)
+
+
+def fixed_header(features: int, header_json: bytes, file_size: int) -> bytes:
+    """The 64-byte fixed header for a file whose JSON header is `header_json`."""
+    data_offset = _align(FIXED_HEADER_SIZE + len(header_json))
+    fixed = struct.pack("<8sIIQQQQIII", MAGIC, BYTE_ORDER_MARK, FORMAT_VERSION, features, len(header_json),
+                        data_offset, file_size, _core.crc32c(header_json), 0, 0)
+    return fixed + struct.pack("<I", _core.crc32c(fixed))
+
+
+def tensor_group(name: str) -> str:
+    """Which line of the bit report a tensor's bytes belong to."""
+    if name in ("token_embd.weight", "pos_embd.weight"):
+        return "embedding"
+    if name == "output.weight":
+        return "head"
+    if name.endswith(LINEAR_SUFFIXES):
+        return "linear"
+    return "norms_biases"
+
+
+class StbWriter:
+    """Collects tensors, then writes one `.stb` file atomically (temp file + fsync + rename)."""
+
+    def __init__(self, metadata: dict):
+        self.metadata = copy.deepcopy(metadata)
+        self._tensors: dict[str, dict] = {}
+        self._features = 0
+
+    def _add(self, name: str, codec: str, shape, params: dict | None, components: dict[str, np.ndarray]):
+        if name in self._tensors:
+            raise ValueError(f"tensor {name!r} added twice")
+        if not (1 <= len(name) <= 256 and all(0x21 <= ord(c) <= 0x7E for c in name)):
+            raise ValueError(f"invalid tensor name {name!r}")
+        entry = {"codec": codec, "shape": [int(d) for d in shape]}
+        if params is not None:
+            entry["params"] = params
+        data = {k: np.ascontiguousarray(v).reshape(-1).view(np.uint8) for k, v in components.items()}
+        self._tensors[name] = {"entry": entry, "data": data}
+
+    def add_f32(self, name: str, array) -> None:
+        a = np.asarray(array, dtype="<f4")
+        self._add(name, CODEC_F32, a.shape, None, {"data": a})
+
+    def add_f16(self, name: str, array) -> None:
+        a = np.asarray(array, dtype="<f2")
+        self._add(name, CODEC_F16, a.shape, None, {"data": a})
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self._add(name, CODEC_BYTES, (len(data),), None, {"data": np.frombuffer(bytes(data), dtype=np.uint8)})
+
+    def add_sign_block(self, name: str, signs, scales, mask=None, block: int = 128, nm=None) -> None:
+        """signs: bool [rows, cols] (True = +1); scales: [rows, ceil(cols/block)] (stored fp16);
+        mask: bool [rows, cols] keep-mask (False = exactly zero) or None; nm: (N, M) recorded with the mask."""
+        signs = np.asarray(signs, dtype=bool)
+        if signs.ndim != 2:
+            raise ValueError(f"{name}: signs must be 2-D")
+        rows, cols = signs.shape
+        if block % 64 or not 64 <= block <= 4096:
+            raise ValueError(f"{name}: block must be a multiple of 64 in [64, 4096], got {block}")
+        nblocks = -(-cols // block)
+        scales = np.asarray(scales, dtype="<f2")
+        if scales.shape != (rows, nblocks):
+            raise ValueError(f"{name}: scales must have shape {(rows, nblocks)}, got {scales.shape}")
+        if (mask is None) != (nm is None):
+            raise ValueError(f"{name}: a mask and its nm pattern go together")
+        components = {"signs": None, "scales": scales}
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != signs.shape:
+                raise ValueError(f"{name}: mask shape {mask.shape} != signs shape {signs.shape}")
+            n, m = (int(x) for x in nm)
+            if not 1 <= n <= m <= 64:
+                raise ValueError(f"{name}: bad N:M {n}:{m}")
+            signs = signs & mask  # pruned weights carry a clear sign bit (format rule)
+            components["mask"] = pack_bits(mask)
+            self._features |= FEATURE_NM_MASK
+            nm = [n, m]
+        components["signs"] = pack_bits(signs)
+        self._add(name, CODEC_SIGN_BLOCK, (rows, cols), {"block": int(block), "nm": nm}, components)
+
+    def bit_report(self) -> dict:
+        """Honest bits: bytes actually in the file for each group of tensors, over the weights they hold."""
+        group_bytes: dict[str, int] = {}
+        group_weights: dict[str, int] = {}
+        kept_sign_bits = 0
+        dense_linear_bits = 0
+        for name, t in self._tensors.items():
+            entry = t["entry"]
+            if entry["codec"] == CODEC_BYTES:
+                continue
+            n = int(np.prod(entry["shape"]))
+            group = tensor_group(name)
+            group_weights[group] = group_weights.get(group, 0) + n
+            if entry["codec"] == CODEC_SIGN_BLOCK:
+                for key, label in (("signs", "signs"), ("mask", "masks"), ("scales", "scales")):
+                    if key in t["data"]:
+                        group_bytes[label] = group_bytes.get(label, 0) + t["data"][key].nbytes
+                if "mask" in t["data"]:
+                    kept_sign_bits += int(np.unpackbits(t["data"]["mask"]).sum())
+                else:
+                    kept_sign_bits += n
+            else:
+                label = "linear_dense" if group == "linear" else group
+                nbytes = t["data"]["data"].nbytes
+                group_bytes[label] = group_bytes.get(label, 0) + nbytes
+                if group == "linear":
+                    dense_linear_bits += nbytes * 8
+        linear_weights = group_weights.get("linear", 0)
+        denominators = {"signs": linear_weights, "masks": linear_weights, "scales": linear_weights,
+                        "linear_dense": linear_weights, "embedding": group_weights.get("embedding", 0),
+                        "head": group_weights.get("head", 0), "norms_biases": group_weights.get("norms_biases", 0)}
+        groups = {g: {"bytes": b, "bits_per_weight": round(b * 8 / denominators[g], 4) if denominators[g] else None}
+                  for g, b in sorted(group_bytes.items())}
+        linear_bytes = sum(group_bytes.get(g, 0) for g in ("signs", "masks", "scales", "linear_dense"))
+        all_weights = sum(group_weights.values())
+        all_bytes = sum(group_bytes.values())
+        return {
+            "groups": groups,
+            "linear_weights": linear_weights,
+            "linear_bits_per_weight": round(linear_bytes * 8 / linear_weights, 4) if linear_weights else None,
+            "paper_bits_per_weight": (round((kept_sign_bits + dense_linear_bits) / linear_weights, 4)
+                                      if linear_weights else None),
+            "file_weights": all_weights,
+            "file_bits_per_weight": round(all_bytes * 8 / all_weights, 4) if all_weights else None,
+            "note": "linear groups are over all linear weights; embedding/head/norms over their own weights; "
+                    "paper bits count one bit per kept sign (16 per dense fp16 weight), nothing else",
+        }
+
+    def write(self, path) -> dict:
+        """Writes the file atomically; returns the bit report that went into provenance.bits."""
+        path = Path(path)
+        metadata = copy.deepcopy(self.metadata)
+        report = self.bit_report()
+        metadata.setdefault("provenance", {})["bits"] = report
+        features = self._features
+        if (metadata.get("config") or {}).get("sliding_window") is not None:
+            features |= FEATURE_SLIDING_WINDOW
+
+        # Lay components out in insertion order, each 64-byte aligned, and checksum them.
+        tensors_json, layout, offset = {}, [], 0
+        for name, t in self._tensors.items():
+            entry = dict(t["entry"])
+            comps = {}
+            for key, buf in t["data"].items():
+                offset = _align(offset)
+                comps[key] = {"offset": offset, "length": int(buf.nbytes), "crc32c": int(_core.crc32c(buf))}
+                layout.append((offset, buf))
+                offset += buf.nbytes
+            entry["components"] = comps
+            tensors_json[name] = entry
+        header_json = json.dumps({"metadata": metadata, "tensors": tensors_json}, ensure_ascii=False,
+                                 separators=(",", ":")).encode("utf-8")
+        data_offset = _align(FIXED_HEADER_SIZE + len(header_json))
+        file_size = data_offset + offset
+        fixed = fixed_header(features, header_json, file_size)
+
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(fixed)
+                f.write(header_json)
+                f.write(b"\0" * (data_offset - FIXED_HEADER_SIZE - len(header_json)))
+                pos = 0
+                for off, buf in layout:
+                    f.write(b"\0" * (off - pos))
+                    f.write(memoryview(buf))
+                    pos = off + buf.nbytes
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return report
+
+
+class StbReader:
+    """A validated `.stb` file: metadata, tensor table, zero-copy components and dequantized tensors."""
+
+    def __init__(self, path, verify_checksums: bool = True):
+        self.path = str(path)
+        self._file = _core.StbFile(self.path, verify_checksums)
+        header = json.loads(self._file.json)
+        self.metadata: dict = header["metadata"]
+        self._tensors: dict = header["tensors"]
+
+    @property
+    def required_features(self) -> int:
+        return self._file.required_features
+
+    @property
+    def file_size(self) -> int:
+        return self._file.file_size
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor_info(self, name: str) -> dict:
+        if name not in self._tensors:
+            raise KeyError(f"tensor {name!r} is not in {self.path}")
+        return self._tensors[name]
+
+    def component(self, name: str, key: str) -> np.ndarray:
+        return self._file.component(name, key)
+
+    def blob(self, name: str) -> bytes:
+        if self.tensor_info(name)["codec"] != CODEC_BYTES:
+            raise FormatError(f"tensor {name!r} is not a byte blob")
+        return self.component(name, "data").tobytes()
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """The tensor as float32, exactly as the codec defines its values."""
+        info = self.tensor_info(name)
+        codec, shape = info["codec"], tuple(info["shape"])
+        if codec == CODEC_F32:
+            return self.component(name, "data").view("<f4").reshape(shape).copy()
+        if codec == CODEC_F16:
+            return self.component(name, "data").view("<f2").reshape(shape).astype(np.float32)
+        if codec == CODEC_SIGN_BLOCK:
+            rows, cols = shape
+            block = info["params"]["block"]
+            words = self.component(name, "signs").view("<u8").reshape(rows, -1)
+            values = np.where(unpack_bits(words, cols), np.float32(1), np.float32(-1))
+            scales = self.component(name, "scales").view("<f2").reshape(rows, -1).astype(np.float32)
+            values *= np.repeat(scales, block, axis=1)[:, :cols]
+            if info["params"].get("nm") is not None:
+                mask_words = self.component(name, "mask").view("<u8").reshape(rows, -1)
+                values *= unpack_bits(mask_words, cols)
+            return values
+        raise FormatError(f"tensor {name!r} has codec {codec}, which has no numeric value")
