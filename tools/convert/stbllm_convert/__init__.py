@@ -1,0 +1,1 @@
+"""stbllm converter: Hugging Face / GGUF models -> packed .stb files (`stbllm-convert`)."""
