@@ -1,0 +1,191 @@
+// Sampling and batched generation. The sampler's random numbers come from our own xoshiro256** so the same seed
+// gives the same tokens on every machine and standard library.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <unordered_set>
+
+#include "stbllm/model.h"
+
+namespace stb {
+
+namespace {
+
+uint64_t splitmix64(uint64_t& x) {
+  uint64_t z = (x += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+}  // namespace
+
+Sampler::Sampler(const SamplingParams& p) : p_(p) {
+  uint64_t s = p.seed;
+  for (uint64_t& word : state_) word = splitmix64(s);
+}
+
+double Sampler::next_uniform() {
+  const uint64_t result = rotl(state_[1] * 5, 7) * 9, t = state_[1] << 17;
+  state_[2] ^= state_[0];
+  state_[3] ^= state_[1];
+  state_[1] ^= state_[2];
+  state_[0] ^= state_[3];
+  state_[2] ^= t;
+  state_[3] = rotl(state_[3], 45);
+  return double(result >> 11) * 0x1.0p-53;
+}
+
+int Sampler::sample(float* logits, int vocab, const std::vector<int>& context) {
+  if (p_.repetition_penalty != 1.0f) {  // CTRL-style, once per distinct token already in the context
+    std::unordered_set<int> seen(context.begin(), context.end());
+    for (int t : seen) {
+      float& l = logits[t];
+      l = l > 0 ? l / p_.repetition_penalty : l * p_.repetition_penalty;
+    }
+  }
+  if (p_.temperature <= 0.f) return int(std::max_element(logits, logits + vocab) - logits);
+
+  // Highest first; ties broken by token id so the order never depends on the sort implementation.
+  auto higher = [](const std::pair<float, int>& a, const std::pair<float, int>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  candidates_.resize(vocab);
+  for (int i = 0; i < vocab; ++i) candidates_[i] = {logits[i] / p_.temperature, i};
+  size_t n = vocab;
+  if (p_.top_k > 0 && size_t(p_.top_k) < n) {
+    std::partial_sort(candidates_.begin(), candidates_.begin() + p_.top_k, candidates_.end(), higher);
+    n = p_.top_k;
+  } else {
+    std::sort(candidates_.begin(), candidates_.end(), higher);
+  }
+  // Softmax over the survivors (as probabilities, in place).
+  const float top = candidates_[0].first;
+  double total = 0;
+  for (size_t i = 0; i < n; ++i) total += (candidates_[i].first = std::exp(candidates_[i].first - top));
+  for (size_t i = 0; i < n; ++i) candidates_[i].first = float(candidates_[i].first / total);
+  if (p_.top_p < 1.f) {  // smallest prefix whose mass reaches top_p
+    double mass = 0;
+    size_t keep = 0;
+    while (keep < n && mass < p_.top_p) mass += candidates_[keep++].first;
+    n = std::max<size_t>(keep, 1);
+  }
+  if (p_.min_p > 0.f) {  // drop tokens less likely than min_p times the most likely one
+    const float floor = p_.min_p * candidates_[0].first;
+    size_t keep = 1;
+    while (keep < n && candidates_[keep].first >= floor) ++keep;
+    n = keep;
+  }
+  double mass = 0;
+  for (size_t i = 0; i < n; ++i) mass += candidates_[i].first;
+  double r = next_uniform() * mass;
+  for (size_t i = 0; i < n; ++i) {
+    r -= candidates_[i].first;
+    if (r < 0) return candidates_[i].second;
+  }
+  return candidates_[n - 1].second;
+}
+
+Generator::Generator(Model& model, std::vector<std::vector<int>> prompts, int max_new_tokens,
+                     const SamplingParams& params, std::vector<int> stop_token_ids)
+    : model_(model), cache_(model.new_kv_cache()), stop_ids_(std::move(stop_token_ids)),
+      max_new_tokens_(max_new_tokens) {
+  if (max_new_tokens < 0) throw std::invalid_argument("max_new_tokens must be >= 0");
+  const ModelConfig& c = model.config();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    if (prompts[i].empty()) throw std::invalid_argument("prompt " + std::to_string(i) + " is empty");
+    if (int64_t(prompts[i].size()) >= c.max_positions)
+      throw std::length_error("prompt " + std::to_string(i) + " has " + std::to_string(prompts[i].size()) +
+                              " tokens; the model's context is " + std::to_string(c.max_positions));
+    for (int t : prompts[i])
+      if (t < 0 || t >= c.vocab_size)
+        throw std::out_of_range("prompt " + std::to_string(i) + " holds token id " + std::to_string(t) +
+                                ", outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+    Sequence s;
+    s.prompt_len = prompts[i].size();
+    s.tokens = std::move(prompts[i]);
+    s.finished = max_new_tokens == 0;
+    seqs_.push_back(std::move(s));
+    SamplingParams p = params;
+    p.seed = params.seed + i;  // distinct streams per batch entry, reproducible for the same seed
+    samplers_.emplace_back(p);
+  }
+}
+
+bool Generator::done() const {
+  return std::all_of(seqs_.begin(), seqs_.end(), [](const Sequence& s) { return s.finished; });
+}
+
+void Generator::stop(int index) {
+  if (index < 0 || size_t(index) >= seqs_.size()) throw std::out_of_range("no sequence " + std::to_string(index));
+  seqs_[index].finished = true;
+  cache_->release(index);
+}
+
+void Generator::accept(size_t i, float* logits) {
+  Sequence& s = seqs_[i];
+  const ModelConfig& c = model_.config();
+  const int token = samplers_[i].sample(logits, c.vocab_size, s.tokens);
+  s.tokens.push_back(token);
+  ++s.generated;
+  const bool stop_token = std::find(stop_ids_.begin(), stop_ids_.end(), token) != stop_ids_.end();
+  if (stop_token || s.generated >= max_new_tokens_ || int64_t(s.tokens.size()) >= c.max_positions) {
+    s.finished = true;
+    s.pending = -1;
+    cache_->release(int(i));
+  } else {
+    s.pending = token;
+  }
+}
+
+void Generator::prefill() {
+  std::vector<BatchRow> rows;
+  std::vector<int> logit_rows;
+  std::vector<size_t> which;
+  for (size_t i = 0; i < seqs_.size(); ++i) {
+    if (seqs_[i].finished) continue;
+    for (size_t p = 0; p < seqs_[i].tokens.size(); ++p) rows.push_back({int(i), int(p), seqs_[i].tokens[p]});
+    logit_rows.push_back(int(rows.size()) - 1);
+    which.push_back(i);
+  }
+  prefilled_ = true;
+  if (rows.empty()) return;
+  const int vocab = model_.config().vocab_size;
+  logits_.resize(size_t(which.size()) * vocab);
+  model_.forward(*cache_, rows, logit_rows, logits_.data());
+  for (size_t j = 0; j < which.size(); ++j) accept(which[j], logits_.data() + j * vocab);
+}
+
+std::vector<std::vector<int>> Generator::step(int steps) {
+  std::vector<size_t> before(seqs_.size());
+  for (size_t i = 0; i < seqs_.size(); ++i) before[i] = seqs_[i].tokens.size();
+  int remaining = steps;
+  if (!prefilled_ && remaining > 0) {
+    prefill();
+    --remaining;
+  }
+  const int vocab = model_.config().vocab_size;
+  for (; remaining > 0 && !done(); --remaining) {
+    std::vector<BatchRow> rows;
+    std::vector<int> logit_rows;
+    std::vector<size_t> which;
+    for (size_t i = 0; i < seqs_.size(); ++i) {
+      const Sequence& s = seqs_[i];
+      if (s.finished) continue;
+      logit_rows.push_back(int(rows.size()));
+      rows.push_back({int(i), int(s.tokens.size()) - 1, s.pending});
+      which.push_back(i);
+    }
+    logits_.resize(which.size() * size_t(vocab));
+    model_.forward(*cache_, rows, logit_rows, logits_.data());
+    for (size_t j = 0; j < which.size(); ++j) accept(which[j], logits_.data() + j * vocab);
+  }
+  std::vector<std::vector<int>> out(seqs_.size());
+  for (size_t i = 0; i < seqs_.size(); ++i) out[i].assign(seqs_[i].tokens.begin() + before[i], seqs_[i].tokens.end());
+  return out;
+}
+
+}  // namespace stb

@@ -1,0 +1,81 @@
+// Python view of the runtime: Model (logits, sizes) and Generator (batched sampling). Compute releases the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "stbllm/model.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// The Python object keeps the model alive for as long as any generator over it exists.
+struct GeneratorHandle {
+  std::shared_ptr<stb::Model> model;
+  std::unique_ptr<stb::Generator> generator;
+};
+
+}  // namespace
+
+void bind_model(py::module_& m) {
+  py::class_<stb::Model, std::shared_ptr<stb::Model>>(m, "Model")
+      .def(py::init([](const std::string& path, int threads, bool verify) {
+             if (threads < 0) throw py::value_error("threads must be >= 0 (0 = all cores)");
+             py::gil_scoped_release release;
+             return std::make_shared<stb::Model>(path, threads, verify);
+           }),
+           py::arg("path"), py::arg("threads") = 0, py::arg("verify_checksums") = true)
+      .def(
+          "logits",
+          [](stb::Model& model, const std::vector<int>& tokens) {
+            const int vocab = model.config().vocab_size;
+            if (tokens.empty()) throw py::value_error("logits() needs at least one token");
+            py::array_t<float> out({py::ssize_t(tokens.size()), py::ssize_t(vocab)});
+            float* dst = out.mutable_data();
+            {
+              py::gil_scoped_release release;
+              auto cache = model.new_kv_cache();
+              std::vector<stb::BatchRow> rows;
+              std::vector<int> all;
+              for (size_t i = 0; i < tokens.size(); ++i) {
+                rows.push_back({0, int(i), tokens[i]});
+                all.push_back(int(i));
+              }
+              model.forward(*cache, rows, all, dst);
+            }
+            return out;
+          },
+          py::arg("token_ids"), "Logits [T, vocab] of one fresh sequence; row t predicts token t+1.")
+      .def_property_readonly("weight_bytes", &stb::Model::weight_bytes)
+      .def_property_readonly("kv_bytes_per_token",
+                             [](stb::Model& model) { return model.new_kv_cache()->bytes_per_token(); })
+      .def_property_readonly("threads", [](stb::Model& model) { return model.backend().threads(); })
+      .def_property_readonly("simd", [](stb::Model& model) { return model.backend().kernels(); });
+
+  py::class_<GeneratorHandle>(m, "Generator")
+      .def(py::init([](std::shared_ptr<stb::Model> model, std::vector<std::vector<int>> prompts, int max_new_tokens,
+                       float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
+                       uint64_t seed, std::vector<int> stop_token_ids) {
+             stb::SamplingParams p{temperature, top_k, top_p, min_p, repetition_penalty, seed};
+             auto h = std::make_unique<GeneratorHandle>();
+             h->model = model;
+             h->generator = std::make_unique<stb::Generator>(*model, std::move(prompts), max_new_tokens, p,
+                                                             std::move(stop_token_ids));
+             return h;
+           }),
+           py::arg("model"), py::arg("prompts"), py::arg("max_new_tokens"), py::arg("temperature"), py::arg("top_k"),
+           py::arg("top_p"), py::arg("min_p"), py::arg("repetition_penalty"), py::arg("seed"),
+           py::arg("stop_token_ids"))
+      .def(
+          "step",
+          [](GeneratorHandle& h, int steps) {
+            py::gil_scoped_release release;
+            return h.generator->step(steps);
+          },
+          py::arg("steps") = 1, "Runs up to `steps` tokens per sequence; returns each sequence's new tokens.")
+      .def("stop",
+           [](GeneratorHandle& h, const std::vector<int>& indices) {
+             for (int i : indices) h.generator->stop(i);
+           })
+      .def_property_readonly("done", [](const GeneratorHandle& h) { return h.generator->done(); });
+}

@@ -1,0 +1,90 @@
+// The backend interface: every compute operation the model graphs need. The graphs (engine/model/model.cpp) are
+// written once against it; the CPU backend (engine/cpu) implements it, a CUDA backend will too.
+//
+// Activations are row-major float32 matrices [rows, width] in backend memory (host memory for the CPU backend).
+// A "row" is one token of one sequence; a batch mixes rows of several sequences, each with its own position.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "stbllm/format.h"
+
+namespace stb {
+
+enum class MatrixCodec { F32, F16, SignBlock };
+
+// A weight matrix [rows = outputs, cols = inputs] with an optional bias, resident in backend memory.
+// For the CPU backend the pointers alias the read-only file mapping (zero copy).
+struct Matrix {
+  std::string name;
+  MatrixCodec codec = MatrixCodec::F32;
+  int64_t rows = 0, cols = 0;
+  const void* values = nullptr;      // F32: float[rows*cols]; F16: uint16 halves[rows*cols]
+  const uint64_t* signs = nullptr;   // SignBlock: [rows, words_per_row], set bit = +1
+  const uint64_t* mask = nullptr;    // SignBlock: optional keep-mask, same layout; null = dense
+  const uint16_t* scales = nullptr;  // SignBlock: fp16 [rows, blocks_per_row]
+  int block = 0, words_per_row = 0, blocks_per_row = 0;
+  const float* bias = nullptr;       // [rows] or null
+  uint64_t bytes = 0;                // weight + bias bytes held for this matrix
+};
+
+// Where each row of a batch lives: which sequence (KV cache slot) and at which position.
+struct RowInfo {
+  int slot;
+  int pos;
+};
+
+struct AttentionShape {
+  int heads, kv_heads, head_dim;
+  int sliding_window;  // 0 = unlimited; else a row at position p sees positions > p - sliding_window
+};
+
+// Per-sequence keys and values for every layer. Backends own the storage.
+class KvCache {
+ public:
+  virtual ~KvCache() = default;
+  // Makes room for positions [0, n_positions) of `slot` (creating the slot when new).
+  virtual void reserve(int slot, int n_positions) = 0;
+  virtual void release(int slot) = 0;
+  virtual uint64_t bytes_per_token() const = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;     // "cpu"
+  virtual std::string kernels() const = 0;  // which SIMD path runs, e.g. "avx2"
+  virtual int threads() const = 0;
+
+  // Weights. `bias` may be null. The entry's file must outlive the backend's use of the matrix.
+  virtual Matrix upload_matrix(const TensorEntry& weight, const TensorEntry* bias) = 0;
+  virtual const float* upload_vector(const TensorEntry& t) = 0;  // f32 [n]
+
+  virtual float* alloc(size_t n_floats) = 0;  // activation buffers, zero-filled
+  virtual void release(float* buffer) = 0;
+  virtual std::unique_ptr<KvCache> new_kv_cache(int layers, int kv_width) = 0;
+  virtual void to_host(const float* src, float* dst, size_t n) = 0;
+
+  // out[r, :] = table[ids[r], :]; accumulate adds instead of overwriting.
+  virtual void embed(const Matrix& table, const int* ids, int n, float* out, bool accumulate) = 0;
+  // out = x · Wᵀ (+ bias); x [n, cols], out [n, rows].
+  virtual void linear(const Matrix& w, const float* x, int n, float* out) = 0;
+  // RMSNorm (bias null) or LayerNorm over rows of width `dim`.
+  virtual void norm(const float* x, int n, int dim, const float* weight, const float* bias, float eps, bool rms,
+                    float* out) = 0;
+  // Rotary embedding (rotate-half convention) applied in place to [n, heads*head_dim].
+  virtual void rope(float* x, int n, int heads, int head_dim, const RowInfo* rows, float theta) = 0;
+  // Stores rows' keys and values [n, kv_width] at their positions, then attends: out [n, heads*head_dim].
+  virtual void attention(KvCache& cache, int layer, const float* q, const float* k, const float* v, int n,
+                         const RowInfo* rows, const AttentionShape& shape, float* out) = 0;
+  // gated: up = act(gate) * up; else up = act(up). act: SiLU or ReLU.
+  virtual void activation(const float* gate, float* up, size_t n, bool silu) = 0;
+  virtual void add(float* x, const float* y, size_t n) = 0;
+};
+
+// The CPU backend with `threads` workers (0 = all cores).
+std::unique_ptr<Backend> make_cpu_backend(int threads);
+
+}  // namespace stb

@@ -1,0 +1,119 @@
+// A decoder-only transformer (LLaMA, Mistral, OPT) loaded from an .stb file, and batched generation over it.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "stbllm/backend.h"
+#include "stbllm/format.h"
+
+namespace stb {
+
+// The canonical config of docs/format.md ("metadata.config"); everything the forward pass needs.
+struct ModelConfig {
+  std::string architecture;  // llama | mistral | opt
+  int vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
+  int heads = 0, kv_heads = 0, head_dim = 0;
+  int max_positions = 0;
+  bool rms_norm = true;
+  float norm_eps = 1e-5f;
+  bool silu = true, mlp_gated = true;
+  bool rope = true;
+  float rope_theta = 10000.f;
+  int position_offset = 0;
+  int sliding_window = 0;  // 0 = none
+  bool tie_word_embeddings = false, attention_bias = false, mlp_bias = false;
+
+  static ModelConfig from_metadata(const JsonValue& metadata);  // throws FormatError naming the bad key
+};
+
+struct LayerWeights {
+  const float *attn_norm = nullptr, *attn_norm_bias = nullptr, *ffn_norm = nullptr, *ffn_norm_bias = nullptr;
+  Matrix q, k, v, o, gate, up, down;
+};
+
+// One row of a forward batch: a token of a sequence (KV slot) at a position.
+struct BatchRow {
+  int slot, pos, token;
+};
+
+class Model {
+ public:
+  Model(const std::string& path, int threads, bool verify_checksums);
+
+  const ModelConfig& config() const { return cfg_; }
+  Backend& backend() { return *backend_; }
+  const StbFile& file() const { return *file_; }
+  uint64_t weight_bytes() const { return weight_bytes_; }
+  std::unique_ptr<KvCache> new_kv_cache() { return backend_->new_kv_cache(cfg_.num_layers, cfg_.kv_heads * cfg_.head_dim); }
+
+  // Runs `rows` through the network, appending their keys/values to `cache`, and writes the logits of the rows
+  // listed in `logit_rows` (ascending indices into `rows`) to `logits` [logit_rows.size(), vocab] (host memory).
+  // The cache must already hold positions [0, pos) of each row's slot, and rows of one slot come in order.
+  void forward(KvCache& cache, const std::vector<BatchRow>& rows, const std::vector<int>& logit_rows, float* logits);
+
+ private:
+  std::shared_ptr<const StbFile> file_;
+  std::unique_ptr<Backend> backend_;
+  ModelConfig cfg_;
+  Matrix token_embd_, pos_embd_, output_;
+  const float *output_norm_ = nullptr, *output_norm_bias_ = nullptr;
+  std::vector<LayerWeights> layers_;
+  uint64_t weight_bytes_ = 0;
+};
+
+struct SamplingParams {
+  float temperature = 0.8f;  // 0 = greedy
+  int top_k = 40;            // 0 = off
+  float top_p = 0.95f;       // 1 = off
+  float min_p = 0.05f;       // 0 = off
+  float repetition_penalty = 1.0f;
+  uint64_t seed = 0;
+};
+
+// Picks the next token from one row of logits. Deterministic for a given seed on every machine.
+class Sampler {
+ public:
+  explicit Sampler(const SamplingParams& p);
+  int sample(float* logits, int vocab, const std::vector<int>& context);
+
+ private:
+  SamplingParams p_;
+  uint64_t state_[4];
+  double next_uniform();
+  std::vector<std::pair<float, int>> candidates_;
+};
+
+// Generates continuations of a batch of prompts: one prefill, then one batched decode step per token.
+class Generator {
+ public:
+  Generator(Model& model, std::vector<std::vector<int>> prompts, int max_new_tokens, const SamplingParams& params,
+            std::vector<int> stop_token_ids);
+  // Runs up to `steps` tokens per sequence; returns the new tokens of each sequence.
+  std::vector<std::vector<int>> step(int steps);
+  void stop(int index);  // ends one sequence early (e.g. a stop string was found)
+  bool done() const;
+
+ private:
+  struct Sequence {
+    std::vector<int> tokens;
+    size_t prompt_len = 0;
+    int generated = 0;
+    bool finished = false;
+    int pending = -1;  // sampled token not yet run through the model
+  };
+  Model& model_;
+  std::unique_ptr<KvCache> cache_;
+  std::vector<Sequence> seqs_;
+  std::vector<Sampler> samplers_;
+  std::vector<int> stop_ids_;
+  int max_new_tokens_;
+  bool prefilled_ = false;
+  std::vector<float> logits_;
+
+  void prefill();
+  void accept(size_t i, float* logits);
+};
+
+}  // namespace stb

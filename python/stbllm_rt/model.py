@@ -1,0 +1,179 @@
+"""`stbllm_rt.Model`: load an .stb file and generate text. The per-token work runs in C++ with the GIL released;
+Python only turns token ids into text (incrementally, for streaming and stop strings)."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import _core
+from .stbfile import StbReader
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+
+class Model:
+    """A structured-binary model loaded from a `.stb` file.
+
+    device: "cpu" or "auto" (the CPU backend; the CUDA backend comes in a later release).
+    threads: worker threads for the matmuls (default: all cores).
+    """
+
+    def __init__(self, path, device: str = "auto", threads: int | None = None, verify_checksums: bool = True):
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            raise RuntimeError("this build of stbllm has no CUDA backend; use device='cpu'")
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such model file: {path}")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a directory; pass a .stb file (make one with stbllm-convert)")
+        self.path = path
+        self.device = "cpu"
+        self._model = _core.Model(path, threads or 0, verify_checksums)
+        # The C++ model has validated (and checksummed) the file; this second mapping only reads metadata.
+        self._reader = StbReader(path, verify_checksums=False)
+        self.metadata = self._reader.metadata
+        self.config = self.metadata["config"]
+        spec = self.metadata.get("tokenizer") or {"kind": "none"}
+        blob = self._reader.blob(spec["blob"]) if spec.get("kind", "none") != "none" else None
+        self.tokenizer = Tokenizer(spec, blob)
+        self.last_generated_tokens = 0  # tokens the last generate() produced, for throughput reports
+
+    # ---- tokens -------------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Renders chat messages ([{"role": ..., "content": ...}]) with the model's own template."""
+        template = self.tokenizer.chat_template
+        if not template:
+            raise RuntimeError("this model has no chat template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        special = {}
+        for key, tid in (("bos_token", self.tokenizer.bos_token_id),
+                         ("eos_token", (self.tokenizer.eos_token_ids or [None])[0])):
+            special[key] = self.detokenize([tid], skip_special_tokens=False) if tid is not None else ""
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **special)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits [T, vocab] (float32) of one fresh sequence: row t predicts token t+1."""
+        return self._model.logits([int(t) for t in token_ids])
+
+    def info(self) -> dict:
+        """Config, codecs, honest bits, and the bytes of weights and KV cache."""
+        provenance = self.metadata.get("provenance", {})
+        codecs = Counter(self._reader.tensor_info(n)["codec"] for n in self._reader.tensor_names())
+        return {
+            "path": self.path,
+            "architecture": self.metadata.get("architecture"),
+            "config": self.config,
+            "device": self.device,
+            "threads": self._model.threads,
+            "kernels": self._model.simd,
+            "codecs": dict(codecs),
+            "method": provenance.get("method"),
+            "bits": provenance.get("bits"),
+            "file_bytes": self._reader.file_size,
+            "weight_bytes": self._model.weight_bytes,
+            "kv_cache_bytes_per_token": self._model.kv_bytes_per_token,
+            "tokenizer": self.tokenizer.kind,
+            "provenance": provenance,
+        }
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+
+    def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] | None = None, stream: bool = False, stop_token_ids: Sequence[int] | None = None):
+        """Continue `prompt` (a string, a list of token ids, or a list of strings for a batch).
+
+        temperature 0 is greedy. Generation ends at an end-of-sequence token, at any of the `stop` strings (cut from
+        the text) or after `max_new_tokens`. The same seed gives the same text. Returns the new text (a list of texts
+        for a batch); with stream=True returns an iterator of text pieces ((index, piece) pairs for a batch).
+        """
+        batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], str)
+        prompts = list(prompt) if batch else [prompt]
+        token_prompts = [self.tokenize(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        if any(len(t) == 0 for t in token_prompts):
+            raise ValueError("a prompt must have at least one token")
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if temperature < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1 or top_k < 0 or repetition_penalty <= 0:
+            raise ValueError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, 0 <= min_p <= 1, "
+                             "repetition_penalty > 0")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        stops = [s for s in (stop or []) if s]
+        eos = list(stop_token_ids) if stop_token_ids is not None else self.tokenizer.eos_token_ids
+        generator = _core.Generator(self._model, token_prompts, int(max_new_tokens), float(temperature), int(top_k),
+                                    float(top_p), float(min_p), float(repetition_penalty), int(seed), eos)
+        if self.tokenizer.kind == "none":
+            if stream or stops:
+                raise RuntimeError("streaming text and stop strings need a tokenizer; this file has none")
+            out = [[] for _ in prompts]
+            while not generator.done:
+                for i, ids in enumerate(generator.step(max(1, max_new_tokens))):
+                    out[i].extend(ids)
+            self.last_generated_tokens = sum(len(o) for o in out)
+            return out if batch else out[0]
+        pieces = self._pieces(generator, len(prompts), max_new_tokens, stops, stream)
+        if stream:
+            return pieces if batch else (piece for _, piece in pieces)
+        texts = [""] * len(prompts)
+        for i, piece in pieces:
+            texts[i] += piece
+        return texts if batch else texts[0]
+
+    def _pieces(self, generator, n: int, max_new_tokens: int, stops: list[str],
+                stream: bool) -> Iterator[tuple[int, str]]:
+        """Drives the C++ generator and yields (sequence, text piece). Without streaming or stop strings the whole
+        generation is one C++ call; otherwise one call per token so text can be shown or cut as it appears."""
+        decoders = [IncrementalDecoder(self.tokenizer) for _ in range(n)]
+        stopped = [False] * n
+        held = [""] * n  # text that may be the start of a stop string: not shown until it is known not to be
+        steps = 1 if (stream or stops) else max(1, max_new_tokens)
+        longest_stop = max((len(s) for s in stops), default=0)
+
+        def emit(i: int, text: str, final: bool) -> str:
+            text = held[i] + text
+            for s in stops:
+                cut = text.find(s)
+                if cut >= 0:
+                    stopped[i] = True
+                    held[i] = ""
+                    return text[:cut]
+            keep = 0
+            if not final:
+                for k in range(min(longest_stop - 1, len(text)), 0, -1):
+                    if any(s.startswith(text[-k:]) for s in stops):
+                        keep = k
+                        break
+            held[i] = text[len(text) - keep:] if keep else ""
+            return text[:len(text) - keep]
+
+        self.last_generated_tokens = 0
+        while not generator.done and not all(stopped):
+            for i, ids in enumerate(generator.step(steps)):
+                self.last_generated_tokens += len(ids)
+                if ids and not stopped[i]:
+                    piece = emit(i, decoders[i].push(ids), final=False)
+                    if piece:
+                        yield i, piece
+            if any(stopped):
+                generator.stop([i for i in range(n) if stopped[i]])
+        for i in range(n):
+            if not stopped[i]:
+                piece = emit(i, decoders[i].flush(), final=True)
+                if piece:
+                    yield i, piece
