@@ -109,12 +109,7 @@ def test_greedy_batch_equals_single_sequences(tiny):
     m = Model(tiny["sign"], threads=2)
     prompts = [PROMPT, [3, 4], PROMPT[2:] + [11, 12, 13]]
     singles = [m.generate(p, max_new_tokens=12, temperature=0) for p in prompts]
-    # A batch of token prompts goes through the C++ generator directly (the text API needs a tokenizer).
-    gen = stbllm_rt._core.Generator(m._model, prompts, 12, 0.0, 40, 0.95, 0.05, 1.0, 0, [])
-    batch = [[] for _ in prompts]
-    while not gen.done:
-        for i, ids in enumerate(gen.step(5)):
-            batch[i] += ids
+    batch = m.generate(prompts, max_new_tokens=12, temperature=0)
     assert batch == singles
     assert all(len(s) == 12 for s in singles)
 

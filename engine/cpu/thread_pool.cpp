@@ -67,7 +67,14 @@ void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
   }
   wake_.notify_all();
   drain();
-  while (busy_.load(std::memory_order_acquire) != 0) STB_PAUSE();
+  // Wait for the workers' last tasks; yield the core when that takes long (another process may hold it).
+  for (int spin = 0; busy_.load(std::memory_order_acquire) != 0; ++spin) {
+    if (spin < 4096) {
+      STB_PAUSE();
+    } else {
+      std::this_thread::yield();
+    }
+  }
   fn_ = nullptr;
   if (error_) std::rethrow_exception(error_);
 }

@@ -96,14 +96,17 @@ class Model:
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] | None = None, stream: bool = False, stop_token_ids: Sequence[int] | None = None):
-        """Continue `prompt` (a string, a list of token ids, or a list of strings for a batch).
+        """Continue `prompt`: a string or a list of token ids; a list of those is a batch. Text prompts give text,
+        token-id prompts give token ids (and need no tokenizer).
 
         temperature 0 is greedy. Generation ends at an end-of-sequence token, at any of the `stop` strings (cut from
-        the text) or after `max_new_tokens`. The same seed gives the same text. Returns the new text (a list of texts
-        for a batch); with stream=True returns an iterator of text pieces ((index, piece) pairs for a batch).
+        the text) or after `max_new_tokens`. The same seed gives the same text. Returns the new text or ids (a list of
+        them for a batch); with stream=True an iterator of text pieces or ids ((index, item) pairs for a batch).
         """
-        batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], str)
+        batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], (str, list, tuple))
         prompts = list(prompt) if batch else [prompt]
+        if len({isinstance(p, str) for p in prompts}) > 1:
+            raise ValueError("a batch mixes text and token-id prompts; use one kind")
         token_prompts = [self.tokenize(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         if any(len(t) == 0 for t in token_prompts):
             raise ValueError("a prompt must have at least one token")
@@ -118,14 +121,15 @@ class Model:
         eos = list(stop_token_ids) if stop_token_ids is not None else self.tokenizer.eos_token_ids
         generator = _core.Generator(self._model, token_prompts, int(max_new_tokens), float(temperature), int(top_k),
                                     float(top_p), float(min_p), float(repetition_penalty), int(seed), eos)
-        if self.tokenizer.kind == "none":
-            if stream or stops:
-                raise RuntimeError("streaming text and stop strings need a tokenizer; this file has none")
+        if not isinstance(prompts[0], str):  # token ids in, token ids out; no tokenizer needed
+            if stops:
+                raise ValueError("stop strings need text prompts; with token ids use stop_token_ids")
+            ids_out = self._token_ids(generator, len(prompts), max_new_tokens, stream)
+            if stream:
+                return ids_out if batch else (t for _, t in ids_out)
             out = [[] for _ in prompts]
-            while not generator.done:
-                for i, ids in enumerate(generator.step(max(1, max_new_tokens))):
-                    out[i].extend(ids)
-            self.last_generated_tokens = sum(len(o) for o in out)
+            for i, t in ids_out:
+                out[i].append(t)
             return out if batch else out[0]
         pieces = self._pieces(generator, len(prompts), max_new_tokens, stops, stream)
         if stream:
@@ -134,6 +138,15 @@ class Model:
         for i, piece in pieces:
             texts[i] += piece
         return texts if batch else texts[0]
+
+    def _token_ids(self, generator, n: int, max_new_tokens: int, stream: bool) -> Iterator[tuple[int, int]]:
+        """Drives the C++ generator and yields (sequence, token id); one C++ call per token only when streaming."""
+        self.last_generated_tokens = 0
+        while not generator.done:
+            for i, ids in enumerate(generator.step(1 if stream else max(1, max_new_tokens))):
+                self.last_generated_tokens += len(ids)
+                for t in ids:
+                    yield i, t
 
     def _pieces(self, generator, n: int, max_new_tokens: int, stops: list[str],
                 stream: bool) -> Iterator[tuple[int, str]]:

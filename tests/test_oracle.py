@@ -1,0 +1,132 @@
+"""The C++ runtime against the oracle: the Hugging Face `transformers` model rebuilt from the same .stb file's
+dequantized weights (stbllm_convert.oracle). Both compute in float32 on identical weights, so they differ only by
+summation order: logits must agree to within 2e-4 of the logit range (measured: ~1e-6 relative), and greedy
+generations must be token-identical."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from stbllm_convert.oracle import build_hf_model  # noqa: E402
+from stbllm_rt import Model  # noqa: E402
+
+CASES = [("fp16", None), ("sign", None), ("sign", "4:8"), ("sign", "6:8")]
+REL_TOL = 2e-4
+
+
+def oracle_logits(stb_path, ids):
+    model = build_hf_model(stb_path)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def assert_logits_close(got, ref):
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(got - ref).max())
+    assert err <= REL_TOL * scale, f"max |runtime - oracle| = {err:.3g}, allowed {REL_TOL * scale:.3g}"
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.95
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "opt"])
+@pytest.mark.parametrize("method, nm", CASES)
+def test_logits_match_oracle(tiny_stb, arch, method, nm):
+    path = tiny_stb(arch, method, nm)
+    # 40 tokens: longer than Mistral's sliding window (8), so the window is exercised.
+    ids = list(np.random.default_rng(1).integers(4, 300, size=40))
+    got = Model(path, threads=2).logits(ids)
+    assert_logits_close(got, oracle_logits(path, ids))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "opt"])
+def test_greedy_generation_matches_transformers(tiny_stb, arch):
+    path = tiny_stb(arch, "fp16")
+    m = Model(path, threads=2)
+    prompt = m.tokenize("The quick brown fox")
+    hf = build_hf_model(path)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
+                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+    ours = m.generate(prompt, max_new_tokens=24, temperature=0, stop_token_ids=[])
+    assert len(ours) == 24
+    assert ours == ref
+
+
+def test_batched_generation_matches_single(tiny_stb):
+    m = Model(tiny_stb("mistral", "sign", "4:8"), threads=2)
+    prompts = ["Once upon a time", "The capital of France is Paris. The", "Hello"]
+    batch = m.generate(prompts, max_new_tokens=12, temperature=0)
+    assert batch == [m.generate(p, max_new_tokens=12, temperature=0) for p in prompts]
+
+
+def test_text_api_round_trip_and_streaming(tiny_stb):
+    m = Model(tiny_stb("llama", "fp16"), threads=2)
+    text = "The quick brown fox jumps over the lazy dog."
+    assert m.detokenize(m.tokenize(text)) == text
+    full = m.generate("Once upon a time", max_new_tokens=16, temperature=0.7, seed=5)
+    pieces = list(m.generate("Once upon a time", max_new_tokens=16, temperature=0.7, seed=5, stream=True))
+    assert "".join(pieces) == full and len(pieces) > 1
+
+
+def test_stop_strings_cut_the_text(tiny_stb):
+    m = Model(tiny_stb("llama", "fp16"), threads=2)
+    full = m.generate("The", max_new_tokens=20, temperature=0, stop_token_ids=[])
+    needle = full.strip()[3:6]
+    if len(needle) < 3:
+        pytest.skip("greedy text too short to pick a stop string from")
+    cut = m.generate("The", max_new_tokens=20, temperature=0, stop_token_ids=[], stop=[needle])
+    assert cut == full[:full.index(needle)]
+    streamed = "".join(m.generate("The", max_new_tokens=20, temperature=0, stop_token_ids=[], stop=[needle],
+                                  stream=True))
+    assert streamed == cut
+
+
+def test_chat_template_renders(tiny_stb):
+    m = Model(tiny_stb("llama", "fp16"), threads=1)
+    prompt = m.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert prompt == "<|user|>hi</s><|assistant|>"
+
+
+# ---- the real default model ---------------------------------------------------------------------------------------
+
+REAL_TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+             "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.")
+
+
+def test_real_model_logits_match_oracle(smollm2_fp16_stb):
+    m = Model(smollm2_fp16_stb)
+    ids = m.tokenize(REAL_TEXT)
+    assert len(ids) > 30
+    assert_logits_close(m.logits(ids), oracle_logits(smollm2_fp16_stb, ids))
+
+
+def test_real_model_knows_paris(smollm2_fp16_stb):
+    m = Model(smollm2_fp16_stb)
+    text = m.generate("The capital of France is", max_new_tokens=12, temperature=0)
+    assert "Paris" in text
+
+
+def test_real_model_as_mistral_with_sliding_window(smollm2_fp16_stb, tmp_path):
+    """SmolLM2's weights in the Mistral graph with a 16-token window: runtime vs the transformers Mistral model."""
+    from stbllm_rt import StbReader, StbWriter
+
+    src = StbReader(smollm2_fp16_stb)
+    meta = dict(src.metadata, architecture="mistral", config=dict(src.metadata["config"], sliding_window=16))
+    meta.pop("provenance", None)
+    w = StbWriter(meta)
+    for name in src.tensor_names():
+        info = src.tensor_info(name)
+        if info["codec"] == "stb.bytes.v1":
+            w.add_bytes(name, src.blob(name))
+        elif info["codec"] == "stb.f16.v1":
+            w.add_f16(name, src.component(name, "data").view("<f2").reshape(info["shape"]))
+        else:
+            w.add_f32(name, src.dequantize(name))
+    path = tmp_path / "smollm2-as-mistral.stb"
+    w.write(path)
+    m = Model(path)
+    ids = m.tokenize(REAL_TEXT)
+    got = m.logits(ids)
+    assert_logits_close(got, oracle_logits(path, ids))
+    # The window really changes the result once the sequence is longer than it.
+    plain = Model(smollm2_fp16_stb).logits(ids)
+    assert np.abs(plain[:16] - got[:16]).max() < 1e-3 and np.abs(plain[20:] - got[20:]).max() > 1e-2

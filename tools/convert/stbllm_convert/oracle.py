@@ -1,0 +1,81 @@
+"""The oracle: a transformers model rebuilt from a `.stb` file with its DEQUANTIZED weights.
+
+The C++ runtime's logits are compared with this model's, so it reproduces the file's config exactly (norm eps,
+rope theta, sliding window, head_dim, tied embeddings, biases) and uses eager attention in float32.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def hf_config(architecture: str, c: dict, tokenizer: dict | None = None):
+    """A transformers config equivalent to the canonical config `c`."""
+    tokenizer = tokenizer or {}
+    eos = tokenizer.get("eos_token_ids") or None
+    ids = {"bos_token_id": tokenizer.get("bos_token_id"),
+           "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None,
+           "pad_token_id": tokenizer.get("pad_token_id")}
+    common = dict(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                  num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
+                  max_position_embeddings=c["max_position_embeddings"],
+                  tie_word_embeddings=c["tie_word_embeddings"], **ids)
+    if architecture in ("llama", "mistral"):
+        from transformers import LlamaConfig, MistralConfig
+        kw = dict(common, intermediate_size=c["intermediate_size"], num_key_value_heads=c["num_key_value_heads"],
+                  head_dim=c["head_dim"], rms_norm_eps=c["norm_eps"], rope_theta=c["rope_theta"],
+                  hidden_act="silu")
+        if architecture == "llama":
+            if c.get("sliding_window") is not None:
+                raise ValueError("a llama .stb with a sliding window has no transformers equivalent")
+            return LlamaConfig(**kw, attention_bias=c["attention_bias"], mlp_bias=c["mlp_bias"])
+        if c.get("attention_bias") or c.get("mlp_bias"):
+            raise ValueError("a mistral .stb with biases has no transformers equivalent")
+        return MistralConfig(**kw, sliding_window=c.get("sliding_window"))
+    if architecture == "opt":
+        from transformers import OPTConfig
+        if c["attention_bias"] != c["mlp_bias"]:
+            raise ValueError("an opt .stb needs attention_bias == mlp_bias (OPT's enable_bias)")
+        if c.get("position_offset", 2) != 2:
+            raise ValueError("transformers' OPT uses position_offset 2")
+        return OPTConfig(**common, ffn_dim=c["intermediate_size"], do_layer_norm_before=True,
+                         word_embed_proj_dim=c["hidden_size"], activation_function="relu",
+                         enable_bias=c["attention_bias"], layer_norm_elementwise_affine=True,
+                         dropout=0.0, attention_dropout=0.0)
+    raise ValueError(f"unknown architecture {architecture!r}")
+
+
+def build_hf_model(stb_path, dtype=None):
+    """transformers LlamaForCausalLM / MistralForCausalLM / OPTForCausalLM (float32, eval, eager attention) with
+    the dequantized weights of the .stb file."""
+    import torch
+    from transformers import LlamaForCausalLM, MistralForCausalLM, OPTForCausalLM
+    from stbllm_rt.stbfile import StbReader
+
+    from .arch import tensor_plan
+
+    reader = StbReader(Path(stb_path))
+    md = reader.metadata
+    arch, c = md["architecture"], md["config"]
+    config = hf_config(arch, c, md.get("tokenizer"))
+    config._attn_implementation = "eager"
+    cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "opt": OPTForCausalLM}[arch]
+    model = cls(config)
+    model.to(torch.float32)
+
+    state = {}
+    for spec in tensor_plan(arch, c).all():
+        state[spec.hf_name] = torch.from_numpy(np.ascontiguousarray(reader.dequantize(spec.name)))
+    result = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if c["tie_word_embeddings"] else set()
+    if set(result.missing_keys) - allowed_missing or result.unexpected_keys:
+        raise RuntimeError(f"oracle state dict mismatch: missing {result.missing_keys}, "
+                           f"unexpected {result.unexpected_keys}")
+    if c["tie_word_embeddings"]:
+        model.tie_weights()
+        assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    model.eval()
+    if dtype is not None:
+        model.to(dtype)
+    return model
