@@ -1,7 +1,13 @@
 """The C++ runtime against the oracle: the Hugging Face `transformers` model rebuilt from the same .stb file's
-dequantized weights (stbllm_convert.oracle). Both compute in float32 on identical weights, so they differ only by
-summation order: logits must agree to within 2e-4 of the logit range (measured: ~1e-6 relative), and greedy
-generations must be token-identical."""
+dequantized weights (stbllm_convert.oracle), with the runtime's int8 activation quantization mirrored on the
+binary layers. Both compute in float32 on identical weights.
+
+Tolerances (max |runtime − oracle| over the logit range): fp16 files 2e-4 (they differ only by summation order;
+measured ~1e-6). Binary files 3e-2: usually they agree to ~1e-7 too, but float-order noise can move an activation
+across an int8 rounding boundary, and one flipped step (1/127 of its group's max) then shows in that position's
+logits and, through the KV cache, in later ones (measured up to 1e-2). Argmax agreement ≥ 95 % everywhere, and
+greedy generations (fp16) token-identical.
+"""
 import numpy as np
 import pytest
 
@@ -11,19 +17,20 @@ from stbllm_convert.oracle import build_hf_model  # noqa: E402
 from stbllm_rt import Model  # noqa: E402
 
 CASES = [("fp16", None), ("sign", None), ("sign", "4:8"), ("sign", "6:8")]
-REL_TOL = 2e-4
+TOLERANCE = {"fp16": 2e-4, "sign": 3e-2}
 
 
-def oracle_logits(stb_path, ids):
-    model = build_hf_model(stb_path)
+def oracle_logits(stb_path, ids, runtime_activations=True):
+    model = build_hf_model(stb_path, runtime_activations=runtime_activations)
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def assert_logits_close(got, ref):
+def assert_logits_close(got, ref, method="fp16"):
     scale = max(1.0, float(np.abs(ref).max()))
     err = float(np.abs(got - ref).max())
-    assert err <= REL_TOL * scale, f"max |runtime - oracle| = {err:.3g}, allowed {REL_TOL * scale:.3g}"
+    allowed = TOLERANCE[method] * scale
+    assert err <= allowed, f"max |runtime - oracle| = {err:.3g}, allowed {allowed:.3g}"
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.95
 
 
@@ -34,7 +41,18 @@ def test_logits_match_oracle(tiny_stb, arch, method, nm):
     # 40 tokens: longer than Mistral's sliding window (8), so the window is exercised.
     ids = list(np.random.default_rng(1).integers(4, 300, size=40))
     got = Model(path, threads=2).logits(ids)
-    assert_logits_close(got, oracle_logits(path, ids))
+    assert_logits_close(got, oracle_logits(path, ids), method)
+
+
+def test_int8_activations_cost_little(tiny_stb):
+    """Against the plain float oracle the binary layers' int8 activations show, but only as small noise."""
+    path = tiny_stb("llama", "sign", "4:8")
+    ids = list(np.random.default_rng(2).integers(4, 300, size=40))
+    got = Model(path, threads=2).logits(ids)
+    exact = oracle_logits(path, ids, runtime_activations=False)
+    err = np.abs(got - exact).max() / np.abs(exact).max()
+    assert 1e-5 < err < 0.05
+    assert (got.argmax(-1) == exact.argmax(-1)).mean() >= 0.9
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "opt"])

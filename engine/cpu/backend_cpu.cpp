@@ -127,34 +127,42 @@ class CpuBackend final : public Backend {
   }
 
   void linear(const Matrix& w, const float* x, int n, float* out) override {
+    if (w.codec == MatrixCodec::SignBlock) return linear_sign(w, x, n, out);
     const int64_t rows = w.rows, cols = w.cols;
-    std::vector<float> block_sums;  // Σ x per (input row, block), shared by every dense sign-block output row
-    if (w.codec == MatrixCodec::SignBlock && !w.mask) {
-      block_sums.assign(size_t(n) * w.blocks_per_row, 0.f);
-      for (int t = 0; t < n; ++t)
-        for (int64_t j = 0; j < cols; ++j) block_sums[t * w.blocks_per_row + j / w.block] += x[t * cols + j];
-    }
-    // Chunks of output rows: small enough to balance the threads, large enough that a chunk's weights stay in
-    // cache while every input row passes over them.
-    const int64_t chunk = std::max<int64_t>(8, (rows + 4 * threads() - 1) / (4 * threads()));
-    const int64_t n_chunks = (rows + chunk - 1) / chunk;
-    pool_.run(n_chunks, [&](int64_t c) {
-      const int64_t r0 = c * chunk, r1 = std::min(rows, r0 + chunk);
+    pool_.run(n_chunks(rows), [&](int64_t c) {
+      const int64_t r0 = c * chunk_rows(rows), r1 = std::min(rows, r0 + chunk_rows(rows));
       for (int t = 0; t < n; ++t) {
         const float* xt = x + t * cols;
         float* yt = out + t * rows;
         for (int64_t r = r0; r < r1; ++r) {
-          float y;
-          switch (w.codec) {
-            case MatrixCodec::F32: y = k_.dot_f32(static_cast<const float*>(w.values) + r * cols, xt, cols); break;
-            case MatrixCodec::F16: y = k_.dot_f16(static_cast<const uint16_t*>(w.values) + r * cols, xt, cols); break;
-            default:
-              y = k_.dot_sign(w.signs + r * w.words_per_row, w.mask ? w.mask + r * w.words_per_row : nullptr,
-                              w.scales + r * w.blocks_per_row, w.block, xt,
-                              block_sums.empty() ? nullptr : block_sums.data() + t * w.blocks_per_row, cols);
-          }
+          const float y = w.codec == MatrixCodec::F32
+                              ? k_.dot_f32(static_cast<const float*>(w.values) + r * cols, xt, cols)
+                              : k_.dot_f16(static_cast<const uint16_t*>(w.values) + r * cols, xt, cols);
           yt[r] = w.bias ? y + w.bias[r] : y;
         }
+      }
+    });
+  }
+
+  // Binary weights against int8 activations (engine/cpu/kernels.h): quantize the n input rows once, then each
+  // task runs its chunk of weight rows against all of them.
+  void linear_sign(const Matrix& w, const float* x, int n, float* out) {
+    const int64_t rows = w.rows, cols = w.cols, groups = cpu::q8_groups(cols), padded = groups * cpu::kQ8Group;
+    q8_values_.resize(size_t(n) * padded);
+    q8_scales_.resize(size_t(n) * groups);
+    pool_.run(n, [&](int64_t t) {
+      k_.quantize_q8(x + t * cols, cols, q8_values_.data() + t * padded, q8_scales_.data() + t * groups);
+    });
+    pool_.run(n_chunks(rows), [&](int64_t c) {
+      thread_local std::vector<int8_t> scratch;
+      scratch.resize(padded);
+      const int64_t r0 = c * chunk_rows(rows), r1 = std::min(rows, r0 + chunk_rows(rows));
+      for (int64_t r = r0; r < r1; ++r) {
+        k_.sign_row_q8(w.signs + r * w.words_per_row, w.mask ? w.mask + r * w.words_per_row : nullptr,
+                       w.scales + r * w.blocks_per_row, w.block, cols, q8_values_.data(), q8_scales_.data(), n,
+                       out + r, rows, scratch.data());
+        if (w.bias)
+          for (int t = 0; t < n; ++t) out[t * rows + r] += w.bias[r];
       }
     });
   }
@@ -242,8 +250,15 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // Output rows per task: small enough to balance the threads, large enough that a chunk's weights stay in cache
+  // while every input row passes over them.
+  int64_t chunk_rows(int64_t rows) const { return std::max<int64_t>(8, (rows + 4 * threads() - 1) / (4 * threads())); }
+  int64_t n_chunks(int64_t rows) const { return (rows + chunk_rows(rows) - 1) / chunk_rows(rows); }
+
   cpu::ThreadPool pool_;
   const cpu::Kernels& k_;
+  std::vector<int8_t> q8_values_;  // quantized activations of the current sign-block matmul
+  std::vector<float> q8_scales_;
 };
 
 }  // namespace

@@ -1,27 +1,53 @@
-// CPU compute kernels, one table per instruction set, chosen once at run time (never by compile flags: CI machines
+// CPU compute kernels, one table per instruction set, chosen at run time (never by compile flags: CI machines
 // differ, and an AVX-512 instruction on the AMD EPYC runners is a SIGILL).
+//
+// Binary weights multiply int8 activations. Before a sign-block matmul each activation row is quantized in groups
+// of kQ8Group values: q = round_half_even(x · 127 / max|x|), d = max|x| / 127 (the same rule in every path, so
+// the quantized rows are bit-identical everywhere). A dot product is then integer arithmetic inside each group:
+// Σ_b α_b Σ_g d_g Σ_j w_j q_j with w_j in {−1, 0, +1}.
 #pragma once
 #include <cstdint>
 
 namespace stb::cpu {
 
+constexpr int kQ8Group = 64;  // activation quantization group; every sign-block block is a multiple of it
+
+inline int64_t q8_groups(int64_t cols) { return (cols + kQ8Group - 1) / kQ8Group; }
+
 struct Kernels {
   const char* name;
   float (*dot_f32)(const float* w, const float* x, int64_t n);
   float (*dot_f16)(const uint16_t* w, const float* x, int64_t n);
-  // Σ_j w_j x_j for one row of stb.sign-block.v1: w_j = scale[j / block] · (sign_j ? +1 : −1) · mask_j.
-  // mask may be null (dense). block_sums[b] = Σ x over block b (used when dense: Σ w x = s·(2·Σ₊x − Σx)).
-  float (*dot_sign)(const uint64_t* signs, const uint64_t* mask, const uint16_t* scales, int block,
-                    const float* x, const float* block_sums, int64_t n);
   void (*f16_to_f32)(const uint16_t* src, float* dst, int64_t n);
+  // x[cols] -> q[q8_groups(cols) * kQ8Group] (zero padded), d[q8_groups(cols)].
+  void (*quantize_q8)(const float* x, int64_t cols, int8_t* q, float* d);
+  // One stb.sign-block.v1 weight row against n quantized activation rows (q: n × q8_groups(cols)·kQ8Group int8,
+  // d: n × q8_groups(cols) scales): out[t · out_stride] = Σ_j α[j / block] · d_t[j / 64] · w_j · q_t[j], where
+  // w_j = +1 / −1 by the sign bit, 0 where the mask (if any) is clear or j ≥ cols. scratch: q8_groups(cols)·64 bytes.
+  void (*sign_row_q8)(const uint64_t* signs, const uint64_t* mask, const uint16_t* scales, int block, int64_t cols,
+                      const int8_t* q, const float* d, int n, float* out, int64_t out_stride, int8_t* scratch);
 };
 
 const Kernels& scalar_kernels();
-const Kernels* avx2_kernels();  // null when the build has no AVX2 path
+const Kernels* avx2_kernels();    // null when the build has no AVX2 path
+const Kernels* avx512_kernels();  // null when the build has no AVX-512 path
 
-// The best table this CPU and OS support; STBLLM_FORCE_SCALAR=1 in the environment forces the portable one.
+// The best table this CPU and OS support. STBLLM_KERNELS=scalar|avx2|avx512 in the environment picks a lower one
+// (for tests and comparisons); asking for one the machine lacks falls back to the best available.
 const Kernels& best_kernels();
 
 float half_to_float(uint16_t h);
+
+// sign_row_q8 for paths that expand the weight row to int8 once and reuse it for every activation row.
+template <void (*Expand)(const uint64_t*, const uint64_t*, int64_t, int8_t*),
+          float (*Dot)(const int8_t*, const int8_t*, const float*, const uint16_t*, int, int64_t)>
+void sign_row_by_expansion(const uint64_t* signs, const uint64_t* mask, const uint16_t* scales, int block,
+                           int64_t cols, const int8_t* q, const float* d, int n, float* out, int64_t out_stride,
+                           int8_t* scratch) {
+  Expand(signs, mask, cols, scratch);
+  const int64_t groups = q8_groups(cols);
+  for (int t = 0; t < n; ++t)
+    out[t * out_stride] = Dot(scratch, q + t * groups * kQ8Group, d + t * groups, scales, block, cols);
+}
 
 }  // namespace stb::cpu

@@ -41,44 +41,82 @@ float dot_f16(const uint16_t* w, const float* x, int64_t n) {
   return acc;
 }
 
-// Lane i of the result is all-ones when bit i of `byte` is set: the 8 sign (or mask) bits of 8 weights become a
-// blend mask for 8 activations.
-inline __m256 byte_to_lanes(uint32_t byte) {
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(byte)), bit), bit));
+void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  int64_t g0 = 0;
+  for (; g0 + kQ8Group <= cols; g0 += kQ8Group) {
+    __m256 v[8], amax = _mm256_setzero_ps();
+    for (int i = 0; i < 8; ++i) {
+      v[i] = _mm256_loadu_ps(x + g0 + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float top = _mm_cvtss_f32(m);
+    const __m256 inv = _mm256_set1_ps(top > 0 ? 127.0f / top : 0.0f);
+    __m256i n[8];
+    for (int i = 0; i < 8; ++i)
+      n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // Pack 4 × 8 int32 -> 32 int8; packs interleave the 128-bit lanes, the permute restores the order.
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i lo = _mm256_packs_epi32(n[4 * h], n[4 * h + 1]), hi = _mm256_packs_epi32(n[4 * h + 2], n[4 * h + 3]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g0 + 32 * h),
+                          _mm256_permutevar8x32_epi32(_mm256_packs_epi16(lo, hi), order));
+    }
+    d[g0 / kQ8Group] = top / 127.0f;
+  }
+  if (g0 < cols) scalar_kernels().quantize_q8(x + g0, cols - g0, q + g0, d + g0 / kQ8Group);
 }
 
-// Dense rows: Σ w x = scale·(2·Σ_{sign=+1} x − Σ x), and Σ x per block is shared by every output row, so a row
-// costs one masked add per weight. Masked rows: Σ_{kept,+} x − Σ_{kept,−} x directly.
-float dot_sign(const uint64_t* signs, const uint64_t* mask, const uint16_t* scales, int block, const float* x,
-               const float* block_sums, int64_t n) {
+// 32 bits -> 32 bytes: byte k is all-ones when bit k is set.
+inline __m256i bits_to_bytes(uint32_t bits) {
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i select = _mm256_set1_epi64x(0x8040201008040201ll);
+  const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), spread), select);
+  return _mm256_cmpeq_epi8(v, select);
+}
+
+void expand_signs(const uint64_t* signs, const uint64_t* mask, int64_t cols, int8_t* w) {
+  const int64_t words = (cols + 63) / 64;
+  const __m256i one = _mm256_set1_epi8(1);
+  for (int64_t i = 0; i < words; ++i) {
+    uint64_t keep = mask ? mask[i] : ~0ull;
+    if (i == words - 1 && cols % 64) keep &= (1ull << (cols % 64)) - 1;  // padding columns weigh nothing
+    for (int h = 0; h < 2; ++h) {
+      // +1 where the sign bit is set, −1 where clear, then 0 where not kept.
+      __m256i v = _mm256_or_si256(_mm256_andnot_si256(bits_to_bytes(uint32_t(signs[i] >> (32 * h))),
+                                                      _mm256_set1_epi8(-1)), one);
+      const uint32_t k = uint32_t(keep >> (32 * h));
+      if (k != 0xFFFFFFFFu) v = _mm256_and_si256(v, bits_to_bytes(k));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + 64 * i + 32 * h), v);
+    }
+  }
+}
+
+float dot_expanded_q8(const int8_t* w, const int8_t* q, const float* d, const uint16_t* scales, int block,
+                      int64_t cols) {
+  const int64_t groups = q8_groups(cols), per_block = block / kQ8Group;
+  const __m256i ones8 = _mm256_set1_epi8(1);
+  const __m256i ones16 = _mm256_set1_epi16(1);
   float acc = 0;
-  for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, ++b) {
-    const int64_t end = b0 + block < n ? b0 + block : n;
-    __m256 pos = _mm256_setzero_ps(), neg = _mm256_setzero_ps();
-    int64_t j = b0;
-    for (; j + 8 <= end; j += 8) {
-      uint32_t s = uint32_t(signs[j >> 6] >> (j & 63)) & 0xFF;
-      const __m256 xv = _mm256_loadu_ps(x + j);
-      if (mask) {
-        const uint32_t m = uint32_t(mask[j >> 6] >> (j & 63)) & 0xFF;
-        s &= m;
-        neg = _mm256_add_ps(neg, _mm256_and_ps(byte_to_lanes(m & ~s), xv));
-      }
-      pos = _mm256_add_ps(pos, _mm256_and_ps(byte_to_lanes(s), xv));
+  for (int64_t g0 = 0; g0 < groups; g0 += per_block) {
+    const int64_t g1 = g0 + per_block < groups ? g0 + per_block : groups;
+    __m256 block_acc = _mm256_setzero_ps();
+    for (int64_t g = g0; g < g1; ++g) {
+      const int8_t *wg = w + g * kQ8Group, *qg = q + g * kQ8Group;
+      // w·q with w in {−1, 0, +1} is a sign transfer; maddubs/madd then sum the bytes into int32 lanes.
+      const __m256i p0 = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg)),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg)));
+      const __m256i p1 = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + 32)),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32)));
+      const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, p0), _mm256_maddubs_epi16(ones8, p1));
+      const __m256i s32 = _mm256_madd_epi16(s16, ones16);
+      block_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(d[g]), block_acc);
     }
-    float p = hsum(pos), q = hsum(neg);
-    for (; j < end; ++j) {
-      const uint64_t bit = 1ull << (j & 63);
-      if (mask && !(mask[j >> 6] & bit)) continue;
-      if (signs[j >> 6] & bit) {
-        p += x[j];
-      } else {
-        q += x[j];
-      }
-    }
-    const float scale = _cvtsh_ss(scales[b]);
-    acc += mask ? scale * (p - q) : scale * (2 * p - block_sums[b]);
+    acc += _cvtsh_ss(scales[g0 / per_block]) * hsum(block_acc);
   }
   return acc;
 }
@@ -93,7 +131,8 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 }  // namespace
 
 const Kernels* avx2_kernels() {
-  static const Kernels k{"avx2", dot_f32, dot_f16, dot_sign, f16_to_f32};
+  static const Kernels k{"avx2", dot_f32, dot_f16, f16_to_f32, quantize_q8,
+                         sign_row_by_expansion<expand_signs, dot_expanded_q8>};
   return &k;
 }
 

@@ -1,12 +1,10 @@
 // Portable kernels: the reference every SIMD path is tested against, and the fallback on any CPU.
-#include <cstdlib>
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cpu/kernels.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <cpuid.h>
-#endif
 
 namespace stb::cpu {
 
@@ -46,18 +44,38 @@ float dot_f16(const uint16_t* w, const float* x, int64_t n) {
   return acc;
 }
 
-float dot_sign(const uint64_t* signs, const uint64_t* mask, const uint16_t* scales, int block, const float* x,
-               const float*, int64_t n) {
+void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
+  for (int64_t g0 = 0; g0 < cols; g0 += kQ8Group) {
+    const int64_t end = g0 + kQ8Group < cols ? g0 + kQ8Group : cols;
+    float amax = 0;
+    for (int64_t j = g0; j < end; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    for (int64_t j = g0; j < g0 + kQ8Group; ++j) q[j] = j < end ? int8_t(std::nearbyint(x[j] * inv)) : 0;
+    d[g0 / kQ8Group] = amax / 127.0f;
+  }
+}
+
+void expand_signs(const uint64_t* signs, const uint64_t* mask, int64_t cols, int8_t* w) {
+  const int64_t padded = q8_groups(cols) * kQ8Group;
+  for (int64_t j = 0; j < padded; ++j) {
+    const uint64_t bit = 1ull << (j & 63);
+    const bool kept = j < cols && (!mask || (mask[j >> 6] & bit));
+    w[j] = kept ? ((signs[j >> 6] & bit) ? 1 : -1) : 0;
+  }
+}
+
+float dot_expanded_q8(const int8_t* w, const int8_t* q, const float* d, const uint16_t* scales, int block,
+                      int64_t cols) {
+  const int64_t groups = q8_groups(cols), per_block = block / kQ8Group;
   float acc = 0;
-  for (int64_t b0 = 0; b0 < n; b0 += block) {
-    const int64_t end = b0 + block < n ? b0 + block : n;
-    float sum = 0;
-    for (int64_t j = b0; j < end; ++j) {
-      const uint64_t bit = 1ull << (j & 63);
-      if (mask && !(mask[j >> 6] & bit)) continue;
-      sum += (signs[j >> 6] & bit) ? x[j] : -x[j];
+  for (int64_t g0 = 0; g0 < groups; g0 += per_block) {
+    float block_acc = 0;
+    for (int64_t g = g0; g < std::min(groups, g0 + per_block); ++g) {
+      int32_t isum = 0;
+      for (int j = 0; j < kQ8Group; ++j) isum += int32_t(w[g * kQ8Group + j]) * q[g * kQ8Group + j];
+      block_acc += float(isum) * d[g];
     }
-    acc += half_to_float(scales[b0 / block]) * sum;
+    acc += half_to_float(scales[g0 / per_block]) * block_acc;
   }
   return acc;
 }
@@ -66,35 +84,12 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = half_to_float(src[j]);
 }
 
-// AVX2 + FMA + F16C usable: CPUID says so and the OS saves the YMM state (XGETBV), not CPUID alone.
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
-  unsigned a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
-  const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29), avx = c & (1u << 28);
-  if (!(osxsave && fma && f16c && avx)) return false;
-  unsigned xcr0_lo, xcr0_hi;
-  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-  if ((xcr0_lo & 0x6) != 0x6) return false;  // XMM and YMM state enabled
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  return b & (1u << 5);
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar", dot_f32, dot_f16, dot_sign, f16_to_f32};
+  static const Kernels k{"scalar", dot_f32, dot_f16, f16_to_f32, quantize_q8,
+                         sign_row_by_expansion<expand_signs, dot_expanded_q8>};
   return k;
-}
-
-const Kernels& best_kernels() {
-  static const bool avx2 = avx2_kernels() && cpu_has_avx2();
-  const char* force = std::getenv("STBLLM_FORCE_SCALAR");
-  if (force && *force && std::strcmp(force, "0") != 0) return scalar_kernels();
-  return avx2 ? *avx2_kernels() : scalar_kernels();
 }
 
 }  // namespace stb::cpu

@@ -46,9 +46,29 @@ def hf_config(architecture: str, c: dict, tokenizer: dict | None = None):
     raise ValueError(f"unknown architecture {architecture!r}")
 
 
-def build_hf_model(stb_path, dtype=None):
+# Codecs whose CPU kernels multiply int8 activations (engine/cpu/kernels.h) rather than float ones.
+INT8_ACTIVATION_CODECS = {"stb.sign-block.v1"}
+
+
+def quantize_activations_q8(x):
+    """The runtime's activation quantization, in torch: groups of 64 along the last dim, q = round_half_even(
+    x·127/max|x|), value q·max|x|/127, float32 throughout."""
+    import torch
+
+    cols = x.shape[-1]
+    pad = (-cols) % 64
+    g = torch.nn.functional.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], -1, 64)
+    amax = g.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / torch.where(amax > 0, amax, torch.ones_like(amax)),
+                      torch.zeros_like(amax))
+    q = torch.round(g * inv)  # torch.round rounds half to even, as the runtime does
+    return (q * (amax / torch.tensor(127.0))).reshape(*x.shape[:-1], -1)[..., :cols].to(x.dtype)
+
+
+def build_hf_model(stb_path, dtype=None, runtime_activations: bool = False):
     """transformers LlamaForCausalLM / MistralForCausalLM / OPTForCausalLM (float32, eval, eager attention) with
-    the dequantized weights of the .stb file."""
+    the dequantized weights of the .stb file. runtime_activations=True also quantizes the inputs of the linear
+    layers whose codec runs on int8 activations in the CPU runtime, so the two compute the same function."""
     import torch
     from transformers import LlamaForCausalLM, MistralForCausalLM, OPTForCausalLM
     from stbllm_rt.stbfile import StbReader
@@ -76,6 +96,12 @@ def build_hf_model(stb_path, dtype=None):
         model.tie_weights()
         assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     model.eval()
+    if runtime_activations:
+        modules = dict(model.named_modules())
+        for spec in tensor_plan(arch, c).all():
+            if reader.tensor_info(spec.name)["codec"] in INT8_ACTIVATION_CODECS:
+                modules[spec.hf_name.removesuffix(".weight")].register_forward_pre_hook(
+                    lambda _module, args: (quantize_activations_q8(args[0]),) + tuple(args[1:]))
     if dtype is not None:
         model.to(dtype)
     return model

@@ -1,0 +1,96 @@
+// One matmul of the CPU backend on weights given as numpy arrays: lets tests compare every kernel path with a
+// numpy reference on arbitrary shapes, and `stbllm-bench kernels` time a single GEMV/GEMM.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+
+#include "stbllm/backend.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+struct Linear {
+  stb::Matrix matrix;
+  std::vector<py::object> keep_alive;  // the arrays the matrix points into
+  std::unique_ptr<stb::Backend> backend;
+
+  py::array_t<float> forward(const Array<float>& x) {
+    if (x.ndim() != 2 || x.shape(1) != matrix.cols)
+      throw py::value_error("x must have shape [n, " + std::to_string(matrix.cols) + "]");
+    const int n = int(x.shape(0));
+    py::array_t<float> y({py::ssize_t(n), py::ssize_t(matrix.rows)});
+    float* dst = y.mutable_data();
+    const float* src = x.data();
+    py::gil_scoped_release release;
+    backend->linear(matrix, src, n, dst);
+    return y;
+  }
+
+  // Seconds per call, the minimum over `repeats` rounds of `iters` calls each.
+  double time(const Array<float>& x, int iters, int repeats) {
+    const int n = int(x.shape(0));
+    std::vector<float> y(size_t(n) * matrix.rows);
+    py::gil_scoped_release release;
+    backend->linear(matrix, x.data(), n, y.data());  // warm-up
+    double best = 1e30;
+    for (int r = 0; r < repeats; ++r) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int i = 0; i < iters; ++i) backend->linear(matrix, x.data(), n, y.data());
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters);
+    }
+    return best;
+  }
+};
+
+}  // namespace
+
+void bind_linear(py::module_& m) {
+  py::class_<Linear>(m, "Linear")
+      .def(py::init([](const std::string& codec, int64_t rows, int64_t cols, py::object values, py::object signs,
+                       py::object mask, py::object scales, int block, py::object bias, int threads) {
+             auto l = std::make_unique<Linear>();
+             stb::Matrix& mt = l->matrix;
+             // Converts, checks the exact shape (the kernels trust it), and keeps the array alive.
+             auto take = [&](auto tag, py::object o, const char* what, std::vector<int64_t> shape) {
+               using T = decltype(tag);
+               if (o.is_none()) throw py::value_error(std::string(what) + " is required for codec " + codec);
+               auto a = Array<T>::ensure(o);
+               if (!a) throw py::value_error(std::string(what) + " has the wrong dtype");
+               std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
+               if (got != shape) throw py::value_error(std::string(what) + " has the wrong shape");
+               l->keep_alive.push_back(a);
+               return a.data();
+             };
+             if (rows < 1 || cols < 1) throw py::value_error("rows and cols must be positive");
+             mt.rows = rows, mt.cols = cols;
+             if (codec == "f32") {
+               mt.codec = stb::MatrixCodec::F32, mt.values = take(float{}, values, "values", {rows, cols});
+             } else if (codec == "f16") {
+               mt.codec = stb::MatrixCodec::F16, mt.values = take(uint16_t{}, values, "values", {rows, cols});
+             } else if (codec == "sign-block") {
+               if (block % 64 || block < 64 || block > 4096) throw py::value_error("block must be a multiple of 64 in [64, 4096]");
+               mt.codec = stb::MatrixCodec::SignBlock, mt.block = block;
+               mt.words_per_row = int((cols + 63) / 64), mt.blocks_per_row = int((cols + block - 1) / block);
+               mt.signs = take(uint64_t{}, signs, "signs", {rows, mt.words_per_row});
+               mt.scales = take(uint16_t{}, scales, "scales", {rows, mt.blocks_per_row});
+               if (!mask.is_none()) mt.mask = take(uint64_t{}, mask, "mask", {rows, mt.words_per_row});
+             } else {
+               throw py::value_error("codec must be f32, f16 or sign-block");
+             }
+             if (!bias.is_none()) mt.bias = take(float{}, bias, "bias", {rows});
+             l->backend = stb::make_cpu_backend(threads);
+             return l;
+           }),
+           py::arg("codec"), py::arg("rows"), py::arg("cols"), py::arg("values") = py::none(),
+           py::arg("signs") = py::none(), py::arg("mask") = py::none(), py::arg("scales") = py::none(),
+           py::arg("block") = 128, py::arg("bias") = py::none(), py::arg("threads") = 0)
+      .def("forward", &Linear::forward, py::arg("x"))
+      .def("time", &Linear::time, py::arg("x"), py::arg("iters") = 10, py::arg("repeats") = 3)
+      .def_property_readonly("kernels", [](const Linear& l) { return l.backend->kernels(); });
+}
