@@ -101,24 +101,21 @@ float dot_expanded_q8(const int8_t* w, const int8_t* q, const float* d, const ui
   const int64_t groups = q8_groups(cols), per_block = block / kQ8Group;
   const __m256i ones8 = _mm256_set1_epi8(1);
   const __m256i ones16 = _mm256_set1_epi16(1);
-  float acc = 0;
-  for (int64_t g0 = 0; g0 < groups; g0 += per_block) {
-    const int64_t g1 = g0 + per_block < groups ? g0 + per_block : groups;
-    __m256 block_acc = _mm256_setzero_ps();
-    for (int64_t g = g0; g < g1; ++g) {
-      const int8_t *wg = w + g * kQ8Group, *qg = q + g * kQ8Group;
-      // w·q with w in {−1, 0, +1} is a sign transfer; maddubs/madd then sum the bytes into int32 lanes.
-      const __m256i p0 = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg)),
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg)));
-      const __m256i p1 = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + 32)),
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32)));
-      const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, p0), _mm256_maddubs_epi16(ones8, p1));
-      const __m256i s32 = _mm256_madd_epi16(s16, ones16);
-      block_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(d[g]), block_acc);
-    }
-    acc += _cvtsh_ss(scales[g0 / per_block]) * hsum(block_acc);
+  // Two accumulators hide the FMA latency; each group's integer sum is scaled by d_g·α_b in one step.
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t g = 0, b = 0, in_block = 0; g < groups; ++g) {
+    const int8_t *wg = w + g * kQ8Group, *qg = q + g * kQ8Group;
+    // w·q with w in {−1, 0, +1} is a sign transfer; maddubs/madd then sum the bytes into int32 lanes.
+    const __m256i p0 = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg)),
+                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg)));
+    const __m256i p1 = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + 32)),
+                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32)));
+    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, p0), _mm256_maddubs_epi16(ones8, p1));
+    const __m256i s32 = _mm256_madd_epi16(s16, ones16);
+    acc[g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(d[g] * _cvtsh_ss(scales[b])), acc[g & 1]);
+    if (++in_block == per_block) in_block = 0, ++b;
   }
-  return acc;
+  return hsum(_mm256_add_ps(acc[0], acc[1]));
 }
 
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {

@@ -18,22 +18,19 @@ void sign_row_q8(const uint64_t* signs, const uint64_t* mask, const uint16_t* sc
   for (int t = 0; t < n; ++t) {
     const int8_t* qt = q + t * groups * kQ8Group;
     const float* dt = d + t * groups;
-    float acc = 0;
-    for (int64_t g0 = 0; g0 < groups; g0 += per_block) {
-      const int64_t g1 = g0 + per_block < groups ? g0 + per_block : groups;
-      __m512 block_acc = _mm512_setzero_ps();
-      for (int64_t g = g0; g < g1; ++g) {  // group g of activations = sign word g (kQ8Group == 64 bits)
-        uint64_t keep = mask ? mask[g] : ~0ull;
-        if (g == groups - 1) keep &= last_keep;
-        const __m512i qv = _mm512_loadu_si512(qt + g * kQ8Group);
-        __m512i p = _mm512_maskz_mov_epi8(signs[g] & keep, qv);     // +q where the sign is +1
-        p = _mm512_mask_sub_epi8(p, ~signs[g] & keep, zero, qv);      // −q where it is −1; 0 elsewhere
-        const __m512i s32 = _mm512_madd_epi16(_mm512_maddubs_epi16(ones8, p), ones16);
-        block_acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_set1_ps(dt[g]), block_acc);
-      }
-      acc += _cvtsh_ss(scales[g0 / per_block]) * _mm512_reduce_add_ps(block_acc);
+    // Two accumulators hide the FMA latency; each group's integer sum is scaled by d_g·α_b in one step.
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g = 0, b = 0, in_block = 0; g < groups; ++g) {  // group g of activations = sign word g
+      uint64_t keep = mask ? mask[g] : ~0ull;
+      if (g == groups - 1) keep &= last_keep;
+      const __m512i qv = _mm512_loadu_si512(qt + g * kQ8Group);
+      __m512i p = _mm512_maskz_mov_epi8(signs[g] & keep, qv);  // +q where the sign is +1
+      p = _mm512_mask_sub_epi8(p, ~signs[g] & keep, zero, qv);   // −q where it is −1; 0 elsewhere
+      const __m512i s32 = _mm512_madd_epi16(_mm512_maddubs_epi16(ones8, p), ones16);
+      acc[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_set1_ps(dt[g] * _cvtsh_ss(scales[b])), acc[g & 1]);
+      if (++in_block == per_block) in_block = 0, ++b;
     }
-    out[t * out_stride] = acc;
+    out[t * out_stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
   }
 }
 
