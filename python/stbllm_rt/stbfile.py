@@ -107,28 +107,49 @@ class StbWriter:
         signs = np.asarray(signs, dtype=bool)
         if signs.ndim != 2:
             raise ValueError(f"{name}: signs must be 2-D")
-        rows, cols = signs.shape
+        mask_words = None
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != signs.shape:
+                raise ValueError(f"{name}: mask shape {mask.shape} != signs shape {signs.shape}")
+            mask_words = pack_bits(mask)
+        self.add_sign_block_words(name, signs.shape[1], pack_bits(signs), scales, mask_words, block, nm)
+
+    def add_sign_block_words(self, name: str, cols: int, sign_words, scales, mask_words=None, block: int = 128,
+                             nm=None) -> None:
+        """add_sign_block with the bit planes already packed (uint64 [rows, ceil(cols/64)], pack_bits layout)."""
+        sign_words = np.asarray(sign_words, dtype="<u8")
+        rows, words = sign_words.shape
+        if words != -(-cols // 64):
+            raise ValueError(f"{name}: {cols} columns need {-(-cols // 64)} words per row, got {words}")
         if block % 64 or not 64 <= block <= 4096:
             raise ValueError(f"{name}: block must be a multiple of 64 in [64, 4096], got {block}")
         nblocks = -(-cols // block)
         scales = np.asarray(scales, dtype="<f2")
         if scales.shape != (rows, nblocks):
             raise ValueError(f"{name}: scales must have shape {(rows, nblocks)}, got {scales.shape}")
-        if (mask is None) != (nm is None):
+        if (mask_words is None) != (nm is None):
             raise ValueError(f"{name}: a mask and its nm pattern go together")
         components = {"signs": None, "scales": scales}
-        if mask is not None:
-            mask = np.asarray(mask, dtype=bool)
-            if mask.shape != signs.shape:
-                raise ValueError(f"{name}: mask shape {mask.shape} != signs shape {signs.shape}")
+        if mask_words is not None:
+            mask_words = np.asarray(mask_words, dtype="<u8")
+            if mask_words.shape != sign_words.shape:
+                raise ValueError(f"{name}: mask shape {mask_words.shape} != signs shape {sign_words.shape}")
             n, m = (int(x) for x in nm)
             if not 1 <= n <= m <= 64:
                 raise ValueError(f"{name}: bad N:M {n}:{m}")
-            signs = signs & mask  # pruned weights carry a clear sign bit (format rule)
-            components["mask"] = pack_bits(mask)
+            sign_words = sign_words & mask_words  # pruned weights carry a clear sign bit (format rule)
+            components["mask"] = mask_words
             self._features |= FEATURE_NM_MASK
             nm = [n, m]
-        components["signs"] = pack_bits(signs)
+        if cols % 64:  # padding bits past the last column are zero (format rule)
+            tail = np.uint64((1 << (cols % 64)) - 1)
+            sign_words = sign_words.copy()
+            sign_words[:, -1] &= tail
+            if mask_words is not None:
+                components["mask"] = mask_words.copy()
+                components["mask"][:, -1] &= tail
+        components["signs"] = sign_words
         self._add(name, CODEC_SIGN_BLOCK, (rows, cols), {"block": int(block), "nm": nm}, components)
 
     def bit_report(self) -> dict:
