@@ -34,6 +34,7 @@ def sample_file(tmp_path, rng):
             mask[r, g + rng.choice(8, 4, replace=False)] = True
     w.add_sign_block("blk.0.attn_q.weight", signs, rng.random((6, 5)) + 0.1, mask=mask, block=128, nm=(4, 8))
     w.add_sign_block("blk.0.attn_k.weight", rng.random((3, 200)) > 0.5, rng.random((3, 2)), block=128)
+    w.add_int8_group("output.weight", rng.standard_normal((10, 96)))
     path = tmp_path / "sample.stb"
     w.write(path)
     return path
@@ -51,15 +52,23 @@ def test_round_trip_every_codec(tmp_path, rng):
     w.add_bytes("c", b"\x00\x01binary\xff")
     w.add_sign_block("d", signs, scales, block=128)
     w.add_sign_block("e", signs, scales, mask=mask, block=128, nm=(4, 8))
+    int8_source = rng.standard_normal((6, 100)).astype(np.float32)
+    w.add_int8_group("f", int8_source)
     w.write(tmp_path / "rt.stb")
     r = StbReader(tmp_path / "rt.stb")
-    assert r.tensor_names() == ["a", "b", "c", "d", "e"]
+    assert r.tensor_names() == ["a", "b", "c", "d", "e", "f"]
     np.testing.assert_array_equal(r.dequantize("a"), f32)
     np.testing.assert_array_equal(r.dequantize("b"), f16.astype(np.float32))
     assert r.blob("c") == b"\x00\x01binary\xff"
     expected = np.where(signs, 1.0, -1.0) * np.repeat(scales.astype(np.float32), 128, axis=1)[:, :576]
     np.testing.assert_array_equal(r.dequantize("d"), expected)
     np.testing.assert_array_equal(r.dequantize("e"), expected * mask)
+    # int8-group: value = round(w / s) · s with s = fp16(max|w| / 127) per (row, group of 64); error ≤ s / 2.
+    values = r.component("f", "values").view(np.int8).reshape(6, 128)
+    scales8 = r.component("f", "scales").view("<f2").reshape(6, 2).astype(np.float32)
+    np.testing.assert_array_equal(r.dequantize("f"), (values * np.repeat(scales8, 64, axis=1))[:, :100])
+    assert (values[:, 100:] == 0).all() and np.abs(values).max() == 127
+    assert (np.abs(r.dequantize("f") - int8_source) <= np.repeat(scales8, 64, axis=1)[:, :100] / 2 + 1e-7).all()
     assert r.required_features == stbfile.FEATURE_NM_MASK
     # Components are 64-byte aligned in the file.
     for name in r.tensor_names():
@@ -254,6 +263,10 @@ def _comp(header, tensor="blk.0.attn_q.weight", key="signs"):
     (lambda h: h["tensors"]["blk.0.attn_q.weight"]["params"].update(block=2 ** 40), "block"),
     (lambda h: h["tensors"]["blk.0.attn_q.weight"]["params"].update(nm=[9, 8]), "nm N"),
     (lambda h: h["tensors"]["blk.0.attn_q.weight"].update(shape=[6, 576, 1]), "2-D"),
+    (lambda h: h["tensors"]["output.weight"]["params"].update(group=32), "group"),
+    (lambda h: h["tensors"]["output.weight"]["params"].update(bits=4), "unknown param"),
+    (lambda h: h["tensors"]["output.weight"].pop("params"), "needs params"),
+    (lambda h: h["tensors"]["output.weight"].update(shape=[10, 160]), "need"),
     (lambda h: h["tensors"].pop("token_embd.weight"), "hole"),
     (lambda h: h["tensors"].update({"bad name": h["tensors"].pop("output_norm.weight")}), "name"),
     (lambda h: h.update(extra=1), "exactly"),

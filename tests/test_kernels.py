@@ -124,3 +124,31 @@ def test_bad_shapes_are_refused():
     lin = _core.Linear("f32", 2, 3, values=np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="shape"):
         lin.forward(np.zeros((1, 4), np.float32))
+
+
+@pytest.mark.parametrize("rows, cols", [(5, 64), (33, 576), (16, 1000)])
+@pytest.mark.parametrize("n", [1, 4])
+def test_int8_group(kernels, rows, cols, n):
+    rng = np.random.default_rng(rows + cols + n)
+    groups = -(-cols // 64)
+    values = np.zeros((rows, groups * 64), np.int8)
+    values[:, :cols] = rng.integers(-127, 128, size=(rows, cols))
+    scales = (0.001 + 0.01 * rng.random((rows, groups))).astype(np.float16)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    lin = _core.Linear("int8-group", rows, cols, values=values, scales=scales.view(np.uint16), bias=bias,
+                       threads=2)
+    q, d = quantize_q8(x)
+    w = values[:, :cols] * np.repeat(scales.astype(np.float64), 64, axis=1)[:, :cols]
+    ref = (q * np.repeat(d, 64, axis=1)[:, :cols].astype(np.float64)) @ w.T + bias
+    np.testing.assert_allclose(lin.forward(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_int8_extremes_do_not_overflow(kernels):
+    """±127 weights against ±127 activations: the int16 pair sums sit at their limit and must not wrap."""
+    cols = 128
+    values = np.full((2, cols), 127, np.int8)
+    values[1] = -127
+    x = np.full((1, cols), 5.0, np.float32)
+    lin = _core.Linear("int8-group", 2, cols, values=values, scales=np.ones((2, 2), np.float16).view(np.uint16))
+    np.testing.assert_allclose(lin.forward(x), [[127 * 5.0 * cols, -127 * 5.0 * cols]], rtol=1e-6)

@@ -14,10 +14,36 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from stbllm_convert.oracle import build_hf_model  # noqa: E402
-from stbllm_rt import Model  # noqa: E402
+from stbllm_rt import Model, StbReader, StbWriter  # noqa: E402
 
 CASES = [("fp16", None), ("sign", None), ("sign", "4:8"), ("sign", "6:8")]
 TOLERANCE = {"fp16": 2e-4, "sign": 3e-2}
+
+
+def recode(src_path, dst_path, metadata=None, int8=()):
+    """A copy of an .stb file with other metadata and/or the named tensors re-stored as stb.int8-group.v1."""
+    src = StbReader(src_path)
+    meta = dict(metadata or src.metadata)
+    meta.pop("provenance", None)
+    w = StbWriter(meta)
+    for name in src.tensor_names():
+        info = src.tensor_info(name)
+        if name in int8:
+            w.add_int8_group(name, src.dequantize(name))
+        elif info["codec"] == "stb.bytes.v1":
+            w.add_bytes(name, src.blob(name))
+        elif info["codec"] == "stb.sign-block.v1":
+            comps = {k: src.component(name, k).view("<u8").reshape(info["shape"][0], -1) for k in ("signs", "mask")
+                     if k in info["components"]}
+            w.add_sign_block_words(name, info["shape"][1], comps["signs"],
+                                   src.component(name, "scales").view("<f2").reshape(info["shape"][0], -1),
+                                   comps.get("mask"), info["params"]["block"], info["params"]["nm"])
+        elif info["codec"] == "stb.f16.v1":
+            w.add_f16(name, src.component(name, "data").view("<f2").reshape(info["shape"]))
+        else:
+            w.add_f32(name, src.dequantize(name))
+    w.write(dst_path)
+    return dst_path
 
 
 def oracle_logits(stb_path, ids, runtime_activations=True):
@@ -42,6 +68,20 @@ def test_logits_match_oracle(tiny_stb, arch, method, nm):
     ids = list(np.random.default_rng(1).integers(4, 300, size=40))
     got = Model(path, threads=2).logits(ids)
     assert_logits_close(got, oracle_logits(path, ids), method)
+
+
+@pytest.mark.parametrize("arch, method, nm", [("llama", "sign", "4:8"), ("mistral", "fp16", None),
+                                              ("opt", "sign", None)])
+def test_int8_embedding_and_head_match_oracle(tiny_stb, tmp_path, arch, method, nm):
+    """stb.int8-group.v1 embedding and LM head (llama: untied head; mistral / opt: one tied table)."""
+    src = tiny_stb(arch, method, nm)
+    names = {"token_embd.weight"} | ({"output.weight"} if "output.weight" in StbReader(src).tensor_names() else set())
+    path = recode(src, tmp_path / "int8.stb", int8=names)
+    ids = list(np.random.default_rng(3).integers(4, 300, size=24))
+    got = Model(path, threads=2).logits(ids)
+    assert_logits_close(got, oracle_logits(path, ids), "sign")
+    # And it is a real change: int8 tables differ from the source file's fp16 ones.
+    assert np.abs(got - Model(src, threads=2).logits(ids)).max() > 1e-4
 
 
 def test_int8_activations_cost_little(tiny_stb):
@@ -125,22 +165,9 @@ def test_real_model_knows_paris(smollm2_fp16_stb):
 
 def test_real_model_as_mistral_with_sliding_window(smollm2_fp16_stb, tmp_path):
     """SmolLM2's weights in the Mistral graph with a 16-token window: runtime vs the transformers Mistral model."""
-    from stbllm_rt import StbReader, StbWriter
-
     src = StbReader(smollm2_fp16_stb)
     meta = dict(src.metadata, architecture="mistral", config=dict(src.metadata["config"], sliding_window=16))
-    meta.pop("provenance", None)
-    w = StbWriter(meta)
-    for name in src.tensor_names():
-        info = src.tensor_info(name)
-        if info["codec"] == "stb.bytes.v1":
-            w.add_bytes(name, src.blob(name))
-        elif info["codec"] == "stb.f16.v1":
-            w.add_f16(name, src.component(name, "data").view("<f2").reshape(info["shape"]))
-        else:
-            w.add_f32(name, src.dequantize(name))
-    path = tmp_path / "smollm2-as-mistral.stb"
-    w.write(path)
+    path = recode(smollm2_fp16_stb, tmp_path / "smollm2-as-mistral.stb", metadata=meta)
     m = Model(path)
     ids = m.tokenize(REAL_TEXT)
     got = m.logits(ids)

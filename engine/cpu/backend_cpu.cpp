@@ -80,9 +80,14 @@ class CpuBackend final : public Backend {
       m.signs = reinterpret_cast<const uint64_t*>(w.component("signs").data);
       m.scales = reinterpret_cast<const uint16_t*>(w.component("scales").data);
       if (w.nm_m) m.mask = reinterpret_cast<const uint64_t*>(w.component("mask").data);
+    } else if (w.codec == kCodecInt8Group) {
+      m.codec = MatrixCodec::Int8Group;
+      m.groups_per_row = int(cpu::q8_groups(m.cols));
+      m.values = w.component("values").data;
+      m.scales = reinterpret_cast<const uint16_t*>(w.component("scales").data);
     } else {
       throw FormatError("tensor '" + w.name + "' has codec " + w.codec +
-                        "; a weight matrix needs stb.f32.v1, stb.f16.v1 or stb.sign-block.v1");
+                        "; a weight matrix needs stb.f32.v1, stb.f16.v1, stb.sign-block.v1 or stb.int8-group.v1");
     }
     for (const auto& kv : w.components) m.bytes += kv.second.length;
     if (bias) {
@@ -119,15 +124,19 @@ class CpuBackend final : public Backend {
       float* dst = out + i * dim;
       if (table.codec == MatrixCodec::F32) {
         std::memcpy(row.data(), static_cast<const float*>(table.values) + ids[i] * dim, dim * sizeof(float));
-      } else {
+      } else if (table.codec == MatrixCodec::F16) {
         k_.f16_to_f32(static_cast<const uint16_t*>(table.values) + ids[i] * dim, row.data(), dim);
+      } else {  // Int8Group (the model refuses binary embedding tables)
+        const int8_t* q = static_cast<const int8_t*>(table.values) + int64_t(ids[i]) * table.groups_per_row * 64;
+        const uint16_t* s = table.scales + int64_t(ids[i]) * table.groups_per_row;
+        for (int64_t j = 0; j < dim; ++j) row[j] = float(q[j]) * cpu::half_to_float(s[j / 64]);
       }
       for (int64_t j = 0; j < dim; ++j) dst[j] = accumulate ? dst[j] + row[j] : row[j];
     }
   }
 
   void linear(const Matrix& w, const float* x, int n, float* out) override {
-    if (w.codec == MatrixCodec::SignBlock) return linear_sign(w, x, n, out);
+    if (w.codec == MatrixCodec::SignBlock || w.codec == MatrixCodec::Int8Group) return linear_q8(w, x, n, out);
     const int64_t rows = w.rows, cols = w.cols;
     pool_.run(n_chunks(rows), [&](int64_t c) {
       const int64_t r0 = c * chunk_rows(rows), r1 = std::min(rows, r0 + chunk_rows(rows));
@@ -144,9 +153,9 @@ class CpuBackend final : public Backend {
     });
   }
 
-  // Binary weights against int8 activations (engine/cpu/kernels.h): quantize the n input rows once, then each
-  // task runs its chunk of weight rows against all of them.
-  void linear_sign(const Matrix& w, const float* x, int n, float* out) {
+  // Binary and int8 weights against int8 activations (engine/cpu/kernels.h): quantize the n input rows once,
+  // then each task runs its chunk of weight rows against all of them.
+  void linear_q8(const Matrix& w, const float* x, int n, float* out) {
     const int64_t rows = w.rows, cols = w.cols, groups = cpu::q8_groups(cols), padded = groups * cpu::kQ8Group;
     q8_values_.resize(size_t(n) * padded);
     q8_scales_.resize(size_t(n) * groups);
@@ -158,9 +167,14 @@ class CpuBackend final : public Backend {
       scratch.resize(padded);
       const int64_t r0 = c * chunk_rows(rows), r1 = std::min(rows, r0 + chunk_rows(rows));
       for (int64_t r = r0; r < r1; ++r) {
-        k_.sign_row_q8(w.signs + r * w.words_per_row, w.mask ? w.mask + r * w.words_per_row : nullptr,
-                       w.scales + r * w.blocks_per_row, w.block, cols, q8_values_.data(), q8_scales_.data(), n,
-                       out + r, rows, scratch.data());
+        if (w.codec == MatrixCodec::SignBlock) {
+          k_.sign_row_q8(w.signs + r * w.words_per_row, w.mask ? w.mask + r * w.words_per_row : nullptr,
+                         w.scales + r * w.blocks_per_row, w.block, cols, q8_values_.data(), q8_scales_.data(), n,
+                         out + r, rows, scratch.data());
+        } else {
+          k_.int8_row_q8(static_cast<const int8_t*>(w.values) + r * padded, w.scales + r * groups, cols,
+                         q8_values_.data(), q8_scales_.data(), n, out + r, rows);
+        }
         if (w.bias)
           for (int t = 0; t < n; ++t) out[t * rows + r] += w.bias[r];
       }

@@ -26,6 +26,10 @@ struct Kernels {
   // w_j = +1 / −1 by the sign bit, 0 where the mask (if any) is clear or j ≥ cols. scratch: q8_groups(cols)·64 bytes.
   void (*sign_row_q8)(const uint64_t* signs, const uint64_t* mask, const uint16_t* scales, int block, int64_t cols,
                       const int8_t* q, const float* d, int n, float* out, int64_t out_stride, int8_t* scratch);
+  // One stb.int8-group.v1 weight row (w: q8_groups(cols)·64 int8, ws: its fp16 group scales) against n quantized
+  // activation rows: out[t · out_stride] = Σ_g ws_g · d_t[g] · Σ_j w_j · q_t[j].
+  void (*int8_row_q8)(const int8_t* w, const uint16_t* ws, int64_t cols, const int8_t* q, const float* d, int n,
+                      float* out, int64_t out_stride);
 };
 
 const Kernels& scalar_kernels();

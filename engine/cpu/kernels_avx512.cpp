@@ -1,6 +1,7 @@
-// AVX-512 (F/BW/VL/DQ) kernels; called only after run-time detection. The float kernels are the AVX2 ones (every
-// AVX-512 CPU has AVX2); the sign-block kernel differs in kind: a 64-bit sign word IS a 64-lane byte mask, so the
-// weight row needs no expansion — each group of 64 activations is negated / zeroed under mask registers directly.
+// AVX-512 (F/BW/VL/DQ) kernels; called only after run-time detection. The float and int8 kernels are the AVX2
+// ones (every AVX-512 CPU has AVX2; they are memory-bound). The sign-block kernel differs in kind: a 64-bit sign
+// word IS a 64-lane byte mask, so the weight row needs no expansion — each group of 64 activations is negated or
+// zeroed under mask registers directly.
 #include "cpu/kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -39,7 +40,8 @@ void sign_row_q8(const uint64_t* signs, const uint64_t* mask, const uint16_t* sc
 const Kernels* avx512_kernels() {
   const Kernels* base = avx2_kernels();
   if (!base) return nullptr;
-  static const Kernels k{"avx512", base->dot_f32, base->dot_f16, base->f16_to_f32, base->quantize_q8, sign_row_q8};
+  static const Kernels k{"avx512", base->dot_f32, base->dot_f16, base->f16_to_f32, base->quantize_q8, sign_row_q8,
+                         base->int8_row_q8};
   return &k;
 }
 

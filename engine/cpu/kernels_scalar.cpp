@@ -80,6 +80,21 @@ float dot_expanded_q8(const int8_t* w, const int8_t* q, const float* d, const ui
   return acc;
 }
 
+void int8_row_q8(const int8_t* w, const uint16_t* ws, int64_t cols, const int8_t* q, const float* d, int n,
+                 float* out, int64_t out_stride) {
+  const int64_t groups = q8_groups(cols);
+  for (int t = 0; t < n; ++t) {
+    const int8_t* qt = q + t * groups * kQ8Group;
+    float acc = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t isum = 0;
+      for (int j = 0; j < kQ8Group; ++j) isum += int32_t(w[g * kQ8Group + j]) * qt[g * kQ8Group + j];
+      acc += half_to_float(ws[g]) * d[t * groups + g] * float(isum);
+    }
+    out[t * out_stride] = acc;
+  }
+}
+
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = half_to_float(src[j]);
 }
@@ -88,7 +103,7 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 
 const Kernels& scalar_kernels() {
   static const Kernels k{"scalar", dot_f32, dot_f16, f16_to_f32, quantize_q8,
-                         sign_row_by_expansion<expand_signs, dot_expanded_q8>};
+                         sign_row_by_expansion<expand_signs, dot_expanded_q8>, int8_row_q8};
   return k;
 }
 

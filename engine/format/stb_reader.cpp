@@ -95,8 +95,18 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
     if (t.nm_m) out["mask"] = out["signs"];
     return out;
   }
+  if (t.codec == kCodecInt8Group) {
+    if (t.shape.size() != 2) throw FormatError(what + ": stb.int8-group.v1 needs a 2-D shape");
+    if (!params) throw FormatError(what + ": stb.int8-group.v1 needs params");
+    for (const auto& kv : params->as_object(what + " params"))
+      if (kv.first != "group") throw FormatError(what + ": unknown param '" + kv.first + "'");
+    t.group = int(params->at("group", what + " params").as_int(what + " group (only 64 is defined)", 64, 64));
+    const uint64_t rows = uint64_t(t.shape[0]), groups = (uint64_t(t.shape[1]) + 63) / 64;
+    return {{"values", checked_mul(checked_mul(rows, groups, what), 64, what)},
+            {"scales", checked_mul(checked_mul(rows, groups, what), 2, what)}};
+  }
   throw FormatError(what + ": unknown codec '" + t.codec + "' (this reader knows stb.f32.v1, stb.f16.v1, "
-                    "stb.bytes.v1, stb.sign-block.v1)");
+                    "stb.bytes.v1, stb.sign-block.v1, stb.int8-group.v1)");
 }
 
 }  // namespace

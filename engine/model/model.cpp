@@ -70,7 +70,7 @@ Model::Model(const std::string& path, int threads, bool verify_checksums)
 
   token_embd_ = matrix("token_embd", c.vocab_size, hidden, false);
   if (token_embd_.codec == MatrixCodec::SignBlock)
-    throw FormatError("token_embd.weight must be stb.f16.v1 or stb.f32.v1");
+    throw FormatError("token_embd.weight must be stb.f16.v1, stb.f32.v1 or stb.int8-group.v1");
   if (!c.rope) {
     pos_embd_ = matrix("pos_embd", int64_t(c.max_positions) + c.position_offset, hidden, false);
     if (pos_embd_.codec == MatrixCodec::SignBlock) throw FormatError("pos_embd.weight must be stb.f16.v1 or stb.f32.v1");

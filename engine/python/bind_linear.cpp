@@ -80,8 +80,12 @@ void bind_linear(py::module_& m) {
                mt.signs = take(uint64_t{}, signs, "signs", {rows, mt.words_per_row});
                mt.scales = take(uint16_t{}, scales, "scales", {rows, mt.blocks_per_row});
                if (!mask.is_none()) mt.mask = take(uint64_t{}, mask, "mask", {rows, mt.words_per_row});
+             } else if (codec == "int8-group") {
+               mt.codec = stb::MatrixCodec::Int8Group, mt.groups_per_row = int((cols + 63) / 64);
+               mt.values = take(int8_t{}, values, "values", {rows, int64_t(mt.groups_per_row) * 64});
+               mt.scales = take(uint16_t{}, scales, "scales", {rows, mt.groups_per_row});
              } else {
-               throw py::value_error("codec must be f32, f16 or sign-block");
+               throw py::value_error("codec must be f32, f16, sign-block or int8-group");
              }
              if (!bias.is_none()) mt.bias = take(float{}, bias, "bias", {rows});
              l->backend = stb::make_cpu_backend(threads);

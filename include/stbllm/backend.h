@@ -13,7 +13,7 @@
 
 namespace stb {
 
-enum class MatrixCodec { F32, F16, SignBlock };
+enum class MatrixCodec { F32, F16, SignBlock, Int8Group };
 
 // A weight matrix [rows = outputs, cols = inputs] with an optional bias, resident in backend memory.
 // For the CPU backend the pointers alias the read-only file mapping (zero copy).
@@ -21,11 +21,13 @@ struct Matrix {
   std::string name;
   MatrixCodec codec = MatrixCodec::F32;
   int64_t rows = 0, cols = 0;
-  const void* values = nullptr;      // F32: float[rows*cols]; F16: uint16 halves[rows*cols]
+  const void* values = nullptr;      // F32: float[rows*cols]; F16: uint16 halves[rows*cols];
+                                     // Int8Group: int8 [rows, groups_per_row * 64] (zero padded)
   const uint64_t* signs = nullptr;   // SignBlock: [rows, words_per_row], set bit = +1
   const uint64_t* mask = nullptr;    // SignBlock: optional keep-mask, same layout; null = dense
-  const uint16_t* scales = nullptr;  // SignBlock: fp16 [rows, blocks_per_row]
+  const uint16_t* scales = nullptr;  // SignBlock: fp16 [rows, blocks_per_row]; Int8Group: fp16 [rows, groups]
   int block = 0, words_per_row = 0, blocks_per_row = 0;
+  int groups_per_row = 0;            // Int8Group: ceil(cols / 64)
   const float* bias = nullptr;       // [rows] or null
   uint64_t bytes = 0;                // weight + bias bytes held for this matrix
 };

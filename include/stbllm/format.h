@@ -26,6 +26,7 @@ constexpr char kCodecF32[] = "stb.f32.v1";
 constexpr char kCodecF16[] = "stb.f16.v1";
 constexpr char kCodecBytes[] = "stb.bytes.v1";
 constexpr char kCodecSignBlock[] = "stb.sign-block.v1";
+constexpr char kCodecInt8Group[] = "stb.int8-group.v1";
 
 struct Component {
   const uint8_t* data = nullptr;  // points into the mapping; valid while the StbFile lives
@@ -42,6 +43,7 @@ struct TensorEntry {
   // stb.sign-block.v1 parameters (0 when not that codec / no mask)
   int block = 0;
   int nm_n = 0, nm_m = 0;
+  int group = 0;  // stb.int8-group.v1 group size
   std::map<std::string, Component> components;
 
   const Component& component(const std::string& key) const;  // throws FormatError when missing

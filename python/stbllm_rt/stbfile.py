@@ -29,6 +29,7 @@ CODEC_F32 = "stb.f32.v1"
 CODEC_F16 = "stb.f16.v1"
 CODEC_BYTES = "stb.bytes.v1"
 CODEC_SIGN_BLOCK = "stb.sign-block.v1"
+CODEC_INT8_GROUP = "stb.int8-group.v1"
 
 LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_o.weight",
                    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
@@ -152,6 +153,24 @@ class StbWriter:
         components["signs"] = sign_words
         self._add(name, CODEC_SIGN_BLOCK, (rows, cols), {"block": int(block), "nm": nm}, components)
 
+    def add_int8_group(self, name: str, array, group: int = 64) -> None:
+        """Symmetric 8-bit: per (row, group of 64 columns) scale = max|w| / 127, value = round(w / scale)."""
+        if group != 64:
+            raise ValueError(f"{name}: stb.int8-group.v1 defines group 64 only")
+        w = np.asarray(array, dtype=np.float32)
+        if w.ndim != 2:
+            raise ValueError(f"{name}: int8-group needs a 2-D matrix")
+        rows, cols = w.shape
+        groups = -(-cols // group)
+        padded = np.zeros((rows, groups * group), np.float32)
+        padded[:, :cols] = w
+        g = padded.reshape(rows, groups, group)
+        scales = (np.abs(g).max(axis=2) / 127).astype("<f2")
+        s32 = scales.astype(np.float32)[:, :, None]
+        values = np.where(s32 > 0, np.rint(g / np.where(s32 > 0, s32, 1)), 0).clip(-127, 127).astype(np.int8)
+        self._add(name, CODEC_INT8_GROUP, (rows, cols), {"group": group},
+                  {"values": values.reshape(rows, -1), "scales": scales})
+
     def bit_report(self) -> dict:
         """Honest bits: bytes actually in the file for each group of tensors, over the weights they hold."""
         group_bytes: dict[str, int] = {}
@@ -175,7 +194,7 @@ class StbWriter:
                     kept_sign_bits += n
             else:
                 label = "linear_dense" if group == "linear" else group
-                nbytes = t["data"]["data"].nbytes
+                nbytes = sum(buf.nbytes for buf in t["data"].values())
                 group_bytes[label] = group_bytes.get(label, 0) + nbytes
                 if group == "linear":
                     dense_linear_bits += nbytes * 8
@@ -306,4 +325,9 @@ class StbReader:
                 mask_words = self.component(name, "mask").view("<u8").reshape(rows, -1)
                 values *= unpack_bits(mask_words, cols)
             return values
+        if codec == CODEC_INT8_GROUP:
+            rows, cols = shape
+            values = self.component(name, "values").view(np.int8).reshape(rows, -1).astype(np.float32)
+            scales = self.component(name, "scales").view("<f2").reshape(rows, -1).astype(np.float32)
+            return (values * np.repeat(scales, info["params"]["group"], axis=1))[:, :cols]
         raise FormatError(f"tensor {name!r} has codec {codec}, which has no numeric value")

@@ -47,7 +47,7 @@ def hf_config(architecture: str, c: dict, tokenizer: dict | None = None):
 
 
 # Codecs whose CPU kernels multiply int8 activations (engine/cpu/kernels.h) rather than float ones.
-INT8_ACTIVATION_CODECS = {"stb.sign-block.v1"}
+INT8_ACTIVATION_CODECS = {"stb.sign-block.v1", "stb.int8-group.v1"}
 
 
 def quantize_activations_q8(x):
@@ -98,9 +98,13 @@ def build_hf_model(stb_path, dtype=None, runtime_activations: bool = False):
     model.eval()
     if runtime_activations:
         modules = dict(model.named_modules())
-        for spec in tensor_plan(arch, c).all():
-            if reader.tensor_info(spec.name)["codec"] in INT8_ACTIVATION_CODECS:
-                modules[spec.hf_name.removesuffix(".weight")].register_forward_pre_hook(
+        quantized = {spec.hf_name.removesuffix(".weight") for spec in tensor_plan(arch, c).all()
+                     if reader.tensor_info(spec.name)["codec"] in INT8_ACTIVATION_CODECS}
+        if c["tie_word_embeddings"] and reader.tensor_info("token_embd.weight")["codec"] in INT8_ACTIVATION_CODECS:
+            quantized.add("lm_head")  # the tied head multiplies by the int8 table too
+        for name in quantized:
+            if isinstance(modules[name], torch.nn.Linear):  # an embedding lookup takes ids, not activations
+                modules[name].register_forward_pre_hook(
                     lambda _module, args: (quantize_activations_q8(args[0]),) + tuple(args[1:]))
     if dtype is not None:
         model.to(dtype)
