@@ -98,6 +98,9 @@ def test_models_run_concurrently_from_python_threads(tiny):
         for _ in range(3):
             got = list(pool.map(lambda m: m.generate(PROMPT, max_new_tokens=10, temperature=0), models))
             assert got == expected
+        # One model shared by several threads: calls are serialized inside, results unchanged.
+        shared = list(pool.map(lambda _: models[0].generate(PROMPT, max_new_tokens=10, temperature=0), range(6)))
+        assert shared == [expected[0]] * 6
 
 
 @pytest.mark.parametrize("codec", ["f16", "sign", "sign-nm"])

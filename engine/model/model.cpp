@@ -102,6 +102,7 @@ void Model::forward(KvCache& cache, const std::vector<BatchRow>& rows, const std
                     float* logits) {
   const ModelConfig& c = cfg_;
   Backend& be = *backend_;
+  std::lock_guard<std::mutex> lock(forward_mutex_);
   for (const BatchRow& r : rows) {
     if (r.token < 0 || r.token >= c.vocab_size)
       throw std::out_of_range("token id " + std::to_string(r.token) + " is outside the vocabulary [0, " +

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -51,6 +52,7 @@ class Model {
   // Runs `rows` through the network, appending their keys/values to `cache`, and writes the logits of the rows
   // listed in `logit_rows` (ascending indices into `rows`) to `logits` [logit_rows.size(), vocab] (host memory).
   // The cache must already hold positions [0, pos) of each row's slot, and rows of one slot come in order.
+  // Thread-safe: concurrent calls (e.g. two generators from two Python threads) run one after the other.
   void forward(KvCache& cache, const std::vector<BatchRow>& rows, const std::vector<int>& logit_rows, float* logits);
 
  private:
@@ -61,6 +63,7 @@ class Model {
   const float *output_norm_ = nullptr, *output_norm_bias_ = nullptr;
   std::vector<LayerWeights> layers_;
   uint64_t weight_bytes_ = 0;
+  std::mutex forward_mutex_;  // one forward at a time: the backend's pool and scratch are shared
 };
 
 struct SamplingParams {
