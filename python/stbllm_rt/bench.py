@@ -40,8 +40,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def read_bandwidth(threads: int, nbytes: int = 1 << 29) -> float:
-    """Bytes/s of summing a large array with `threads` threads (numpy releases the GIL): the floor to divide by."""
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (Linux sysfs), 0 when unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=0)
+
+
+def read_bandwidth(threads: int, nbytes: int | None = None) -> float:
+    """Bytes/s of summing an array 4x the last-level cache (at least 1 GiB, at most 4 GiB) with `threads` threads
+    (numpy releases the GIL): DRAM read bandwidth, the floor to divide by."""
+    nbytes = nbytes or min(4 << 30, max(1 << 30, 4 * last_level_cache_bytes()))
     a = np.ones(nbytes // 8, dtype=np.float64)
     parts = np.array_split(a, threads)
     best = 0.0
@@ -289,6 +301,7 @@ def _machine(threads: int) -> dict:
 
     probe = _core.Linear("f32", 1, 1, values=np.ones((1, 1), np.float32))
     return {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "threads": threads,
+            "last_level_cache_mib": last_level_cache_bytes() >> 20,
             "kernels": probe.kernels, "read_gb_s": round(read_bandwidth(threads) / 1e9, 1),
             "python": platform.python_version(),
             "load_average_1min": round(os.getloadavg()[0], 2)}  # other work on the machine skews the numbers
