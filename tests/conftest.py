@@ -145,22 +145,23 @@ def tiny_hf_models(tmp_path_factory, tiny_tokenizer_dir) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_stb(tmp_path_factory, tiny_hf_models):
-    """Factory: tiny_stb(arch, method="fp16", nm=None, block=128) -> Path of the converted .stb (cached per
-    session). arch is a key of tiny_hf_models."""
+    """Factory: tiny_stb(arch, method="fp16", nm=None, block=128, head_bits=16) -> Path of the converted .stb
+    (cached per session). arch is a key of tiny_hf_models."""
     from stbllm_convert.convert import convert
 
     root = tmp_path_factory.mktemp("tiny-stb")
     cache = {}
 
-    def make(arch, method="fp16", nm=None, block=128):
-        key = (arch, method, nm, block)
+    def make(arch, method="fp16", nm=None, block=128, head_bits=16):
+        key = (arch, method, nm, block, head_bits)
         if key not in cache:
-            tag = f"{arch}-{method}" + (f"-{nm.replace(':', 'of')}" if nm else "") + f"-b{block}"
+            tag = f"{arch}-{method}" + (f"-{nm.replace(':', 'of')}" if nm else "") + f"-b{block}-h{head_bits}"
             out = root / f"{tag}.stb"
             import warnings
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # llama-notok warns about its missing tokenizer
-                convert(tiny_hf_models[arch], out, method=method, nm=nm, block=block, progress=False)
+                convert(tiny_hf_models[arch], out, method=method, nm=nm, block=block, progress=False,
+                        head_bits=head_bits)
             cache[key] = out
         return cache[key]
 

@@ -84,6 +84,21 @@ def test_int8_embedding_and_head_match_oracle(tiny_stb, tmp_path, arch, method, 
     assert np.abs(got - Model(src, threads=2).logits(ids)).max() > 1e-4
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_converter_head_bits_8(tiny_stb, arch):
+    """stbllm-convert --head-bits 8 stores the embedding and head as int8 groups, and the runtime agrees."""
+    path = tiny_stb(arch, "sign", "4:8", head_bits=8)
+    r = StbReader(path)
+    tables = [n for n in ("token_embd.weight", "output.weight") if n in r.tensor_names()]
+    assert tables and all(r.tensor_info(n)["codec"] == "stb.int8-group.v1" for n in tables)
+    assert r.metadata["provenance"]["head_bits"] == 8
+    embedding_bits = r.metadata["provenance"]["bits"]["groups"]["embedding"]["bits_per_weight"]
+    # 8 bits + one fp16 scale per 64 (hidden 192 is 3 whole groups); OPT's learned positions stay fp16.
+    assert embedding_bits == 8.25 if arch == "llama" else 8.25 < embedding_bits < 16
+    ids = list(np.random.default_rng(4).integers(4, 300, size=20))
+    assert_logits_close(Model(path, threads=2).logits(ids), oracle_logits(path, ids), "sign")
+
+
 def test_int8_activations_cost_little(tiny_stb):
     """Against the plain float oracle the binary layers' int8 activations show, but only as small noise."""
     path = tiny_stb("llama", "sign", "4:8")

@@ -23,12 +23,12 @@ def _progress(iterable, enabled, **kw):
 
 
 def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokenizer=None,
-            progress: bool | None = None) -> dict:
+            progress: bool | None = None, head_bits: int = 16) -> dict:
     """Converts MODEL (HF directory, .gguf file or `smollm2-135m`) into the .stb file `out`.
 
     method: a registered method name (fp16, sign); nm: "N:M" string or (N, M) or None; block: scale block size;
     tokenizer: optional path overriding the model's tokenizer; progress: True (always), None (when on a terminal),
-    False (never). Returns {"path", "bits", "seconds", "file_size", "architecture", "tensors"}.
+    False (never); head_bits: 16 (fp16) or 8 (stb.int8-group.v1) for the token embedding and the LM head. Returns {"path", "bits", "seconds", "file_size", "architecture", "tensors"}.
     Raises ConvertError for user errors; nothing is written unless the whole conversion succeeds."""
     start = time.monotonic()
     if isinstance(nm, str):
@@ -36,6 +36,8 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
     elif nm is not None:
         nm = parse_nm(f"{nm[0]}:{nm[1]}")
     quantizer = make_method(method, nm=nm, block=block)
+    if head_bits not in (16, 8):
+        raise ConvertError(f"--head-bits {head_bits}: must be 16 or 8")
     out = Path(out).expanduser()
     if out.is_dir():
         raise ConvertError(f"output {out} is a directory; give a file name like model.stb")
@@ -62,6 +64,7 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
             "source": src.description,
             "method": quantizer.name,
             **quantizer.params(),
+            "head_bits": head_bits,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         writer = StbWriter({"architecture": arch, "config": config, "tokenizer": tok_spec,
@@ -77,6 +80,8 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
         def add_plain(spec, w):
             if spec.kind in ("norm", "bias"):
                 writer.add_f32(spec.name, w)
+            elif head_bits == 8 and spec.name in ("token_embd.weight", "output.weight"):
+                writer.add_int8_group(spec.name, w)
             elif spec.kind == "embedding":
                 writer.add_f16(spec.name, to_f16(spec.name, w))
             elif spec.kind == "head":
