@@ -200,9 +200,16 @@ def test_info_reports_sizes_and_bits(tiny):
     assert info["codecs"]["stb.sign-block.v1"] == 14
     kv = 2 * CONFIG["num_hidden_layers"] * CONFIG["num_key_value_heads"] * CONFIG["head_dim"] * 4
     assert info["kv_cache_bytes_per_token"] == kv
-    assert 0 < info["weight_bytes"] < info["file_bytes"]
-    # One mask bit per weight, rows padded to whole 64-bit words (160 -> 192, 224 -> 256 columns): measured honestly.
+    # Weight bytes held: fp16 tables and f32 norms as stored; binary matrices as stored (scalar path) or in the
+    # lookup layout of the SIMD paths (rows padded to tiles of 32, 2 nibble planes, fp16 scales per tile row).
     shapes = [(160, 160), (80, 160), (80, 160), (160, 160), (224, 160), (224, 160), (160, 224)]
+    dense = 2 * 2 * 96 * 160 + 4 * 160 * (2 * CONFIG["num_hidden_layers"] + 1)
+    if info["kernels"] == "scalar":
+        binary = sum(r * -(-c // 64) * 16 + r * -(-c // 128) * 2 for r, c in shapes)
+    else:
+        binary = sum(-(-r // 32) * 32 * (-(-c // 64) * 64 // 8 * 2 + -(-c // 128) * 2) for r, c in shapes)
+    assert info["weight_bytes"] == dense + 2 * binary
+    # One mask bit per weight, rows padded to whole 64-bit words (160 -> 192, 224 -> 256 columns): measured honestly.
     padded = sum(r * -(-c // 64) * 64 for r, c in shapes)
     assert info["bits"]["groups"]["masks"]["bits_per_weight"] == pytest.approx(padded / sum(r * c for r, c in shapes),
                                                                                abs=1e-4)

@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "cpu/kernels.h"
+#include "cpu/sign_lut.h"
 #include "cpu/thread_pool.h"
 #include "stbllm/backend.h"
 
@@ -80,6 +81,7 @@ class CpuBackend final : public Backend {
       m.signs = reinterpret_cast<const uint64_t*>(w.component("signs").data);
       m.scales = reinterpret_cast<const uint16_t*>(w.component("scales").data);
       if (w.nm_m) m.mask = reinterpret_cast<const uint64_t*>(w.component("mask").data);
+
     } else if (w.codec == kCodecInt8Group) {
       m.codec = MatrixCodec::Int8Group;
       m.groups_per_row = int(cpu::q8_groups(m.cols));
@@ -90,11 +92,22 @@ class CpuBackend final : public Backend {
                         "; a weight matrix needs stb.f32.v1, stb.f16.v1, stb.sign-block.v1 or stb.int8-group.v1");
     }
     for (const auto& kv : w.components) m.bytes += kv.second.length;
+    pack_matrix(m);
     if (bias) {
       m.bias = upload_vector(*bias);
       m.bytes += bias->components.at("data").length;
     }
     return m;
+  }
+
+  // Sign-block weights are repacked for the table-lookup kernel where the kernel path has one; the original
+  // planes are not read afterwards, so the bytes the model holds are the repacked ones.
+  void pack_matrix(Matrix& m) override {
+    if (m.codec != MatrixCodec::SignBlock || !k_.sign_lut) return;
+    luts_.push_back(std::make_unique<cpu::SignLut>(
+        cpu::build_sign_lut(m.signs, m.mask, m.scales, m.rows, m.cols, m.block)));
+    m.packed = luts_.back().get();
+    m.bytes = luts_.back()->bytes();
   }
 
   const float* upload_vector(const TensorEntry& t) override {
@@ -162,6 +175,7 @@ class CpuBackend final : public Backend {
     pool_.run(n, [&](int64_t t) {
       k_.quantize_q8(x + t * cols, cols, q8_values_.data() + t * padded, q8_scales_.data() + t * groups);
     });
+    if (w.packed) return linear_sign_lut(w, n, out);
     pool_.run(n_chunks(rows), [&](int64_t c) {
       thread_local std::vector<int8_t> scratch;
       scratch.resize(padded);
@@ -177,6 +191,27 @@ class CpuBackend final : public Backend {
         }
         if (w.bias)
           for (int t = 0; t < n; ++t) out[t * rows + r] += w.bias[r];
+      }
+    });
+  }
+
+  // Sign-block weights in the lookup layout, activations already quantized into q8_values_ / q8_scales_.
+  void linear_sign_lut(const Matrix& w, int n, float* out) {
+    const auto& lut = *static_cast<const cpu::SignLut*>(w.packed);
+    const int64_t rows = w.rows, groups = cpu::q8_groups(w.cols), table_bytes = cpu::sign_lut_table_bytes(w.cols);
+    lut_tables_.resize(size_t(n) * table_bytes);
+    pool_.run(n, [&](int64_t t) {
+      k_.sign_lut->tables(q8_values_.data() + t * groups * cpu::kQ8Group, w.cols, lut.masked,
+                          lut_tables_.data() + t * table_bytes);
+    });
+    const int64_t per_task = std::max<int64_t>(1, (lut.tiles + 4 * threads() - 1) / (4 * threads()));
+    pool_.run((lut.tiles + per_task - 1) / per_task, [&](int64_t c) {
+      const int64_t t0 = c * per_task, t1 = std::min(lut.tiles, t0 + per_task);
+      for (int t = 0; t < n; ++t) {
+        float* yt = out + t * rows;
+        k_.sign_lut->rows(lut, t0, t1, lut_tables_.data() + t * table_bytes, q8_scales_.data() + t * groups, yt);
+        if (w.bias)
+          for (int64_t r = t0 * cpu::kLutTileRows; r < std::min(rows, t1 * cpu::kLutTileRows); ++r) yt[r] += w.bias[r];
       }
     });
   }
@@ -273,6 +308,8 @@ class CpuBackend final : public Backend {
   const cpu::Kernels& k_;
   std::vector<int8_t> q8_values_;  // quantized activations of the current sign-block matmul
   std::vector<float> q8_scales_;
+  std::vector<uint8_t> lut_tables_;                  // lookup tables of those activations
+  std::vector<std::unique_ptr<cpu::SignLut>> luts_;  // repacked sign-block weights, owned for the model's life
 };
 
 }  // namespace

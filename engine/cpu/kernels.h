@@ -14,6 +14,8 @@ constexpr int kQ8Group = 64;  // activation quantization group; every sign-block
 
 inline int64_t q8_groups(int64_t cols) { return (cols + kQ8Group - 1) / kQ8Group; }
 
+struct SignLutKernels;  // engine/cpu/sign_lut.h
+
 struct Kernels {
   const char* name;
   float (*dot_f32)(const float* w, const float* x, int64_t n);
@@ -30,6 +32,8 @@ struct Kernels {
   // activation rows: out[t · out_stride] = Σ_g ws_g · d_t[g] · Σ_j w_j · q_t[j].
   void (*int8_row_q8)(const int8_t* w, const uint16_t* ws, int64_t cols, const int8_t* q, const float* d, int n,
                       float* out, int64_t out_stride);
+  // Table-lookup sign-block matmul on repacked weights; null on paths without it (they use sign_row_q8).
+  const SignLutKernels* sign_lut;
 };
 
 const Kernels& scalar_kernels();

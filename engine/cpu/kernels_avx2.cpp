@@ -1,5 +1,6 @@
 // AVX2 + FMA + F16C kernels (compiled with those flags; called only after run-time detection).
 #include "cpu/kernels.h"
+#include "cpu/sign_lut.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -152,7 +153,8 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 
 const Kernels* avx2_kernels() {
   static const Kernels k{"avx2", dot_f32, dot_f16, f16_to_f32, quantize_q8,
-                         sign_row_by_expansion<expand_signs, dot_expanded_q8>, int8_row_q8};
+                         sign_row_by_expansion<expand_signs, dot_expanded_q8>, int8_row_q8,
+                         avx2_sign_lut()};
   return &k;
 }
 

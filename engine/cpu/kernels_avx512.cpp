@@ -41,7 +41,7 @@ const Kernels* avx512_kernels() {
   const Kernels* base = avx2_kernels();
   if (!base) return nullptr;
   static const Kernels k{"avx512", base->dot_f32, base->dot_f16, base->f16_to_f32, base->quantize_q8, sign_row_q8,
-                         base->int8_row_q8};
+                         base->int8_row_q8, base->sign_lut};
   return &k;
 }
 

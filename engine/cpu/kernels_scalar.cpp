@@ -103,7 +103,8 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 
 const Kernels& scalar_kernels() {
   static const Kernels k{"scalar", dot_f32, dot_f16, f16_to_f32, quantize_q8,
-                         sign_row_by_expansion<expand_signs, dot_expanded_q8>, int8_row_q8};
+                         sign_row_by_expansion<expand_signs, dot_expanded_q8>, int8_row_q8,
+                         nullptr};
   return k;
 }
 

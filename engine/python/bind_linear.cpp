@@ -89,6 +89,7 @@ void bind_linear(py::module_& m) {
              }
              if (!bias.is_none()) mt.bias = take(float{}, bias, "bias", {rows});
              l->backend = stb::make_cpu_backend(threads);
+             l->backend->pack_matrix(mt);
              return l;
            }),
            py::arg("codec"), py::arg("rows"), py::arg("cols"), py::arg("values") = py::none(),

@@ -29,6 +29,7 @@ struct Matrix {
   int block = 0, words_per_row = 0, blocks_per_row = 0;
   int groups_per_row = 0;            // Int8Group: ceil(cols / 64)
   const float* bias = nullptr;       // [rows] or null
+  const void* packed = nullptr;      // backend-private repacked form of the weights (CPU: sign_lut.h), or null
   uint64_t bytes = 0;                // weight + bias bytes held for this matrix
 };
 
@@ -63,6 +64,9 @@ class Backend {
   // Weights. `bias` may be null. The entry's file must outlive the backend's use of the matrix.
   virtual Matrix upload_matrix(const TensorEntry& weight, const TensorEntry* bias) = 0;
   virtual const float* upload_vector(const TensorEntry& t) = 0;  // f32 [n]
+  // Builds the backend's private form of a matrix whose fields point at host data (upload_matrix does this; tests
+  // and benchmarks call it for matrices they assemble themselves). Updates m.packed and m.bytes.
+  virtual void pack_matrix(Matrix& m) = 0;
 
   virtual float* alloc(size_t n_floats) = 0;  // activation buffers, zero-filled
   virtual void release(float* buffer) = 0;

@@ -1,0 +1,105 @@
+// AVX2 table-lookup sign-block matmul (layout: engine/cpu/sign_lut.h). Per 32 rows × 8 inputs: one load, three
+// ops for the nibble indices, four pshufb lookups and four unpack/add pairs — about a fifth of the work of
+// expanding the signs to bytes and multiplying.
+#include "cpu/kernels.h"
+#include "cpu/sign_lut.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+namespace stb::cpu {
+
+namespace {
+
+// For each group of 4 activations: the 16 sums (dense: signed sums; masked: subset sums) as int16, split into a
+// low-byte and a high-byte table, each repeated in both 128-bit lanes: 64 bytes per group.
+void sign_lut_tables(const int8_t* q, int64_t cols, bool masked, uint8_t* tables) {
+  const int64_t groups4 = q8_groups(cols) * 16;
+  for (int64_t k = 0; k < groups4; ++k) {
+    const int8_t* qk = q + 4 * k;
+    const int total = qk[0] + qk[1] + qk[2] + qk[3];
+    uint8_t* lo = tables + 64 * k;
+    uint8_t* hi = lo + 32;
+    for (int idx = 0; idx < 16; ++idx) {
+      int subset = 0;
+      for (int i = 0; i < 4; ++i)
+        if (idx & (1 << i)) subset += qk[i];
+      const int value = masked ? subset : 2 * subset - total;
+      lo[idx] = lo[idx + 16] = uint8_t(value & 0xFF);
+      hi[idx] = hi[idx + 16] = uint8_t((value >> 8) & 0xFF);
+    }
+  }
+}
+
+// Adds the table values selected by one 32-byte vector of nibble pairs (pair p) to the int16 row sums.
+inline void lookup_pair(__m256i v, const uint8_t* tables, int64_t p, __m256i& rows_lo, __m256i& rows_hi,
+                        bool subtract) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i i0 = _mm256_and_si256(v, low4), i1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+  const uint8_t* t0 = tables + 64 * (2 * p);
+  const uint8_t* t1 = t0 + 64;
+  auto load = [](const uint8_t* a) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)); };
+  const __m256i lo0 = _mm256_shuffle_epi8(load(t0), i0), hi0 = _mm256_shuffle_epi8(load(t0 + 32), i0);
+  const __m256i lo1 = _mm256_shuffle_epi8(load(t1), i1), hi1 = _mm256_shuffle_epi8(load(t1 + 32), i1);
+  // unpacklo: rows 0-7 (lane 0) and 16-23 (lane 1); unpackhi: rows 8-15 and 24-31.
+  const __m256i a = _mm256_add_epi16(_mm256_unpacklo_epi8(lo0, hi0), _mm256_unpacklo_epi8(lo1, hi1));
+  const __m256i b = _mm256_add_epi16(_mm256_unpackhi_epi8(lo0, hi0), _mm256_unpackhi_epi8(lo1, hi1));
+  rows_lo = subtract ? _mm256_sub_epi16(rows_lo, a) : _mm256_add_epi16(rows_lo, a);
+  rows_hi = subtract ? _mm256_sub_epi16(rows_hi, b) : _mm256_add_epi16(rows_hi, b);
+}
+
+// out[r] for the rows of tiles [tile0, tile1) against one activation row (its tables and group scales d).
+void sign_lut_rows(const SignLut& l, int64_t tile0, int64_t tile1, const uint8_t* tables, const float* d,
+                   float* out) {
+  const int64_t groups = l.pairs / 8, per_block = l.block / kQ8Group;
+  for (int64_t tile = tile0; tile < tile1; ++tile) {
+    const uint8_t* plus = l.plus.data() + tile * l.pairs * kLutTileRows;
+    const uint8_t* minus = l.masked ? l.minus.data() + tile * l.pairs * kLutTileRows : nullptr;
+    const uint16_t* alpha = l.alpha.data() + tile * l.blocks * kLutTileRows;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < groups; ++g) {
+      // int16 row sums over one activation group (16 lookups of at most 4·127 each: no overflow).
+      __m256i rows_lo = _mm256_setzero_si256(), rows_hi = _mm256_setzero_si256();
+      for (int64_t p = 8 * g; p < 8 * g + 8; ++p) {
+        lookup_pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(plus + p * kLutTileRows)), tables, p,
+                    rows_lo, rows_hi, false);
+        if (minus)
+          lookup_pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(minus + p * kLutTileRows)), tables, p,
+                      rows_lo, rows_hi, true);
+      }
+      const __m256 dg = _mm256_set1_ps(d[g]);
+      const uint16_t* a = alpha + (g / per_block) * kLutTileRows;
+      const __m256i parts[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows_lo)),       // rows 0-7
+                                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows_hi)),       // rows 8-15
+                                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows_lo, 1)),  // rows 16-23
+                                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows_hi, 1))}; // rows 24-31
+      for (int i = 0; i < 4; ++i)
+        acc[i] = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(parts[i]),
+            _mm256_mul_ps(dg, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 8 * i)))), acc[i]);
+    }
+    const int64_t r0 = tile * kLutTileRows, valid = l.rows - r0 < kLutTileRows ? l.rows - r0 : kLutTileRows;
+    if (valid == kLutTileRows) {
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + r0 + 8 * i, acc[i]);
+    } else {
+      alignas(32) float tmp[kLutTileRows];
+      for (int i = 0; i < 4; ++i) _mm256_store_ps(tmp + 8 * i, acc[i]);
+      for (int64_t r = 0; r < valid; ++r) out[r0 + r] = tmp[r];
+    }
+  }
+}
+
+}  // namespace
+
+const SignLutKernels* avx2_sign_lut() {
+  static const SignLutKernels k{sign_lut_tables, sign_lut_rows};
+  return &k;
+}
+
+}  // namespace stb::cpu
+
+#else
+namespace stb::cpu {
+const SignLutKernels* avx2_sign_lut() { return nullptr; }
+}  // namespace stb::cpu
+#endif
