@@ -46,16 +46,4 @@ const Kernels& best_kernels();
 
 float half_to_float(uint16_t h);
 
-// sign_row_q8 for paths that expand the weight row to int8 once and reuse it for every activation row.
-template <void (*Expand)(const uint64_t*, const uint64_t*, int64_t, int8_t*),
-          float (*Dot)(const int8_t*, const int8_t*, const float*, const uint16_t*, int, int64_t)>
-void sign_row_by_expansion(const uint64_t* signs, const uint64_t* mask, const uint16_t* scales, int block,
-                           int64_t cols, const int8_t* q, const float* d, int n, float* out, int64_t out_stride,
-                           int8_t* scratch) {
-  Expand(signs, mask, cols, scratch);
-  const int64_t groups = q8_groups(cols);
-  for (int t = 0; t < n; ++t)
-    out[t * out_stride] = Dot(scratch, q + t * groups * kQ8Group, d + t * groups, scales, block, cols);
-}
-
 }  // namespace stb::cpu

@@ -71,54 +71,6 @@ void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
   if (g0 < cols) scalar_kernels().quantize_q8(x + g0, cols - g0, q + g0, d + g0 / kQ8Group);
 }
 
-// 32 bits -> 32 bytes: byte k is all-ones when bit k is set.
-inline __m256i bits_to_bytes(uint32_t bits) {
-  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-  const __m256i select = _mm256_set1_epi64x(0x8040201008040201ll);
-  const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), spread), select);
-  return _mm256_cmpeq_epi8(v, select);
-}
-
-void expand_signs(const uint64_t* signs, const uint64_t* mask, int64_t cols, int8_t* w) {
-  const int64_t words = (cols + 63) / 64;
-  const __m256i one = _mm256_set1_epi8(1);
-  for (int64_t i = 0; i < words; ++i) {
-    uint64_t keep = mask ? mask[i] : ~0ull;
-    if (i == words - 1 && cols % 64) keep &= (1ull << (cols % 64)) - 1;  // padding columns weigh nothing
-    for (int h = 0; h < 2; ++h) {
-      // +1 where the sign bit is set, −1 where clear, then 0 where not kept.
-      __m256i v = _mm256_or_si256(_mm256_andnot_si256(bits_to_bytes(uint32_t(signs[i] >> (32 * h))),
-                                                      _mm256_set1_epi8(-1)), one);
-      const uint32_t k = uint32_t(keep >> (32 * h));
-      if (k != 0xFFFFFFFFu) v = _mm256_and_si256(v, bits_to_bytes(k));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + 64 * i + 32 * h), v);
-    }
-  }
-}
-
-float dot_expanded_q8(const int8_t* w, const int8_t* q, const float* d, const uint16_t* scales, int block,
-                      int64_t cols) {
-  const int64_t groups = q8_groups(cols), per_block = block / kQ8Group;
-  const __m256i ones8 = _mm256_set1_epi8(1);
-  const __m256i ones16 = _mm256_set1_epi16(1);
-  // Two accumulators hide the FMA latency; each group's integer sum is scaled by d_g·α_b in one step.
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t g = 0, b = 0, in_block = 0; g < groups; ++g) {
-    const int8_t *wg = w + g * kQ8Group, *qg = q + g * kQ8Group;
-    // w·q with w in {−1, 0, +1} is a sign transfer; maddubs/madd then sum the bytes into int32 lanes.
-    const __m256i p0 = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg)),
-                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg)));
-    const __m256i p1 = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + 32)),
-                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32)));
-    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, p0), _mm256_maddubs_epi16(ones8, p1));
-    const __m256i s32 = _mm256_madd_epi16(s16, ones16);
-    acc[g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(d[g] * _cvtsh_ss(scales[b])), acc[g & 1]);
-    if (++in_block == per_block) in_block = 0, ++b;
-  }
-  return hsum(_mm256_add_ps(acc[0], acc[1]));
-}
-
 // int8 × int8: maddubs needs one unsigned operand, so multiply |w| by q carrying w's sign (sign_epi8).
 void int8_row_q8(const int8_t* w, const uint16_t* ws, int64_t cols, const int8_t* q, const float* d, int n,
                  float* out, int64_t out_stride) {
@@ -152,9 +104,10 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 }  // namespace
 
 const Kernels* avx2_kernels() {
-  static const Kernels k{"avx2", dot_f32, dot_f16, f16_to_f32, quantize_q8,
-                         sign_row_by_expansion<expand_signs, dot_expanded_q8>, int8_row_q8,
-                         avx2_sign_lut()};
+  // Binary matrices always take the lookup kernel here (the backend repacks them); sign_row_q8 is the portable
+  // one for completeness.
+  static const Kernels k{"avx2", dot_f32, dot_f16, f16_to_f32, quantize_q8, scalar_kernels().sign_row_q8,
+                         int8_row_q8, avx2_sign_lut()};
   return &k;
 }
 

@@ -1,38 +1,73 @@
 // AVX-512 (F/BW/VL/DQ) kernels; called only after run-time detection. The float and int8 kernels are the AVX2
-// ones (every AVX-512 CPU has AVX2; they are memory-bound). The sign-block kernel differs in kind: a 64-bit sign
-// word IS a 64-lane byte mask, so the weight row needs no expansion — each group of 64 activations is negated or
-// zeroed under mask registers directly.
+// ones (every AVX-512 CPU has AVX2; they are memory-bound). The sign-block lookup kernel doubles the AVX2 one's
+// width: a 64-byte vector holds two pairs of 4-input groups (p, p+1) for the tile's 32 rows, so its 128-bit lanes
+// need the tables of groups (2p, 2p, 2p+2, 2p+2) for low nibbles and (2p+1, 2p+1, 2p+3, 2p+3) for high ones —
+// this path builds its tables in that order.
 #include "cpu/kernels.h"
+#include "cpu/sign_lut.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
+#include "cpu/sign_lut_tiles.h"
 
 namespace stb::cpu {
 
 namespace {
 
-void sign_row_q8(const uint64_t* signs, const uint64_t* mask, const uint16_t* scales, int block, int64_t cols,
-                 const int8_t* q, const float* d, int n, float* out, int64_t out_stride, int8_t*) {
-  const int64_t groups = q8_groups(cols), per_block = block / kQ8Group;
-  const uint64_t last_keep = cols % 64 ? (1ull << (cols % 64)) - 1 : ~0ull;  // padding columns weigh nothing
-  const __m512i ones8 = _mm512_set1_epi8(1), ones16 = _mm512_set1_epi16(1), zero = _mm512_setzero_si512();
-  for (int t = 0; t < n; ++t) {
-    const int8_t* qt = q + t * groups * kQ8Group;
-    const float* dt = d + t * groups;
-    // Two accumulators hide the FMA latency; each group's integer sum is scaled by d_g·α_b in one step.
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t g = 0, b = 0, in_block = 0; g < groups; ++g) {  // group g of activations = sign word g
-      uint64_t keep = mask ? mask[g] : ~0ull;
-      if (g == groups - 1) keep &= last_keep;
-      const __m512i qv = _mm512_loadu_si512(qt + g * kQ8Group);
-      __m512i p = _mm512_maskz_mov_epi8(signs[g] & keep, qv);  // +q where the sign is +1
-      p = _mm512_mask_sub_epi8(p, ~signs[g] & keep, zero, qv);   // −q where it is −1; 0 elsewhere
-      const __m512i s32 = _mm512_madd_epi16(_mm512_maddubs_epi16(ones8, p), ones16);
-      acc[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_set1_ps(dt[g] * _cvtsh_ss(scales[b])), acc[g & 1]);
-      if (++in_block == per_block) in_block = 0, ++b;
+// Per two pairs (four 4-input groups 2p..2p+3): 256 bytes = low-nibble lo/hi tables, high-nibble lo/hi tables,
+// each 64 bytes laid out per 128-bit lane as above. Same total size as the AVX2 tables.
+void sign_lut_tables(const int8_t* q, int64_t cols, bool masked, uint8_t* tables) {
+  const int64_t quads = q8_groups(cols) * 4;
+  for (int64_t u = 0; u < quads; ++u) {
+    uint8_t* out = tables + 256 * u;
+    for (int j = 0; j < 4; ++j) {  // group 4u + j
+      const int8_t* qk = q + 4 * (4 * u + j);
+      const int total = qk[0] + qk[1] + qk[2] + qk[3];
+      const int nibble = j & 1, pair = j >> 1;  // low/high nibble table; lanes 0-1 (pair p) or 2-3 (pair p+1)
+      for (int idx = 0; idx < 16; ++idx) {
+        int subset = 0;
+        for (int i = 0; i < 4; ++i)
+          if (idx & (1 << i)) subset += qk[i];
+        const int value = masked ? subset : 2 * subset - total;
+        for (int lane = 2 * pair; lane < 2 * pair + 2; ++lane) {
+          out[128 * nibble + 16 * lane + idx] = uint8_t(value & 0xFF);
+          out[128 * nibble + 64 + 16 * lane + idx] = uint8_t((value >> 8) & 0xFF);
+        }
+      }
     }
-    out[t * out_stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
   }
+}
+
+inline void lookup_quad(__m512i v, const uint8_t* t, __m512i& rows_lo, __m512i& rows_hi, bool subtract) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i i0 = _mm512_and_si512(v, low4), i1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+  const __m512i lo0 = _mm512_shuffle_epi8(_mm512_loadu_si512(t), i0);
+  const __m512i hi0 = _mm512_shuffle_epi8(_mm512_loadu_si512(t + 64), i0);
+  const __m512i lo1 = _mm512_shuffle_epi8(_mm512_loadu_si512(t + 128), i1);
+  const __m512i hi1 = _mm512_shuffle_epi8(_mm512_loadu_si512(t + 192), i1);
+  const __m512i a = _mm512_add_epi16(_mm512_unpacklo_epi8(lo0, hi0), _mm512_unpacklo_epi8(lo1, hi1));
+  const __m512i b = _mm512_add_epi16(_mm512_unpackhi_epi8(lo0, hi0), _mm512_unpackhi_epi8(lo1, hi1));
+  rows_lo = subtract ? _mm512_sub_epi16(rows_lo, a) : _mm512_add_epi16(rows_lo, a);
+  rows_hi = subtract ? _mm512_sub_epi16(rows_hi, b) : _mm512_add_epi16(rows_hi, b);
+}
+
+struct GroupSumsAvx512 {
+  void operator()(const uint8_t* plus, const uint8_t* minus, const uint8_t* tables, int64_t g, __m256i& rows_lo,
+                  __m256i& rows_hi) const {
+    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+    for (int64_t p = 8 * g; p < 8 * g + 8; p += 2) {
+      const uint8_t* t = tables + 128 * p;
+      lookup_quad(_mm512_loadu_si512(plus + p * kLutTileRows), t, lo, hi, false);
+      if (minus) lookup_quad(_mm512_loadu_si512(minus + p * kLutTileRows), t, lo, hi, true);
+    }
+    // Lanes 2-3 hold the same rows as lanes 0-1 (the odd pairs): fold them together.
+    rows_lo = _mm256_add_epi16(_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1));
+    rows_hi = _mm256_add_epi16(_mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1));
+  }
+};
+
+void sign_lut_rows(const SignLut& l, int64_t tile0, int64_t tile1, const uint8_t* tables, const float* d,
+                   float* out) {
+  sign_lut_tiles(l, tile0, tile1, tables, d, out, GroupSumsAvx512{});
 }
 
 }  // namespace
@@ -40,8 +75,9 @@ void sign_row_q8(const uint64_t* signs, const uint64_t* mask, const uint16_t* sc
 const Kernels* avx512_kernels() {
   const Kernels* base = avx2_kernels();
   if (!base) return nullptr;
-  static const Kernels k{"avx512", base->dot_f32, base->dot_f16, base->f16_to_f32, base->quantize_q8, sign_row_q8,
-                         base->int8_row_q8, base->sign_lut};
+  static const SignLutKernels lut{sign_lut_tables, sign_lut_rows};
+  static const Kernels k{"avx512", base->dot_f32, base->dot_f16, base->f16_to_f32, base->quantize_q8,
+                         base->sign_row_q8, base->int8_row_q8, &lut};
   return &k;
 }
 

@@ -95,6 +95,15 @@ void int8_row_q8(const int8_t* w, const uint16_t* ws, int64_t cols, const int8_t
   }
 }
 
+// Expands the weight row once, then reuses it for every activation row.
+void sign_row_q8(const uint64_t* signs, const uint64_t* mask, const uint16_t* scales, int block, int64_t cols,
+                 const int8_t* q, const float* d, int n, float* out, int64_t out_stride, int8_t* scratch) {
+  expand_signs(signs, mask, cols, scratch);
+  const int64_t groups = q8_groups(cols);
+  for (int t = 0; t < n; ++t)
+    out[t * out_stride] = dot_expanded_q8(scratch, q + t * groups * kQ8Group, d + t * groups, scales, block, cols);
+}
+
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = half_to_float(src[j]);
 }
@@ -102,9 +111,7 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 }  // namespace
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar", dot_f32, dot_f16, f16_to_f32, quantize_q8,
-                         sign_row_by_expansion<expand_signs, dot_expanded_q8>, int8_row_q8,
-                         nullptr};
+  static const Kernels k{"scalar", dot_f32, dot_f16, f16_to_f32, quantize_q8, sign_row_q8, int8_row_q8, nullptr};
   return k;
 }
 

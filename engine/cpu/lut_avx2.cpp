@@ -3,6 +3,7 @@
 // expanding the signs to bytes and multiplying.
 #include "cpu/kernels.h"
 #include "cpu/sign_lut.h"
+#include "cpu/sign_lut_tiles.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -48,45 +49,23 @@ inline void lookup_pair(__m256i v, const uint8_t* tables, int64_t p, __m256i& ro
   rows_hi = subtract ? _mm256_sub_epi16(rows_hi, b) : _mm256_add_epi16(rows_hi, b);
 }
 
-// out[r] for the rows of tiles [tile0, tile1) against one activation row (its tables and group scales d).
-void sign_lut_rows(const SignLut& l, int64_t tile0, int64_t tile1, const uint8_t* tables, const float* d,
-                   float* out) {
-  const int64_t groups = l.pairs / 8, per_block = l.block / kQ8Group;
-  for (int64_t tile = tile0; tile < tile1; ++tile) {
-    const uint8_t* plus = l.plus.data() + tile * l.pairs * kLutTileRows;
-    const uint8_t* minus = l.masked ? l.minus.data() + tile * l.pairs * kLutTileRows : nullptr;
-    const uint16_t* alpha = l.alpha.data() + tile * l.blocks * kLutTileRows;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t g = 0; g < groups; ++g) {
-      // int16 row sums over one activation group (16 lookups of at most 4·127 each: no overflow).
-      __m256i rows_lo = _mm256_setzero_si256(), rows_hi = _mm256_setzero_si256();
-      for (int64_t p = 8 * g; p < 8 * g + 8; ++p) {
-        lookup_pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(plus + p * kLutTileRows)), tables, p,
-                    rows_lo, rows_hi, false);
-        if (minus)
-          lookup_pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(minus + p * kLutTileRows)), tables, p,
-                      rows_lo, rows_hi, true);
-      }
-      const __m256 dg = _mm256_set1_ps(d[g]);
-      const uint16_t* a = alpha + (g / per_block) * kLutTileRows;
-      const __m256i parts[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows_lo)),       // rows 0-7
-                                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows_hi)),       // rows 8-15
-                                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows_lo, 1)),  // rows 16-23
-                                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows_hi, 1))}; // rows 24-31
-      for (int i = 0; i < 4; ++i)
-        acc[i] = _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(parts[i]),
-            _mm256_mul_ps(dg, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 8 * i)))), acc[i]);
-    }
-    const int64_t r0 = tile * kLutTileRows, valid = l.rows - r0 < kLutTileRows ? l.rows - r0 : kLutTileRows;
-    if (valid == kLutTileRows) {
-      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + r0 + 8 * i, acc[i]);
-    } else {
-      alignas(32) float tmp[kLutTileRows];
-      for (int i = 0; i < 4; ++i) _mm256_store_ps(tmp + 8 * i, acc[i]);
-      for (int64_t r = 0; r < valid; ++r) out[r0 + r] = tmp[r];
+// int16 row sums of one tile over activation group g (8 pairs of 4-input groups).
+struct GroupSumsAvx2 {
+  void operator()(const uint8_t* plus, const uint8_t* minus, const uint8_t* tables, int64_t g, __m256i& rows_lo,
+                  __m256i& rows_hi) const {
+    for (int64_t p = 8 * g; p < 8 * g + 8; ++p) {
+      lookup_pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(plus + p * kLutTileRows)), tables, p, rows_lo,
+                  rows_hi, false);
+      if (minus)
+        lookup_pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(minus + p * kLutTileRows)), tables, p,
+                    rows_lo, rows_hi, true);
     }
   }
+};
+
+void sign_lut_rows(const SignLut& l, int64_t tile0, int64_t tile1, const uint8_t* tables, const float* d,
+                   float* out) {
+  sign_lut_tiles(l, tile0, tile1, tables, d, out, GroupSumsAvx2{});
 }
 
 }  // namespace
