@@ -29,6 +29,14 @@ def test_model_bench_json_and_vs(tiny_stb, tmp_path, capsys):
     assert first["memory"]["kv_cache"] == Model(a).info()["kv_cache_bytes_per_token"] * (8 + 6)
 
 
+def test_model_bench_profile(tiny_stb, capsys, monkeypatch):
+    monkeypatch.setenv("STBLLM_PROFILE", "0")  # restored (unset) after the test; the --profile flag sets it
+    assert bench.main([str(tiny_stb("opt", "sign")), "-p", "4", "-n", "3", "-r", "1", "--profile"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "profile" in ln][0]
+    for op in ("linear ffn_up", "linear ffn_down", "attention", "norm", "embed"):
+        assert op in line
+
+
 def test_model_bench_user_errors(tmp_path, capsys):
     assert bench.main([str(tmp_path / "absent.stb")]) == 2
     assert "error" in capsys.readouterr().err

@@ -4,6 +4,7 @@
 #include "stbllm/model.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace stb {
 
@@ -40,6 +41,8 @@ constexpr int kMaxChunkRows = 256;  // rows per forward chunk: bounds activation
 
 Model::Model(const std::string& path, int threads, bool verify_checksums)
     : file_(StbFile::open(path, verify_checksums)), backend_(make_cpu_backend(threads)) {
+  const char* profile = std::getenv("STBLLM_PROFILE");
+  if (profile && *profile && std::string(profile) != "0") backend_ = make_profiling_backend(std::move(backend_));
   cfg_ = ModelConfig::from_metadata(file_->metadata());
   const ModelConfig& c = cfg_;
   const int64_t hidden = c.hidden_size, q_width = int64_t(c.heads) * c.head_dim,

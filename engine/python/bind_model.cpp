@@ -50,7 +50,10 @@ void bind_model(py::module_& m) {
       .def_property_readonly("kv_bytes_per_token",
                              [](stb::Model& model) { return model.new_kv_cache()->bytes_per_token(); })
       .def_property_readonly("threads", [](stb::Model& model) { return model.backend().threads(); })
-      .def_property_readonly("simd", [](stb::Model& model) { return model.backend().kernels(); });
+      .def_property_readonly("simd", [](stb::Model& model) { return model.backend().kernels(); })
+      .def(
+          "profile", [](stb::Model& model) { return model.backend().profile(); },
+          "{operation: (seconds, calls)} since load when the model was loaded with STBLLM_PROFILE=1, else {}.");
 
   py::class_<GeneratorHandle>(m, "Generator")
       .def(py::init([](std::shared_ptr<stb::Model> model, std::vector<std::vector<int>> prompts, int max_new_tokens,

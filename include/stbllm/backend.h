@@ -5,8 +5,10 @@
 // A "row" is one token of one sequence; a batch mixes rows of several sequences, each with its own position.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "stbllm/format.h"
@@ -88,9 +90,14 @@ class Backend {
   // gated: up = act(gate) * up; else up = act(up). act: SiLU or ReLU.
   virtual void activation(const float* gate, float* up, size_t n, bool silu) = 0;
   virtual void add(float* x, const float* y, size_t n) = 0;
+
+  // Seconds and calls per operation when this backend is a profiling one; empty otherwise.
+  virtual std::map<std::string, std::pair<double, long>> profile() const { return {}; }
 };
 
 // The CPU backend with `threads` workers (0 = all cores).
 std::unique_ptr<Backend> make_cpu_backend(int threads);
+// Wraps a backend so every call is timed (see Backend::profile).
+std::unique_ptr<Backend> make_profiling_backend(std::unique_ptr<Backend> inner);
 
 }  // namespace stb

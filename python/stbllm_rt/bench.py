@@ -208,6 +208,8 @@ def bench_model(path, prompt_tokens: int, new_tokens: int, repetitions: int, thr
     kv_bytes = info["kv_cache_bytes_per_token"] * batch * (prompt_tokens + new_tokens)
     peak = peak_rss()
     bits = info.get("bits") or {}
+    steps = repetitions * (new_tokens - 1) + (min(new_tokens, 4) - 1) + (repetitions + 1)  # decode + prefill steps
+    profile = {op: round(1e3 * seconds / steps, 4) for op, (seconds, _) in model._model.profile().items()}
     return {
         "model": str(path),
         "config": {k: info["config"][k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -231,6 +233,7 @@ def bench_model(path, prompt_tokens: int, new_tokens: int, repetitions: int, thr
         "memory": {"peak_rss": peak, "weights": weight_bytes, "kv_cache": kv_bytes,
                    "scratch_and_runtime": max(0, peak - rss_before - weight_bytes - kv_bytes)},
         "weight_gb_s": round(weight_bytes / decode_step / 1e9, 2),
+        "profile_ms_per_step": dict(sorted(profile.items(), key=lambda kv: -kv[1])) or None,
     }
 
 
@@ -329,6 +332,9 @@ def _print_model(r: dict, machine: dict) -> None:
           f"the file ({r['file_bytes'] / 2**20:.1f} MiB)")
     print(f"  memory   peak RSS {mem['peak_rss'] / 2**20:.1f} MiB = weights {mem['weights'] / 2**20:.1f} + KV "
           f"{mem['kv_cache'] / 2**20:.1f} + scratch/runtime {mem['scratch_and_runtime'] / 2**20:.1f}")
+    if r["profile_ms_per_step"]:
+        print("  profile  ms per step (prefill included): " +
+              ", ".join(f"{op} {ms:.3f}" for op, ms in r["profile_ms_per_step"].items()))
 
 
 def kernels_main(argv) -> int:
@@ -376,8 +382,12 @@ def main(argv=None) -> int:
     p.add_argument("--vs", help="a second .stb to run in turn; prints the speed ratios")
     p.add_argument("--vs-transformers", action="store_true",
                    help="also time HF transformers fp32 generate on the model rebuilt from the file")
+    p.add_argument("--profile", action="store_true",
+                   help="time every runtime operation (matmuls by weight, attention, norms...) and print the split")
     p.add_argument("--json", type=Path, help="write all results as JSON here (e.g. benchmarks/results/x.json)")
     args = p.parse_args(argv)
+    if args.profile:
+        os.environ["STBLLM_PROFILE"] = "1"  # read when a model loads
     if bool(args.model) == bool(args.synthetic):
         p.error("give a .stb file or --synthetic SHAPE (one of them)")
     if min(args.prompt_tokens, args.new_tokens, args.repetitions, args.batch) < 1:
