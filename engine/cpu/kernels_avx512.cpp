@@ -20,17 +20,13 @@ void sign_lut_tables(const int8_t* q, int64_t cols, bool masked, uint8_t* tables
   for (int64_t u = 0; u < quads; ++u) {
     uint8_t* out = tables + 256 * u;
     for (int j = 0; j < 4; ++j) {  // group 4u + j
-      const int8_t* qk = q + 4 * (4 * u + j);
-      const int total = qk[0] + qk[1] + qk[2] + qk[3];
+      int values[16];
+      sign_lut_values(q + 4 * (4 * u + j), masked, values);
       const int nibble = j & 1, pair = j >> 1;  // low/high nibble table; lanes 0-1 (pair p) or 2-3 (pair p+1)
       for (int idx = 0; idx < 16; ++idx) {
-        int subset = 0;
-        for (int i = 0; i < 4; ++i)
-          if (idx & (1 << i)) subset += qk[i];
-        const int value = masked ? subset : 2 * subset - total;
         for (int lane = 2 * pair; lane < 2 * pair + 2; ++lane) {
-          out[128 * nibble + 16 * lane + idx] = uint8_t(value & 0xFF);
-          out[128 * nibble + 64 + 16 * lane + idx] = uint8_t((value >> 8) & 0xFF);
+          out[128 * nibble + 16 * lane + idx] = uint8_t(values[idx] & 0xFF);
+          out[128 * nibble + 64 + 16 * lane + idx] = uint8_t((values[idx] >> 8) & 0xFF);
         }
       }
     }

@@ -17,17 +17,13 @@ namespace {
 void sign_lut_tables(const int8_t* q, int64_t cols, bool masked, uint8_t* tables) {
   const int64_t groups4 = q8_groups(cols) * 16;
   for (int64_t k = 0; k < groups4; ++k) {
-    const int8_t* qk = q + 4 * k;
-    const int total = qk[0] + qk[1] + qk[2] + qk[3];
+    int values[16];
+    sign_lut_values(q + 4 * k, masked, values);
     uint8_t* lo = tables + 64 * k;
     uint8_t* hi = lo + 32;
     for (int idx = 0; idx < 16; ++idx) {
-      int subset = 0;
-      for (int i = 0; i < 4; ++i)
-        if (idx & (1 << i)) subset += qk[i];
-      const int value = masked ? subset : 2 * subset - total;
-      lo[idx] = lo[idx + 16] = uint8_t(value & 0xFF);
-      hi[idx] = hi[idx + 16] = uint8_t((value >> 8) & 0xFF);
+      lo[idx] = lo[idx + 16] = uint8_t(values[idx] & 0xFF);
+      hi[idx] = hi[idx + 16] = uint8_t((values[idx] >> 8) & 0xFF);
     }
   }
 }

@@ -37,6 +37,18 @@ SignLut build_sign_lut(const uint64_t* signs, const uint64_t* mask, const uint16
 // Bytes of the lookup tables of one activation row: 64 per group of 4 inputs.
 inline int64_t sign_lut_table_bytes(int64_t cols) { return ((cols + 63) / 64) * 16 * 64; }
 
+// The 16 table values for 4 int8 activations q[0..3]: entry idx (bit i = input i) is the subset sum
+// Σ_{i in idx} q_i (masked rows) or the signed sum Σ_i (bit i ? +q_i : −q_i) = 2·subset − total (dense rows).
+inline void sign_lut_values(const int8_t* q, bool masked, int values[16]) {
+  const int total = q[0] + q[1] + q[2] + q[3];
+  for (int idx = 0; idx < 16; ++idx) {
+    int subset = 0;
+    for (int i = 0; i < 4; ++i)
+      if (idx & (1 << i)) subset += q[i];
+    values[idx] = masked ? subset : 2 * subset - total;
+  }
+}
+
 struct SignLutKernels {
   // Tables of one quantized activation row (q: q8_groups(cols)·64 int8) -> sign_lut_table_bytes(cols) bytes.
   void (*tables)(const int8_t* q, int64_t cols, bool masked, uint8_t* tables);

@@ -65,12 +65,20 @@ def read_bandwidth(threads: int, nbytes: int | None = None) -> float:
     return best
 
 
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+def _status_bytes(key: str) -> int:
+    """A memory figure of this process from /proc/self/status (e.g. VmRSS, VmHWM), in bytes; 0 when unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
+
+
+def peak_rss() -> int:
+    return _status_bytes("VmHWM")
 
 
 def reset_peak_rss() -> None:
@@ -83,11 +91,7 @@ def reset_peak_rss() -> None:
 
 
 def current_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmRSS")
 
 
 def git_commit() -> str | None:
@@ -262,7 +266,6 @@ def bench_transformers(path, prompt_tokens: int, new_tokens: int, threads: int) 
 
 def bench_kernels(rows: int, cols: int, nm, batch: int, threads: int) -> dict:
     from . import _core
-    from .stbfile import pack_bits  # noqa: F401  (layout reference for the words below)
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, cols), dtype=np.float32)
