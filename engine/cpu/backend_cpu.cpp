@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "cpu/kernels.h"
+#include "cpu/kernels_groups.h"
 #include "cpu/thread_pool.h"
 #include "stbllm/backend.h"
 
@@ -80,9 +81,12 @@ class CpuBackend final : public Backend {
       m.signs = reinterpret_cast<const uint64_t*>(w.component("signs").data);
       m.scales = reinterpret_cast<const uint16_t*>(w.component("scales").data);
       if (w.nm_m) m.mask = reinterpret_cast<const uint64_t*>(w.component("mask").data);
+    } else if (w.codec == kCodecBinaryGroups) {
+      cpu::describe_binary_groups(w, m);
     } else {
       throw FormatError("tensor '" + w.name + "' has codec " + w.codec +
-                        "; a weight matrix needs stb.f32.v1, stb.f16.v1 or stb.sign-block.v1");
+                        "; a weight matrix needs stb.f32.v1, stb.f16.v1, stb.sign-block.v1 or "
+                        "stb.binary-groups.v1");
     }
     for (const auto& kv : w.components) m.bytes += kv.second.length;
     if (bias) {
@@ -148,6 +152,7 @@ class CpuBackend final : public Backend {
           switch (w.codec) {
             case MatrixCodec::F32: y = k_.dot_f32(static_cast<const float*>(w.values) + r * cols, xt, cols); break;
             case MatrixCodec::F16: y = k_.dot_f16(static_cast<const uint16_t*>(w.values) + r * cols, xt, cols); break;
+            case MatrixCodec::BinaryGroups: y = cpu::dot_binary_groups(w, r, xt); break;
             default:
               y = k_.dot_sign(w.signs + r * w.words_per_row, w.mask ? w.mask + r * w.words_per_row : nullptr,
                               w.scales + r * w.blocks_per_row, w.block, xt,
