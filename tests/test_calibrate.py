@@ -42,14 +42,28 @@ def test_binarizer_statistics_on_known_input():
     assert q2[0].tolist() == [1.5, 1.5, 3.5, 9.5]
 
 
-def test_order2_sse_matches_elementwise_binarization():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand((3, 7, 40), generator=gen, dtype=torch.float64)
-    mask = torch.rand((3, 7, 40), generator=gen) > 0.3
-    for i in range(3):
-        q = B.binarize(x[i], mask[i], 2, round_f16=False)[0]
-        expected = float((((x[i] - q) * mask[i]) ** 2).sum())
-        assert B.order2_sse(x[i], mask[i]).item() == pytest.approx(expected, rel=1e-9)
+def _order2_sse(x, mask):
+    q = B.binarize(x, mask, 2, round_f16=False)[0]
+    return float((((x - q) * mask) ** 2).sum())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_salient_search_equals_brute_force(seed):
+    """The closed-form search picks the same k as binarizing every candidate split element by element."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randn((12, 96), generator=gen, dtype=torch.float64) ** 2
+    t[:, :8] *= torch.rand(8, generator=gen, dtype=torch.float64) * 20
+    keep = torch.rand((12, 96), generator=gen) > (0.4 if seed % 2 else -1)
+    top = torch.argsort((t * keep).sum(0), descending=True, stable=True)[:50]
+    errors = []
+    for k in range(1, 50):
+        cols = torch.zeros(96, dtype=torch.bool)
+        cols[top[:k]] = True
+        errors.append(_order2_sse(t, cols[None] & keep) + _order2_sse(t, ~cols[None] & keep))
+    chosen = B.search_salient_columns(t, keep)
+    expected = torch.zeros(96, dtype=torch.bool)
+    expected[top[:int(np.argmin(errors)) + 1]] = True
+    assert chosen.tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("regions", [2, 3])
@@ -338,3 +352,23 @@ def test_eval_backends_agree_and_cli_writes_json(calibrated, tmp_path):
                  "--json", str(out), "-q"]) == 0
     saved = json.loads(out.read_text())
     assert saved["windows"] == 2 and saved["method"] == "stbllm" and saved["ppl"] > 1
+
+
+# ---- the real model -----------------------------------------------------------------------------------------------
+
+def test_real_model_stbllm_beats_sign_at_6_of_8(smollm2_fp16_stb, tmp_path):
+    """SmolLM2-135M end to end with a small calibration (4 windows x 256 tokens of the C4 sample; about 1.5 minutes
+    on 2 cores, nearly all of it the per-block searches of 210 matrices). Loose ordering on the Wikipedia sample
+    (4 windows x 256 tokens): fp16 < STBLLM 6:8 < sign 6:8. (Runtime-vs-oracle PPL agreement is checked on the tiny
+    models: the scalar binary-groups kernel is too slow for a real-model prefill here.)"""
+    from stbllm_convert.evaluate import perplexity
+
+    paths = {"fp16": smollm2_fp16_stb}
+    for method, calibration in [("sign", None), ("stbllm", CalibrationOptions(samples=4, seqlen=256))]:
+        paths[method] = tmp_path / f"{method}.stb"
+        convert("smollm2-135m", paths[method], method=method, nm="6:8", progress=False, calibration=calibration)
+    ppl = {m: perplexity(p, seqlen=256, max_windows=4, progress=False)["ppl"] for m, p in paths.items()}
+    assert ppl["fp16"] < ppl["stbllm"] < ppl["sign"], ppl
+    reader = StbReader(paths["stbllm"])
+    assert reader.metadata["provenance"]["nm_mean_kept"] == 6
+    assert {reader.tensor_info(n)["codec"] for n in reader.tensor_names()} >= {"stb.binary-groups.v1"}

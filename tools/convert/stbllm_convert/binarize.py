@@ -52,34 +52,66 @@ def binarize(x: torch.Tensor, mask: torch.Tensor, order: int, round_f16: bool = 
     return q, torch.stack(alphas, 1), torch.stack(mus, 1), torch.stack(signs)
 
 
-def order2_sse(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Squared error of the order-2 binarization of x over mask, summed over the last two dims (batched over any
-    leading dims); the salient-column search criterion."""
-    m = mask.to(x.dtype)
-    count = m.sum(-1, keepdim=True).clamp(min=1)
-    err = x * m
-    for _ in range(2):
-        mu = err.sum(-1, keepdim=True) / count
-        dev = (err - mu) * m
-        alpha = dev.abs().sum(-1, keepdim=True) / count
-        err = (dev - alpha * torch.where(dev >= 0, 1.0, -1.0)) * m
-    return (err * err).sum((-1, -2))
+def _order2_sse_from_counts(n, s1, s2, at_least):
+    """Order-2 binarization error of sets given only their size n, sum s1, sum of squares s2 and at_least(t) ->
+    (count, sum) of their elements >= t (all tensors of one shape). With mu1 = mean, alpha1 = mean |x - mu1|, the
+    residual's mean is mu2 = -alpha1 (2c - n) / n (c = #x >= mu1) and residual - mu2 = x - hi above mu1, x - lo
+    below, so alpha2 needs counts and sums at three thresholds; SSE = s2 - n (mu1^2 + alpha1^2 + mu2^2 + alpha2^2)."""
+    safe = n.clamp(min=1)
+    mu1 = s1 / safe
+    c, sm = at_least(mu1)
+    a1 = ((sm - mu1 * c) + (mu1 * (n - c) - (s1 - sm))) / safe
+    mu2 = -a1 * (2 * c - n) / safe
+    hi, lo = mu1 + a1 + mu2, mu1 - a1 + mu2  # hi >= mu1 >= lo
+    ch, sh = at_least(hi)
+    cl, sl = at_least(lo)
+    upper = (sh - hi * ch) + (hi * (c - ch) - (sm - sh))
+    lower = ((sl - sm) - lo * (cl - c)) + (lo * (n - cl) - (s1 - sl))
+    a2 = (upper + lower) / safe
+    return (s2 - n * (mu1 * mu1 + a1 * a1 + mu2 * mu2 + a2 * a2)).clamp(min=0)
 
 
 def search_salient_columns(t: torch.Tensor, keep: torch.Tensor, limit: int = SALIENT_SEARCH_LIMIT) -> torch.Tensor:
     """BiLLM's structured salient search on the saliency t (>= 0, [rows, n]): rank columns by their summed saliency,
     try the top k (1 <= k < min(limit, n)) as the order-2 group and the rest as a second order-2 group, keep the k
-    with the smallest error. Returns a bool [n] column selection (at least one column)."""
-    n = t.shape[1]
-    t = t * keep
-    top = torch.argsort(t.sum(0), descending=True, stable=True)[:min(limit, n)]
+    with the smallest error. Returns a bool [n] column selection (at least one column).
+
+    The errors come in closed form (_order2_sse_from_counts) from each row's sorted kept values and the few top
+    columns, instead of binarizing 49 candidate splits of the whole block element by element."""
+    rows, n = t.shape
+    t = t.double()
+    neg_inf = torch.full((), float("-inf"), dtype=torch.float64, device=t.device)
+    top = torch.argsort((t * keep).sum(0), descending=True, stable=True)[:min(limit, n)]
     ks = torch.arange(1, max(2, len(top)), device=t.device)
-    cand = torch.zeros((len(ks), n), dtype=torch.bool, device=t.device)
-    ranks = torch.arange(len(top), device=t.device)
-    cand[:, top] = ranks[None, :] < ks[:, None]
-    sal = cand[:, None, :] & keep[None]
-    errors = order2_sse(t[None], sal) + order2_sse(t[None], ~cand[:, None, :] & keep[None])
-    return cand[int(torch.argmin(errors))]
+    in_candidate = (torch.arange(len(top), device=t.device)[None] < ks[:, None])[:, None, :]  # [K, 1, L]
+    top_vals, top_keep = t[:, top], keep[:, top]
+    members = in_candidate & top_keep[None]  # [K, rows, L]
+    m = members.double()
+    sal_n, sal_s1, sal_s2 = m.sum(-1), (m * top_vals).sum(-1), (m * top_vals ** 2).sum(-1)
+
+    def sal_at_least(th):
+        hit = (members & (top_vals[None] >= th[..., None])).double()
+        return hit.sum(-1), (hit * top_vals).sum(-1)
+
+    kept = torch.where(keep, t, neg_inf)
+    ordered = torch.sort(kept, dim=1).values
+    finite = torch.where(torch.isfinite(ordered), ordered, torch.zeros((), dtype=torch.float64, device=t.device))
+    prefix = torch.cat([torch.zeros((rows, 1), dtype=torch.float64, device=t.device), finite.cumsum(1)], 1)
+    all_n = keep.sum(1).double()[None]
+    all_s1, all_s2 = (finite.sum(1))[None], (finite * finite).sum(1)[None]
+
+    def rest_at_least(th):
+        idx = torch.searchsorted(ordered, th.t().contiguous()).t()  # [K, rows]: values below th
+        count = n - idx
+        total = prefix[:, -1][None] - prefix.t().gather(0, idx)
+        c_sal, s_sal = sal_at_least(th)
+        return count.double() - c_sal, total - s_sal
+
+    errors = (_order2_sse_from_counts(sal_n, sal_s1, sal_s2, sal_at_least)
+              + _order2_sse_from_counts(all_n - sal_n, all_s1 - sal_s1, all_s2 - sal_s2, rest_at_least)).sum(1)
+    chosen = torch.zeros(n, dtype=torch.bool, device=t.device)
+    chosen[top[:int(ks[int(torch.argmin(errors))])]] = True
+    return chosen
 
 
 def _range_sse(sorted_vals, p1, p2, start, end):
