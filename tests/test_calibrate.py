@@ -372,3 +372,16 @@ def test_real_model_stbllm_beats_sign_at_6_of_8(smollm2_fp16_stb, tmp_path):
     reader = StbReader(paths["stbllm"])
     assert reader.metadata["provenance"]["nm_mean_kept"] == 6
     assert {reader.tensor_info(n)["codec"] for n in reader.tensor_names()} >= {"stb.binary-groups.v1"}
+
+
+def test_cli_rejects_calibration_flags_for_plain_methods(tiny_hf_models, tmp_path, capsys):
+    from stbllm_convert.cli import main
+
+    out = str(tmp_path / "x.stb")
+    assert main([str(tiny_hf_models["llama"]), "-o", out, "--method", "sign", "--importance", "si"]) == 2
+    assert "calibrated method" in capsys.readouterr().err
+    assert main([str(tiny_hf_models["llama"]), "-o", out, "--method", "fp16", "--calib-samples", "4"]) == 2
+    assert "calibrated method" in capsys.readouterr().err
+    assert main([str(tiny_hf_models["llama"]), "-o", out, "--method", "billm", "--resume"]) == 2
+    assert "--work-dir" in capsys.readouterr().err
+    assert not (tmp_path / "x.stb").exists()

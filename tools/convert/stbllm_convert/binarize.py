@@ -89,9 +89,11 @@ def search_salient_columns(t: torch.Tensor, keep: torch.Tensor, limit: int = SAL
     m = members.double()
     sal_n, sal_s1, sal_s2 = m.sum(-1), (m * top_vals).sum(-1), (m * top_vals ** 2).sum(-1)
 
+    zero = torch.zeros((), dtype=torch.float64, device=t.device)
+
     def sal_at_least(th):
-        hit = (members & (top_vals[None] >= th[..., None])).double()
-        return hit.sum(-1), (hit * top_vals).sum(-1)
+        hit = members & (top_vals[None] >= th[..., None])
+        return hit.sum(-1, dtype=torch.float64), torch.where(hit, top_vals[None], zero).sum(-1)
 
     kept = torch.where(keep, t, neg_inf)
     ordered = torch.sort(kept, dim=1).values
