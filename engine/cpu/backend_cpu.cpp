@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "cpu/kernels.h"
+#include "cpu/kernels_groups.h"
 #include "cpu/sign_lut.h"
 #include "cpu/thread_pool.h"
 #include "stbllm/backend.h"
@@ -81,15 +82,17 @@ class CpuBackend final : public Backend {
       m.signs = reinterpret_cast<const uint64_t*>(w.component("signs").data);
       m.scales = reinterpret_cast<const uint16_t*>(w.component("scales").data);
       if (w.nm_m) m.mask = reinterpret_cast<const uint64_t*>(w.component("mask").data);
-
     } else if (w.codec == kCodecInt8Group) {
       m.codec = MatrixCodec::Int8Group;
       m.groups_per_row = int(cpu::q8_groups(m.cols));
       m.values = w.component("values").data;
       m.scales = reinterpret_cast<const uint16_t*>(w.component("scales").data);
+    } else if (w.codec == kCodecBinaryGroups) {
+      cpu::describe_binary_groups(w, m);
     } else {
       throw FormatError("tensor '" + w.name + "' has codec " + w.codec +
-                        "; a weight matrix needs stb.f32.v1, stb.f16.v1, stb.sign-block.v1 or stb.int8-group.v1");
+                        "; a weight matrix needs stb.f32.v1, stb.f16.v1, stb.sign-block.v1, stb.int8-group.v1 or "
+                        "stb.binary-groups.v1");
     }
     for (const auto& kv : w.components) m.bytes += kv.second.length;
     pack_matrix(m);
@@ -157,9 +160,12 @@ class CpuBackend final : public Backend {
         const float* xt = x + t * cols;
         float* yt = out + t * rows;
         for (int64_t r = r0; r < r1; ++r) {
-          const float y = w.codec == MatrixCodec::F32
-                              ? k_.dot_f32(static_cast<const float*>(w.values) + r * cols, xt, cols)
-                              : k_.dot_f16(static_cast<const uint16_t*>(w.values) + r * cols, xt, cols);
+          float y;
+          switch (w.codec) {
+            case MatrixCodec::F32: y = k_.dot_f32(static_cast<const float*>(w.values) + r * cols, xt, cols); break;
+            case MatrixCodec::F16: y = k_.dot_f16(static_cast<const uint16_t*>(w.values) + r * cols, xt, cols); break;
+            default: y = cpu::dot_binary_groups(w, r, xt);  // BinaryGroups (sign and int8 went to linear_q8)
+          }
           yt[r] = w.bias ? y + w.bias[r] : y;
         }
       }

@@ -58,6 +58,39 @@ bool valid_tensor_name(const std::string& name) {
   return true;
 }
 
+int binary_groups_label_planes(int regions) { return regions > 2 ? 2 : regions - 1; }
+
+// The rules of stb.binary-groups.v1 that lengths cannot express: the salient bitmap has exactly salient_columns
+// bits set and none past the last column, every region label is < regions, and the residual padding is zero.
+void validate_binary_groups(const TensorEntry& t) {
+  const std::string what = "tensor '" + t.name + "'";
+  const int64_t rows = t.shape[0], cols = t.shape[1], words = (cols + 63) / 64;
+  const uint8_t* salient = t.component("salient").data;
+  int64_t count = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    const uint64_t bits = load_u64(salient + 8 * w);
+    if (w == words - 1 && cols % 64 && (bits >> (cols % 64)))
+      throw FormatError(what + ": salient bitmap has bits set past the last column");
+    count += __builtin_popcountll(bits);
+  }
+  if (count != t.salient_columns)
+    throw FormatError(what + ": salient bitmap has " + std::to_string(count) + " columns set, params say " +
+                      std::to_string(t.salient_columns));
+  if (t.regions == 3) {  // two label planes: the pattern 11 (label 3) does not exist
+    const uint8_t* labels = t.component("labels").data;
+    const uint64_t plane_words = uint64_t(rows) * uint64_t(words);
+    for (uint64_t i = 0; i < plane_words; ++i)
+      if (load_u64(labels + 8 * i) & load_u64(labels + 8 * (plane_words + i)))
+        throw FormatError(what + ": a region label is 3, but the tensor has 3 regions (labels 0-2)");
+  }
+  if (t.salient_columns) {
+    const Component& r = t.component("residual");
+    const uint64_t bits = uint64_t(rows) * uint64_t(t.salient_columns);
+    if (bits % 64 && (load_u64(r.data + r.length - 8) >> (bits % 64)))
+      throw FormatError(what + ": residual signs have non-zero padding bits");
+  }
+}
+
 // Expected byte length of each component for a tensor's codec; throws on unknown codecs or bad params.
 std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonValue* params) {
   const std::string what = "tensor '" + t.name + "'";
@@ -73,9 +106,11 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
     if (t.shape.size() != 1) throw FormatError(what + ": stb.bytes.v1 needs a 1-D shape");
     return {{"data", n}};
   }
-  if (t.codec == kCodecSignBlock) {
-    if (t.shape.size() != 2) throw FormatError(what + ": stb.sign-block.v1 needs a 2-D shape");
-    if (!params) throw FormatError(what + ": stb.sign-block.v1 needs params");
+  const bool groups = t.codec == kCodecBinaryGroups;
+  if (t.codec == kCodecSignBlock || groups) {
+    const std::string& codec = t.codec;
+    if (t.shape.size() != 2) throw FormatError(what + ": " + codec + " needs a 2-D shape");
+    if (!params) throw FormatError(what + ": " + codec + " needs params");
     t.block = int(params->at("block", what + " params").as_int(what + " block", 64, 4096));
     if (t.block % 64 != 0) throw FormatError(what + ": block must be a multiple of 64");
     const JsonValue& nm = params->at("nm", what + " params");
@@ -85,14 +120,34 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
       t.nm_m = int(a[1].as_int(what + " nm M", 1, 64));
       t.nm_n = int(a[0].as_int(what + " nm N", 1, t.nm_m));
     }
-    for (const auto& kv : params->as_object(what + " params"))
-      if (kv.first != "block" && kv.first != "nm") throw FormatError(what + ": unknown param '" + kv.first + "'");
     const uint64_t rows = uint64_t(t.shape[0]), cols = uint64_t(t.shape[1]);
+    if (groups) {
+      t.regions = int(params->at("regions", what + " params").as_int(what + " regions", 1, 3));
+      t.salient_columns = params->at("salient_columns", what + " params")
+                              .as_int(what + " salient_columns", 0, int64_t(cols));
+    }
+    for (const auto& kv : params->as_object(what + " params"))
+      if (kv.first != "block" && kv.first != "nm" &&
+          !(groups && (kv.first == "regions" || kv.first == "salient_columns")))
+        throw FormatError(what + ": unknown param '" + kv.first + "'");
     const uint64_t words = (cols + 63) / 64;
     const uint64_t blocks = (cols + uint64_t(t.block) - 1) / uint64_t(t.block);
-    std::map<std::string, uint64_t> out = {{"signs", checked_mul(checked_mul(rows, words, what), 8, what)},
-                                           {"scales", checked_mul(checked_mul(rows, blocks, what), 2, what)}};
-    if (t.nm_m) out["mask"] = out["signs"];
+    const uint64_t plane = checked_mul(checked_mul(rows, words, what), 8, what);
+    std::map<std::string, uint64_t> out = {{"signs", plane}};
+    if (t.nm_m) out["mask"] = plane;
+    if (!groups) {
+      out["scales"] = checked_mul(checked_mul(rows, blocks, what), 2, what);
+      return out;
+    }
+    const int planes = binary_groups_label_planes(t.regions);
+    if (planes) out["labels"] = checked_mul(plane, uint64_t(planes), what);
+    out["salient"] = words * 8;
+    if (t.salient_columns) {
+      const uint64_t bits = checked_mul(rows, uint64_t(t.salient_columns), what);
+      out["residual"] = (bits + 63) / 64 * 8;
+    }
+    out["params"] = checked_mul(checked_mul(checked_mul(rows, blocks, what), uint64_t(2 * t.regions + 4), what), 2,
+                                what);
     return out;
   }
   if (t.codec == kCodecInt8Group) {
@@ -106,7 +161,7 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
             {"scales", checked_mul(checked_mul(rows, groups, what), 2, what)}};
   }
   throw FormatError(what + ": unknown codec '" + t.codec + "' (this reader knows stb.f32.v1, stb.f16.v1, "
-                    "stb.bytes.v1, stb.sign-block.v1, stb.int8-group.v1)");
+                    "stb.bytes.v1, stb.sign-block.v1, stb.int8-group.v1, stb.binary-groups.v1)");
 }
 
 }  // namespace
@@ -270,6 +325,8 @@ std::shared_ptr<const StbFile> StbFile::open(const std::string& path, bool verif
         if (crc32c(ckv.second.data, ckv.second.length) != ckv.second.crc32c)
           throw FormatError("checksum mismatch in tensor '" + t.name + "' component '" + ckv.first +
                             "' (file is corrupt)");
+  for (const TensorEntry& t : f->tensors_)
+    if (t.codec == kCodecBinaryGroups) validate_binary_groups(t);
   return f;
 }
 

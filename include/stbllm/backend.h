@@ -15,7 +15,7 @@
 
 namespace stb {
 
-enum class MatrixCodec { F32, F16, SignBlock, Int8Group };
+enum class MatrixCodec { F32, F16, SignBlock, Int8Group, BinaryGroups };
 
 // A weight matrix [rows = outputs, cols = inputs] with an optional bias, resident in backend memory.
 // For the CPU backend the pointers alias the read-only file mapping (zero copy).
@@ -30,6 +30,13 @@ struct Matrix {
   const uint16_t* scales = nullptr;  // SignBlock: fp16 [rows, blocks_per_row]; Int8Group: fp16 [rows, groups]
   int block = 0, words_per_row = 0, blocks_per_row = 0;
   int groups_per_row = 0;            // Int8Group: ceil(cols / 64)
+  // BinaryGroups (stb.binary-groups.v1) also uses signs, mask, block, words_per_row, blocks_per_row, and:
+  const uint64_t* labels = nullptr;    // label_planes planes of [rows, words_per_row]; null when 1 region
+  const uint64_t* salient = nullptr;   // [words_per_row] salient-column bitmap, shared by all rows
+  const uint64_t* residual = nullptr;  // rows x salient_columns order-2 sign bits, row-major; null when none
+  const uint16_t* params = nullptr;    // fp16 [rows, blocks_per_row, params_per_block]
+  int regions = 0, label_planes = 0, params_per_block = 0;
+  int64_t salient_columns = 0;
   const float* bias = nullptr;       // [rows] or null
   const void* packed = nullptr;      // backend-private repacked form of the weights (CPU: sign_lut.h), or null
   uint64_t bytes = 0;                // weight + bias bytes held for this matrix

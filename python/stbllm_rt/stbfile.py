@@ -30,6 +30,7 @@ CODEC_F16 = "stb.f16.v1"
 CODEC_BYTES = "stb.bytes.v1"
 CODEC_SIGN_BLOCK = "stb.sign-block.v1"
 CODEC_INT8_GROUP = "stb.int8-group.v1"
+CODEC_BINARY_GROUPS = "stb.binary-groups.v1"
 
 LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_o.weight",
                    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
@@ -53,12 +54,23 @@ def unpack_bits(words: np.ndarray, cols: int) -> np.ndarray:
     return np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :cols].astype(bool)
 
 
+def label_planes(regions: int) -> int:
+    """Bit planes that hold a region label 0..regions-1 (stb.binary-groups.v1)."""
+    return (regions - 1).bit_length()
+
+
 def fixed_header(features: int, header_json: bytes, file_size: int) -> bytes:
     """The 64-byte fixed header for a file whose JSON header is `header_json`."""
     data_offset = _align(FIXED_HEADER_SIZE + len(header_json))
     fixed = struct.pack("<8sIIQQQQIII", MAGIC, BYTE_ORDER_MARK, FORMAT_VERSION, features, len(header_json),
                         data_offset, file_size, _core.crc32c(header_json), 0, 0)
     return fixed + struct.pack("<I", _core.crc32c(fixed))
+
+
+# Bit-report line of each component of the binary codecs.
+COMPONENT_GROUPS = {"signs": "signs", "mask": "masks", "labels": "labels", "salient": "salient_bitmap",
+                    "residual": "residual_signs", "scales": "scales", "params": "scales"}
+BINARY_GROUPS = ("signs", "masks", "labels", "salient_bitmap", "residual_signs", "scales")
 
 
 def tensor_group(name: str) -> str:
@@ -80,7 +92,9 @@ class StbWriter:
         self._tensors: dict[str, dict] = {}
         self._features = 0
 
-    def _add(self, name: str, codec: str, shape, params: dict | None, components: dict[str, np.ndarray]):
+    def _add(self, name: str, codec: str, shape, params: dict | None, components: dict[str, np.ndarray],
+             paper_bits: int = 0):
+        """paper_bits: the sign bits the papers count for this tensor (one per kept sign, two for salient weights)."""
         if name in self._tensors:
             raise ValueError(f"tensor {name!r} added twice")
         if not (1 <= len(name) <= 256 and all(0x21 <= ord(c) <= 0x7E for c in name)):
@@ -89,7 +103,7 @@ class StbWriter:
         if params is not None:
             entry["params"] = params
         data = {k: np.ascontiguousarray(v).reshape(-1).view(np.uint8) for k, v in components.items()}
-        self._tensors[name] = {"entry": entry, "data": data}
+        self._tensors[name] = {"entry": entry, "data": data, "paper_bits": int(paper_bits)}
 
     def add_f32(self, name: str, array) -> None:
         a = np.asarray(array, dtype="<f4")
@@ -151,7 +165,61 @@ class StbWriter:
                 components["mask"] = mask_words.copy()
                 components["mask"][:, -1] &= tail
         components["signs"] = sign_words
-        self._add(name, CODEC_SIGN_BLOCK, (rows, cols), {"block": int(block), "nm": nm}, components)
+        kept = rows * cols if mask_words is None else int(np.unpackbits(components["mask"].view(np.uint8)).sum())
+        self._add(name, CODEC_SIGN_BLOCK, (rows, cols), {"block": int(block), "nm": nm}, components, kept)
+
+    def add_binary_groups(self, name: str, signs, labels, salient, residual, params, regions: int,
+                          block: int = 128, mask=None, nm=None) -> None:
+        """stb.binary-groups.v1 (docs/format.md). signs: bool [rows, cols] first-order signs (True = +1); labels:
+        uint8 [rows, cols] region 0..regions-1 of each non-salient weight; salient: bool [cols] salient columns;
+        residual: bool [rows, cols] order-2 signs (only salient columns are stored); params: [rows, blocks,
+        2*regions + 4] (stored fp16: alpha, mu per region, then alpha1, mu1, alpha2, mu2 of the salient part);
+        mask/nm: the N:M keep-mask (False = exactly zero) and its pattern, or None."""
+        signs = np.asarray(signs, dtype=bool)
+        if signs.ndim != 2:
+            raise ValueError(f"{name}: signs must be 2-D")
+        rows, cols = signs.shape
+        if block % 64 or not 64 <= block <= 4096:
+            raise ValueError(f"{name}: block must be a multiple of 64 in [64, 4096], got {block}")
+        if not 1 <= regions <= 3:
+            raise ValueError(f"{name}: regions must be 1, 2 or 3")
+        nblocks = -(-cols // block)
+        params = np.asarray(params, dtype="<f2")
+        if params.shape != (rows, nblocks, 2 * regions + 4):
+            raise ValueError(f"{name}: params must have shape {(rows, nblocks, 2 * regions + 4)}, got {params.shape}")
+        salient = np.asarray(salient, dtype=bool)
+        labels = np.asarray(labels, dtype=np.uint8)
+        residual = np.asarray(residual, dtype=bool)
+        if salient.shape != (cols,) or labels.shape != (rows, cols) or residual.shape != (rows, cols):
+            raise ValueError(f"{name}: salient must be [cols], labels and residual [rows, cols]")
+        if (mask is None) != (nm is None):
+            raise ValueError(f"{name}: a mask and its nm pattern go together")
+        keep = np.ones((rows, cols), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        if keep.shape != (rows, cols):
+            raise ValueError(f"{name}: mask shape {keep.shape} != signs shape {(rows, cols)}")
+        nonsalient = keep & ~salient[None, :]
+        if (labels[nonsalient] >= regions).any():
+            raise ValueError(f"{name}: a region label is >= regions ({regions})")
+        labels = np.where(nonsalient, labels, 0)  # labels of salient or pruned weights are 0 (format rule)
+        components = {"signs": pack_bits(signs & keep)}
+        if mask is not None:
+            n, m = (int(x) for x in nm)
+            if not 1 <= n <= m <= 64:
+                raise ValueError(f"{name}: bad N:M {n}:{m}")
+            components["mask"] = pack_bits(keep)
+            self._features |= FEATURE_NM_MASK
+            nm = [n, m]
+        planes = label_planes(regions)
+        if planes:
+            components["labels"] = np.stack([pack_bits((labels >> p) & 1 == 1) for p in range(planes)])
+        components["salient"] = pack_bits(salient[None, :])
+        n_salient = int(salient.sum())
+        if n_salient:
+            components["residual"] = pack_bits((residual[:, salient] & keep[:, salient]).reshape(1, -1))
+        components["params"] = params
+        self._add(name, CODEC_BINARY_GROUPS, (rows, cols),
+                  {"block": int(block), "nm": nm, "regions": int(regions), "salient_columns": n_salient}, components,
+                  int(keep.sum()) + int(keep[:, salient].sum()))
 
     def add_int8_group(self, name: str, array, group: int = 64) -> None:
         """Symmetric 8-bit: per (row, group of 64 columns) scale = max|w| / 127, value = round(w / scale)."""
@@ -184,14 +252,11 @@ class StbWriter:
             n = int(np.prod(entry["shape"]))
             group = tensor_group(name)
             group_weights[group] = group_weights.get(group, 0) + n
-            if entry["codec"] == CODEC_SIGN_BLOCK:
-                for key, label in (("signs", "signs"), ("mask", "masks"), ("scales", "scales")):
-                    if key in t["data"]:
-                        group_bytes[label] = group_bytes.get(label, 0) + t["data"][key].nbytes
-                if "mask" in t["data"]:
-                    kept_sign_bits += int(np.unpackbits(t["data"]["mask"]).sum())
-                else:
-                    kept_sign_bits += n
+            if entry["codec"] in (CODEC_SIGN_BLOCK, CODEC_BINARY_GROUPS):
+                for key, buf in t["data"].items():
+                    label = COMPONENT_GROUPS[key]
+                    group_bytes[label] = group_bytes.get(label, 0) + buf.nbytes
+                kept_sign_bits += t["paper_bits"]
             else:
                 label = "linear_dense" if group == "linear" else group
                 nbytes = sum(buf.nbytes for buf in t["data"].values())
@@ -199,12 +264,12 @@ class StbWriter:
                 if group == "linear":
                     dense_linear_bits += nbytes * 8
         linear_weights = group_weights.get("linear", 0)
-        denominators = {"signs": linear_weights, "masks": linear_weights, "scales": linear_weights,
-                        "linear_dense": linear_weights, "embedding": group_weights.get("embedding", 0),
+        denominators = {**{g: linear_weights for g in BINARY_GROUPS}, "linear_dense": linear_weights,
+                        "embedding": group_weights.get("embedding", 0),
                         "head": group_weights.get("head", 0), "norms_biases": group_weights.get("norms_biases", 0)}
         groups = {g: {"bytes": b, "bits_per_weight": round(b * 8 / denominators[g], 4) if denominators[g] else None}
                   for g, b in sorted(group_bytes.items())}
-        linear_bytes = sum(group_bytes.get(g, 0) for g in ("signs", "masks", "scales", "linear_dense"))
+        linear_bytes = sum(group_bytes.get(g, 0) for g in (*BINARY_GROUPS, "linear_dense"))
         all_weights = sum(group_weights.values())
         all_bytes = sum(group_bytes.values())
         return {
@@ -216,7 +281,8 @@ class StbWriter:
             "file_weights": all_weights,
             "file_bits_per_weight": round(all_bytes * 8 / all_weights, 4) if all_weights else None,
             "note": "linear groups are over all linear weights; embedding/head/norms over their own weights; "
-                    "paper bits count one bit per kept sign (16 per dense fp16 weight), nothing else",
+                    "paper bits count one bit per kept sign, two for kept salient weights (16 per dense fp16 "
+                    "weight), nothing else",
         }
 
     def write(self, path) -> dict:
@@ -330,4 +396,37 @@ class StbReader:
             values = self.component(name, "values").view(np.int8).reshape(rows, -1).astype(np.float32)
             scales = self.component(name, "scales").view("<f2").reshape(rows, -1).astype(np.float32)
             return (values * np.repeat(scales, info["params"]["group"], axis=1))[:, :cols]
+        if codec == CODEC_BINARY_GROUPS:
+            return self._dequantize_binary_groups(name, info)
         raise FormatError(f"tensor {name!r} has codec {codec}, which has no numeric value")
+
+    def _dequantize_binary_groups(self, name: str, info: dict) -> np.ndarray:
+        rows, cols = info["shape"]
+        p = info["params"]
+        block, regions, n_salient = p["block"], p["regions"], p["salient_columns"]
+
+        def plane(key, index=0):
+            words = self.component(name, key).view("<u8").reshape(-1, rows, (cols + 63) // 64)[index]
+            return unpack_bits(words, cols)
+
+        def pm(bits):
+            return np.where(bits, np.float32(1), np.float32(-1))
+
+        params = self.component(name, "params").view("<f2").reshape(rows, -1, 2 * regions + 4).astype(np.float32)
+        per_col = np.repeat(params, block, axis=1)[:, :cols]  # [rows, cols, 2*regions + 4]
+        labels = np.zeros((rows, cols), dtype=np.int64)
+        for i in range(label_planes(regions)):
+            labels |= plane("labels", i).astype(np.int64) << i
+        s = pm(plane("signs"))
+        alpha = np.take_along_axis(per_col, (2 * labels)[..., None], axis=2)[..., 0]
+        mu = np.take_along_axis(per_col, (2 * labels + 1)[..., None], axis=2)[..., 0]
+        values = alpha * s + mu
+        salient = unpack_bits(self.component(name, "salient").view("<u8").reshape(1, -1), cols)[0]
+        if n_salient:
+            bits = unpack_bits(self.component(name, "residual").view("<u8").reshape(1, -1), rows * n_salient)
+            t = pm(bits.reshape(rows, n_salient))
+            sp = per_col[:, salient, 2 * regions:]
+            values[:, salient] = (sp[..., 0] * s[:, salient] + sp[..., 1]) + (sp[..., 2] * t + sp[..., 3])
+        if p.get("nm") is not None:
+            values = np.where(plane("mask"), values, np.float32(0))
+        return values

@@ -26,6 +26,18 @@ methods:
          --block input columns (~1 + 16/block bits per weight); with --nm N:M each aligned group of M
          weights along the input dimension keeps its N largest |w| (the rest are exactly zero) and the
          keep-mask is stored. Embeddings and the LM head stay fp16.
+  billm  BiLLM (calibrated): per block of 128 input columns, searched salient columns get order-2 residual
+         binarization, the other weights are split in two by a searched break point, each part with its own
+         fp16 scale and mean per row; GPTQ/OBC error compensation between blocks. Optional --nm N:M
+         (magnitude importance by default). Stored as stb.binary-groups.v1.
+  stbllm STBLLM (calibrated, needs --nm N:M, N kept of M): N:M pruning by Standardized Importance with
+         layer-wise N:M allocation (the mean N is exactly the requested one), salient columns at order 2, the
+         other kept weights split in three regions (dense / intermediate / sparse). Pruned weights are exactly
+         zero in the file. Stored as stb.binary-groups.v1.
+
+calibrated methods run the model layer by layer over calibration text (default: the C4 sample, 128 windows of
+2048 tokens, seed 0; a 135M model on 2 CPU cores wants a smaller preset such as --calib-samples 32
+--calib-seqlen 512).
 """
 
 EPILOG = """\
@@ -33,6 +45,8 @@ examples:
   stbllm-convert smollm2-135m -o smollm2.fp16.stb --method fp16
   stbllm-convert ./Llama-2-7b-hf -o llama2.sign48.stb --method sign --nm 4:8
   stbllm-convert model.gguf -o model.stb --method sign --block 64 --tokenizer ./tokenizer.json
+  stbllm-convert smollm2-135m -o smollm2.stbllm68.stb --method stbllm --nm 6:8 --calib-samples 32 --calib-seqlen 512
+  stbllm-convert ./Llama-2-7b-hf -o llama2.billm.stb --method billm --device cuda --work-dir ./work --resume
 
 exit status: 0 success, 2 bad input or options (one-line message on stderr), 130 interrupted (no file written;
 an existing OUT is left untouched).
@@ -57,8 +71,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-bits", type=int, choices=(16, 8), default=16,
                    help="storage of the token embedding and the LM head: 16 = fp16 (default), 8 = int8 per group "
                         "of 64 (8.25 bits; halves the bytes a small model reads per token)")
+    cal = p.add_argument_group("calibrated methods (billm, stbllm)")
+    cal.add_argument("--importance", choices=["si", "wanda", "magnitude", "ria"], default=None,
+                     help="N:M pruning importance (default: si for stbllm, magnitude for billm)")
+    cal.add_argument("--no-layerwise", action="store_true",
+                     help="the same N:M in every layer (stbllm allocates N per layer by default)")
+    cal.add_argument("--calib", metavar="FILE", nargs="+", default=None,
+                     help="calibration text file(s) (default: the C4 sample c4.utf8, downloaded once)")
+    cal.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: 128)")
+    cal.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default: 2048)")
+    cal.add_argument("--seed", type=int, default=None, help="window sampling seed (default: 0)")
+    cal.add_argument("--device", default=None, help="compute device for the layer being calibrated: cpu or cuda")
+    cal.add_argument("--work-dir", metavar="DIR", default=None,
+                     help="keep per-layer checkpoints in DIR (so an interrupted conversion can --resume)")
+    cal.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work-dir")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
     return p
+
+
+def calibration_options(args):
+    """CalibrationOptions from the command line, or None when no calibration flag was given."""
+    from .calibrate import CalibrationOptions
+
+    given = {"texts": args.calib, "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
+             "device": args.device, "work_dir": args.work_dir, "resume": args.resume or None}
+    given = {k: v for k, v in given.items() if v is not None}
+    return CalibrationOptions(**given) if given else None
 
 
 def _fmt_bits(v):
@@ -94,7 +132,8 @@ def main(argv=None) -> int:
         from .convert import convert
         result = convert(args.model, args.output, method=args.method, nm=args.nm, block=args.block,
                          tokenizer=args.tokenizer, progress=False if args.quiet else None,
-                         head_bits=args.head_bits)
+                         head_bits=args.head_bits, calibration=calibration_options(args),
+                         importance=args.importance, layerwise=False if args.no_layerwise else None)
     except ConvertError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from pathlib import Path
 from . import __version__
 from .arch import canonical_config, tensor_plan
 from .errors import ConvertError, ConvertWarning
+from .calibrate import CalibrationOptions, Calibrator
 from .methods import make_method, parse_nm, to_f16
 from .source import open_source
 from .tokenizer_meta import tokenizer_metadata
@@ -23,19 +24,25 @@ def _progress(iterable, enabled, **kw):
 
 
 def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokenizer=None,
-            progress: bool | None = None, head_bits: int = 16) -> dict:
+            progress: bool | None = None, head_bits: int = 16, calibration: CalibrationOptions | None = None,
+            **method_options) -> dict:
     """Converts MODEL (HF directory, .gguf file or `smollm2-135m`) into the .stb file `out`.
 
-    method: a registered method name (fp16, sign); nm: "N:M" string or (N, M) or None; block: scale block size;
-    tokenizer: optional path overriding the model's tokenizer; progress: True (always), None (when on a terminal),
-    False (never); head_bits: 16 (fp16) or 8 (stb.int8-group.v1) for the token embedding and the LM head. Returns {"path", "bits", "seconds", "file_size", "architecture", "tensors"}.
+    method: a registered method name (fp16, sign, billm, stbllm); nm: "N:M" string or (N, M) or None; block: scale
+    block size; tokenizer: optional path overriding the model's tokenizer; progress: True (always), None (when on
+    a terminal), False (never); head_bits: 16 (fp16) or 8 (stb.int8-group.v1) for the token embedding and the LM
+    head; calibration: CalibrationOptions for calibrated methods (default: 128 x 2048 tokens of the C4 sample,
+    seed 0, cpu); method_options: importance, layerwise, lamda, hyper_m (calibrated methods).
+    Returns {"path", "bits", "seconds", "file_size", "architecture", "tensors"}.
     Raises ConvertError for user errors; nothing is written unless the whole conversion succeeds."""
     start = time.monotonic()
     if isinstance(nm, str):
         nm = parse_nm(nm)
     elif nm is not None:
         nm = parse_nm(f"{nm[0]}:{nm[1]}")
-    quantizer = make_method(method, nm=nm, block=block)
+    quantizer = make_method(method, nm=nm, block=block, **method_options)
+    if calibration is not None and not quantizer.calibrated:
+        raise ConvertError(f"calibration options need a calibrated method (billm, stbllm), not {quantizer.name}")
     if head_bits not in (16, 8):
         raise ConvertError(f"--head-bits {head_bits}: must be 16 or 8")
     out = Path(out).expanduser()
@@ -89,6 +96,11 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
             else:
                 raise AssertionError(spec.kind)
 
+        calibrator = None
+        if quantizer.calibrated:
+            from stbllm_rt.tokenizer import Tokenizer
+            calibrator = Calibrator(quantizer, src, arch, config, plan, Tokenizer(tok_spec, tok_blob),
+                                    calibration or CalibrationOptions(), progress)
         for spec in plan.pre:
             add_plain(spec, load(spec))
         bar = _progress(range(len(plan.layers)), progress, desc=f"{quantizer.name} layers", unit="layer")
@@ -96,17 +108,22 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
             layer = plan.layers[i]
             linears = {}
             for spec in layer:
-                if spec.kind == "linear":
-                    linears[spec.name] = load(spec)
-                else:
+                if spec.kind != "linear":
                     add_plain(spec, load(spec))
-            quantizer.add_layer(writer, i, linears)
+                elif calibrator is None:
+                    linears[spec.name] = load(spec)
+            if calibrator is None:
+                quantizer.add_layer(writer, i, linears)
+            else:
+                calibrator.add_layer(writer, i)
             del linears
         for spec in plan.post:
             add_plain(spec, load(spec))
         if tok_blob is not None:
             writer.add_bytes("tokenizer.data", tok_blob)
 
+        if calibrator is not None:
+            writer.metadata["provenance"].update(calibrator.provenance())
         writer.metadata["provenance"]["seconds"] = round(time.monotonic() - start, 2)
         report = writer.write(out)
     return {"path": str(out), "bits": report, "seconds": round(time.monotonic() - start, 2),

@@ -1,13 +1,14 @@
 """Quantization methods. A method turns one decoder linear weight (name, float32 [rows, cols] matrix, `cols` along
 the input dimension) into writer calls; embeddings stay fp16 and the LM head too, unless a method overrides
-`add_head`. Calibrated methods (later) override `add_layer`, which the layer-by-layer driver calls once per decoder
-layer with all of that layer's linear weights.
+`add_head`. Plain methods get `add_layer` once per decoder layer with all of that layer's linear weights.
+Calibrated methods (`calibrated = True`: billm, stbllm) instead run inside the layer-by-layer calibration driver
+(calibrate.py), which hands each linear's weight, inverse-Hessian factor and keep-mask to `quantize` and the result
+to `write`.
 
-Register a method with `register("name")`; `make_method(name, nm=..., block=...)` builds one.
+Register a method with `register("name")`; `make_method(name, nm=..., block=..., **options)` builds one.
 """
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
@@ -62,22 +63,11 @@ def to_f16(name: str, w: np.ndarray) -> np.ndarray:
 
 
 def nm_mask(w: np.ndarray, n: int, m: int) -> np.ndarray:
-    """Keep-mask (bool, same shape as w): in each aligned group of m weights along a row keep the n largest |w|
-    (ties: the lower column); a ragged last group of g weights keeps ceil(n*g/m)."""
-    rows, cols = w.shape
-    groups = -(-cols // m)
-    a = np.full((rows, groups * m), -1.0, dtype=np.float32)  # padding sorts after every real |w| >= 0
-    a[:, :cols] = np.abs(w)
-    a = a.reshape(rows, groups, m)
-    order = np.argsort(-a, axis=2, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(m), order.shape), axis=2)
-    keep_count = np.full(groups, n)
-    tail = cols - (groups - 1) * m
-    if tail < m:
-        keep_count[-1] = math.ceil(n * tail / m)
-    keep = ranks < keep_count[None, :, None]
-    return keep.reshape(rows, groups * m)[:, :cols]
+    """Magnitude N:M keep-mask (bool, same shape as w): in each aligned group of m weights along a row keep the n
+    largest |w| (ties: the lower column); a ragged last group of g weights keeps ceil(n*g/m)."""
+    from .binarize import nm_keep
+
+    return nm_keep(np.abs(w), n, m)
 
 
 def sign_quantize(w: np.ndarray, block: int = 128, nm: tuple[int, int] | None = None):
@@ -110,8 +100,12 @@ class Method:
     """Base class: fp16 everywhere. Subclasses override `add_linear` (and `add_layer` / `add_head` if needed)."""
 
     name = "base"
+    calibrated = False
 
-    def __init__(self, nm: tuple[int, int] | None = None, block: int = 128):
+    def __init__(self, nm: tuple[int, int] | None = None, block: int = 128, **options):
+        if options:
+            raise ConvertError(f"--{next(iter(options)).replace('_', '-')} needs a calibrated method "
+                               f"(--method stbllm or billm)")
         self.nm = nm
         self.block = check_block(block)
 
@@ -135,10 +129,10 @@ class Method:
 class FP16(Method):
     """Passthrough: every linear weight fp16 (the quality ceiling)."""
 
-    def __init__(self, nm=None, block=128):
+    def __init__(self, nm=None, block=128, **options):
         if nm is not None:
             raise ConvertError("--nm needs a binarizing method (e.g. --method sign); fp16 keeps every weight")
-        super().__init__(None, block)
+        super().__init__(None, block, **options)
 
     def params(self):
         return {"nm": None, "block": None}
@@ -154,7 +148,77 @@ class Sign(Method):
         writer.add_sign_block(name, signs, scales16, mask=mask, block=self.block, nm=self.nm)
 
 
-def make_method(name: str, nm=None, block: int = 128) -> Method:
+class CalibratedMethod(Method):
+    """Binarization with salient columns, searched regions and block OBC (binarize.quantize_groups), stored as
+    stb.binary-groups.v1. Options: importance (N:M pruning metric), layerwise (per-layer N:M allocation that keeps
+    the requested average), lamda / hyper_m (the allocation's spread and outlier threshold)."""
+
+    calibrated = True
+    regions = 0
+    default_importance = "si"
+    default_layerwise = True
+
+    def __init__(self, nm=None, block=128, importance=None, layerwise=None, lamda=2.0, hyper_m=6.0):
+        from .binarize import IMPORTANCE
+
+        super().__init__(nm, block)
+        self.importance = importance or self.default_importance
+        if self.importance not in IMPORTANCE:
+            raise ConvertError(f"--importance {self.importance}: choose one of {', '.join(IMPORTANCE)}")
+        self.layerwise = (self.default_layerwise if layerwise is None else bool(layerwise)) and nm is not None
+        self.lamda, self.hyper_m = float(lamda), float(hyper_m)
+
+    def params(self):
+        p = {**super().params(), "regions": self.regions, "salient": "order-2 residual, searched columns"}
+        if self.nm:
+            p.update(importance=self.importance, layerwise_nm=self.layerwise)
+            if self.layerwise:
+                p.update(layerwise_lamda=self.lamda, layerwise_hyper_m=self.hyper_m)
+        return p
+
+    def quantize(self, w, u, keep):
+        """w: float32 torch [rows, cols]; u: upper Cholesky factor of the damped inverse Hessian; keep: bool keep-mask
+        or None. Returns a binarize.GroupsResult."""
+        from .binarize import quantize_groups
+
+        return quantize_groups(w, u, keep, self.regions, self.block)
+
+    def write(self, writer, name: str, result, nm) -> None:
+        params = result.params.numpy()
+        if not np.isfinite(params).all():
+            raise ConvertError(f"tensor {name}: a scale or mean overflows float16")
+        writer.add_binary_groups(name, signs=result.signs.numpy(), labels=result.labels.numpy(),
+                                 salient=result.salient.numpy(), residual=result.residual.numpy(),
+                                 params=params.astype(np.float16), regions=result.regions, block=result.block,
+                                 mask=None if result.keep is None else result.keep.numpy(), nm=nm)
+
+
+@register("billm")
+class BiLLM(CalibratedMethod):
+    """BiLLM: salient columns at order 2, the rest split in two by a searched break point (bell-shaped split).
+    With --nm the mask is chosen by --importance (default magnitude), the same N:M in every layer."""
+
+    regions = 2
+    default_importance = "magnitude"
+    default_layerwise = False
+
+
+@register("stbllm")
+class STBLLM(CalibratedMethod):
+    """STBLLM: N:M by Standardized Importance with layer-wise allocation, salient columns at order 2, the rest
+    split in three (dense / intermediate / sparse) by searched break points p1 and 2*p1."""
+
+    regions = 3
+
+    def __init__(self, nm=None, block=128, **options):
+        if nm is None:
+            raise ConvertError("--method stbllm needs --nm N:M (N kept of M, e.g. 6:8); for dense binarization "
+                               "use --method billm")
+        super().__init__(nm, block, **options)
+
+
+def make_method(name: str, nm=None, block: int = 128, **options) -> Method:
+    """options (calibrated methods only): importance, layerwise, lamda, hyper_m; None values are ignored."""
     if name not in _METHODS:
         raise ConvertError(f"unknown method {name!r}; available: {', '.join(_METHODS)}")
-    return _METHODS[name](nm=nm, block=block)
+    return _METHODS[name](nm=nm, block=block, **{k: v for k, v in options.items() if v is not None})

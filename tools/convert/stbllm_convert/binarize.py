@@ -1,0 +1,329 @@
+"""Binarization math of the calibrated methods (BiLLM, STBLLM): the residual binarizer, importance metrics, N:M
+masks, layer-wise N:M allocation, the searches (salient columns, break points) and the block OBC quantizer that
+ties them together (REFERENCE_ALGORITHMS.md §0-§2).
+
+Everything is mask-preserving: a pruned weight (keep-mask False) is exactly zero in the output, takes no part in
+any statistic or search, and its (compensated) value only enters the error that later blocks absorb.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SALIENT_SEARCH_LIMIT = 50      # top columns tried as the salient set (k = 1 .. limit-1), as in the reference code
+PERCDAMP = 0.01                # Hessian damping: 1 % of its mean diagonal
+
+
+def to_f16(t: torch.Tensor) -> torch.Tensor:
+    """Rounds to the nearest float16 value (kept as float32): what the file stores."""
+    return t.to(torch.float16).to(torch.float32)
+
+
+def binarize(x: torch.Tensor, mask: torch.Tensor, order: int, round_f16: bool = True):
+    """Row-wise residual binarization of x over mask (both [rows, n]).
+
+    For k = 1..order on the residual R (R starts as x): mu_k = mean R, alpha_k = mean |R - mu_k| (over the row's
+    masked entries), B_k = +1 where R >= mu_k else -1, R -= alpha_k*B_k + mu_k. With round_f16, alpha_k and mu_k are
+    rounded to float16 before use, so the returned q is exactly what a file storing them reproduces.
+    Returns (q, alphas [rows, order], mus [rows, order], signs [order, rows, n] bool). q is 0 off the mask; a row
+    with an empty mask gets alpha = mu = 0."""
+    m = mask.to(x.dtype)
+    count = m.sum(1, keepdim=True).clamp(min=1)
+    residual = torch.where(mask, x, torch.zeros((), dtype=x.dtype))
+    q = torch.zeros_like(x)
+    alphas, mus, signs = [], [], []
+    for _ in range(order):
+        mu = (residual * m).sum(1, keepdim=True) / count
+        dev = residual - mu
+        alpha = (dev.abs() * m).sum(1, keepdim=True) / count
+        if round_f16:
+            mu, alpha = to_f16(mu), to_f16(alpha)
+        positive = dev >= 0
+        part = torch.where(mask, alpha * torch.where(positive, 1.0, -1.0).to(x.dtype) + mu,
+                           torch.zeros((), dtype=x.dtype))
+        q = q + part
+        residual = residual - part
+        alphas.append(alpha[:, 0])
+        mus.append(mu[:, 0])
+        signs.append(positive & mask)
+    return q, torch.stack(alphas, 1), torch.stack(mus, 1), torch.stack(signs)
+
+
+def _order2_sse_from_counts(n, s1, s2, at_least):
+    """Order-2 binarization error of sets given only their size n, sum s1, sum of squares s2 and at_least(t) ->
+    (count, sum) of their elements >= t (all tensors of one shape). With mu1 = mean, alpha1 = mean |x - mu1|, the
+    residual's mean is mu2 = -alpha1 (2c - n) / n (c = #x >= mu1) and residual - mu2 = x - hi above mu1, x - lo
+    below, so alpha2 needs counts and sums at three thresholds; SSE = s2 - n (mu1^2 + alpha1^2 + mu2^2 + alpha2^2)."""
+    safe = n.clamp(min=1)
+    mu1 = s1 / safe
+    c, sm = at_least(mu1)
+    a1 = ((sm - mu1 * c) + (mu1 * (n - c) - (s1 - sm))) / safe
+    mu2 = -a1 * (2 * c - n) / safe
+    hi, lo = mu1 + a1 + mu2, mu1 - a1 + mu2  # hi >= mu1 >= lo
+    ch, sh = at_least(hi)
+    cl, sl = at_least(lo)
+    upper = (sh - hi * ch) + (hi * (c - ch) - (sm - sh))
+    lower = ((sl - sm) - lo * (cl - c)) + (lo * (n - cl) - (s1 - sl))
+    a2 = (upper + lower) / safe
+    return (s2 - n * (mu1 * mu1 + a1 * a1 + mu2 * mu2 + a2 * a2)).clamp(min=0)
+
+
+def search_salient_columns(t: torch.Tensor, keep: torch.Tensor, limit: int = SALIENT_SEARCH_LIMIT) -> torch.Tensor:
+    """BiLLM's structured salient search on the saliency t (>= 0, [rows, n]): rank columns by their summed saliency,
+    try the top k (1 <= k < min(limit, n)) as the order-2 group and the rest as a second order-2 group, keep the k
+    with the smallest error. Returns a bool [n] column selection (at least one column).
+
+    The errors come in closed form (_order2_sse_from_counts) from each row's sorted kept values and the few top
+    columns, instead of binarizing 49 candidate splits of the whole block element by element."""
+    rows, n = t.shape
+    t = t.double()
+    neg_inf = torch.full((), float("-inf"), dtype=torch.float64, device=t.device)
+    top = torch.argsort((t * keep).sum(0), descending=True, stable=True)[:min(limit, n)]
+    ks = torch.arange(1, max(2, len(top)), device=t.device)
+    in_candidate = (torch.arange(len(top), device=t.device)[None] < ks[:, None])[:, None, :]  # [K, 1, L]
+    top_vals, top_keep = t[:, top], keep[:, top]
+    members = in_candidate & top_keep[None]  # [K, rows, L]
+    m = members.double()
+    sal_n, sal_s1, sal_s2 = m.sum(-1), (m * top_vals).sum(-1), (m * top_vals ** 2).sum(-1)
+
+    zero = torch.zeros((), dtype=torch.float64, device=t.device)
+
+    def sal_at_least(th):
+        hit = members & (top_vals[None] >= th[..., None])
+        return hit.sum(-1, dtype=torch.float64), torch.where(hit, top_vals[None], zero).sum(-1)
+
+    kept = torch.where(keep, t, neg_inf)
+    ordered = torch.sort(kept, dim=1).values
+    finite = torch.where(torch.isfinite(ordered), ordered, torch.zeros((), dtype=torch.float64, device=t.device))
+    prefix = torch.cat([torch.zeros((rows, 1), dtype=torch.float64, device=t.device), finite.cumsum(1)], 1)
+    all_n = keep.sum(1).double()[None]
+    all_s1, all_s2 = (finite.sum(1))[None], (finite * finite).sum(1)[None]
+
+    def rest_at_least(th):
+        idx = torch.searchsorted(ordered, th.t().contiguous()).t()  # [K, rows]: values below th
+        count = n - idx
+        total = prefix[:, -1][None] - prefix.t().gather(0, idx)
+        c_sal, s_sal = sal_at_least(th)
+        return count.double() - c_sal, total - s_sal
+
+    errors = (_order2_sse_from_counts(sal_n, sal_s1, sal_s2, sal_at_least)
+              + _order2_sse_from_counts(all_n - sal_n, all_s1 - sal_s1, all_s2 - sal_s2, rest_at_least)).sum(1)
+    chosen = torch.zeros(n, dtype=torch.bool, device=t.device)
+    chosen[top[:int(ks[int(torch.argmin(errors))])]] = True
+    return chosen
+
+
+def _range_sse(sorted_vals, p1, p2, start, end):
+    """Order-1 binarization error of each row's sorted slice [start, end) (index tensors [rows, C]), from prefix
+    sums p1 (values) and p2 (squares): SSE = sum x^2 - n mu^2 - n alpha^2 with alpha = mean |x - mu|."""
+    n = (end - start).to(p1.dtype)
+    safe = n.clamp(min=1)
+    s1 = p1.gather(1, end) - p1.gather(1, start)
+    s2 = p2.gather(1, end) - p2.gather(1, start)
+    mu = s1 / safe
+    split = torch.searchsorted(sorted_vals, mu).clamp(min=start, max=end)  # first index with x >= mu
+    upper = p1.gather(1, end) - p1.gather(1, split) - mu * (end - split)
+    lower = mu * (split - start) - (p1.gather(1, split) - p1.gather(1, start))
+    alpha = (upper + lower) / safe
+    return (s2 - n * mu * mu - n * alpha * alpha).clamp(min=0)
+
+
+def search_break_points(t: torch.Tensor, region_mask: torch.Tensor, regions: int) -> tuple[float, float]:
+    """The searched split of the non-salient weights by saliency t (>= 0) into `regions` (2: BiLLM's bell-shaped
+    split at p; 3: STBLLM's trisection at p1 and p2 = 2*p1). Candidates are quantiles linspace(0.1, 0.9) of t over
+    region_mask (81 for two regions; 160 for three, skipping p2 above the 0.9 quantile); each region is binarized
+    at order 1 and the candidate with the smallest total error wins. Returns (p1, p2): region 0 is t < p1,
+    region 1 is p1 <= t < p2, region 2 is t >= p2 (p2 = inf for two regions). With no usable candidate (an
+    empty mask, or every quantile degenerate) one region holds everything: (inf, inf)."""
+    inf = float("inf")
+    values = t[region_mask].double()
+    if values.numel() == 0:
+        return inf, inf
+    quantiles = torch.linspace(0.1, 0.9, 81 if regions == 2 else 160, dtype=torch.float64, device=t.device)
+    cand = torch.quantile(values, quantiles)
+    if regions == 3:
+        cand = cand[2 * cand <= torch.quantile(values, 0.9)]
+        if cand.numel() == 0:
+            return inf, inf
+    rows = t.shape[0]
+    vals = torch.where(region_mask, t.double(), torch.full((), inf, dtype=torch.float64))
+    sorted_vals = torch.sort(vals, dim=1).values
+    count = region_mask.sum(1, keepdim=True)
+    finite = torch.where(torch.isfinite(sorted_vals), sorted_vals, torch.zeros((), dtype=torch.float64))
+    zero = torch.zeros((rows, 1), dtype=torch.float64, device=t.device)
+    p1 = torch.cat([zero, finite.cumsum(1)], 1)
+    p2 = torch.cat([zero, (finite * finite).cumsum(1)], 1)
+    c = len(cand)
+
+    def index_of(threshold):  # per row, how many values are < threshold
+        return torch.searchsorted(sorted_vals, threshold.expand(rows, c).contiguous()).clamp(max=count)
+
+    begin = torch.zeros((rows, c), dtype=torch.long, device=t.device)
+    stop = count.expand(rows, c)
+    a = index_of(cand[None])
+    if regions == 2:
+        sse = _range_sse(sorted_vals, p1, p2, begin, a) + _range_sse(sorted_vals, p1, p2, a, stop)
+        return float(cand[int(torch.argmin(sse.sum(0)))]), inf
+    b = index_of(2 * cand[None])
+    sse = (_range_sse(sorted_vals, p1, p2, begin, a) + _range_sse(sorted_vals, p1, p2, a, b)
+           + _range_sse(sorted_vals, p1, p2, b, stop))
+    best = float(cand[int(torch.argmin(sse.sum(0)))])
+    return best, 2 * best
+
+
+# ---- importance, N:M masks, allocation ----------------------------------------------------------------------------
+
+IMPORTANCE = ("si", "wanda", "magnitude", "ria")
+
+
+def importance(w: torch.Tensor, input_norm: torch.Tensor, metric: str) -> torch.Tensor:
+    """Per-weight importance for N:M pruning (higher = keep). input_norm[j] is proportional to ||X_j||_2.
+    magnitude |W|; wanda |W|*||X_j||; ria (|W|/colsum + |W|/rowsum)*||X_j||^0.5 (the reference code's metric);
+    si (STBLLM's Standardized Importance) the RIA relative term standardized (minus its global mean, over each
+    row's std) times ||X_j||."""
+    a = w.abs()
+    if metric == "magnitude":
+        return a
+    if metric == "wanda":
+        return a * input_norm[None]
+    relative = a / a.sum(0, keepdim=True).clamp(min=1e-30) + a / a.sum(1, keepdim=True).clamp(min=1e-30)
+    if metric == "ria":
+        return relative * input_norm.sqrt()[None]
+    if metric == "si":
+        centered = relative - relative.mean()
+        return centered / (centered.std(1, keepdim=True) + 1e-5) * input_norm[None]
+    raise ValueError(f"unknown importance metric {metric!r}; known: {', '.join(IMPORTANCE)}")
+
+
+def nm_keep(score: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Keep-mask (bool, same shape as score [rows, cols]): in each aligned group of m columns of a row keep the n
+    highest scores (ties: the lower column); a ragged last group of g columns keeps ceil(n*g/m)."""
+    rows, cols = score.shape
+    groups = -(-cols // m)
+    a = np.full((rows, groups * m), -np.inf, dtype=np.float64)  # padding sorts after every real score
+    a[:, :cols] = score
+    order = np.argsort(-a.reshape(rows, groups, m), axis=2, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(m), order.shape), axis=2)
+    keep_count = np.full(groups, n)
+    tail = cols - (groups - 1) * m
+    if tail < m:
+        keep_count[-1] = math.ceil(n * tail / m)
+    return (ranks < keep_count[None, :, None]).reshape(rows, groups * m)[:, :cols]
+
+
+def outlier_ratio(scores: list[torch.Tensor], hyper_m: float) -> float:
+    """Fraction of a layer's importance scores above hyper_m times their mean (OWL's outlier ratio)."""
+    flat = torch.cat([s.reshape(-1) for s in scores]).double()
+    return float((flat > hyper_m * flat.mean()).double().mean())
+
+
+def allocate_nm(ratios, n: int, m: int, lamda: float) -> list[int]:
+    """Per-layer kept counts N_l (1 <= N_l <= m) whose mean is exactly n: layers with more outliers keep more.
+    The ratios are scaled to [0, lamda] and centred (the reference's offsets), then rounded by largest remainder so
+    that the sum is exactly len(ratios)*n (the reference rounds each independently and misses its target)."""
+    r = np.asarray(ratios, dtype=np.float64)
+    span = r.max() - r.min() if len(r) else 0.0
+    offsets = (r - r.min()) / span * lamda if span > 0 else np.zeros_like(r)
+    target = np.clip(n + offsets - offsets.mean(), 1, m)
+    kept = np.floor(target).astype(int)
+    remainder = target - kept
+    deficit = len(r) * n - int(kept.sum())
+    while deficit != 0:
+        step = 1 if deficit > 0 else -1
+        movable = kept < m if step > 0 else kept > 1
+        i = int(np.argmax(np.where(movable, remainder * step, -np.inf)))
+        kept[i] += step
+        remainder[i] -= step
+        deficit -= step
+    return [int(k) for k in kept]
+
+
+# ---- the block OBC quantizer --------------------------------------------------------------------------------------
+
+@dataclass
+class GroupsResult:
+    """A binarized matrix in the terms of the stb.binary-groups.v1 codec (docs/format.md), plus its dequantized
+    value q (float32, exactly what the file reproduces)."""
+    q: torch.Tensor            # [rows, cols] float32
+    signs: torch.Tensor        # [rows, cols] bool, first-order sign (+1) of kept weights
+    keep: torch.Tensor | None  # [rows, cols] bool N:M keep-mask, None = dense
+    labels: torch.Tensor       # [rows, cols] uint8 region of kept non-salient weights (0 elsewhere)
+    salient: torch.Tensor      # [cols] bool salient columns
+    residual: torch.Tensor     # [rows, cols] bool order-2 signs (meaningful in salient columns only)
+    params: torch.Tensor       # [rows, blocks, 2*regions + 4] float32 holding fp16 values
+    regions: int
+    block: int
+    stats: dict
+
+
+def inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*I)^-1 with damp = 1 % of mean diag H. Dead inputs (H_jj = 0) get
+    H_jj = 1 and their weight column zeroed (in place), as in GPTQ."""
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * (PERCDAMP * torch.mean(torch.diag(h)))
+    lower = torch.linalg.cholesky(h)
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+
+
+def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None, regions: int,
+                    block: int = 128, compensate: bool = True) -> GroupsResult:
+    """Block-OBC binarization of w [rows, cols] (float32) with u, the upper Cholesky factor of the damped inverse
+    Hessian. Per block of `block` columns, from the current (compensated) weights: saliency T = w^2 / u_jj^2;
+    searched salient columns get order-2 residual binarization; the other kept weights are split by searched
+    break points of T into `regions` groups, each binarized at order 1 with its own alpha/mu per row. Then the
+    block's error is pushed into the later columns through u (no compensation inside a block, as in the
+    reference). keep=None is dense."""
+    w = w.clone().float()
+    rows, cols = w.shape
+    keep_all = torch.ones_like(w, dtype=torch.bool) if keep is None else keep
+    nblocks = -(-cols // block)
+    q = torch.zeros_like(w)
+    signs = torch.zeros_like(w, dtype=torch.bool)
+    residual = torch.zeros_like(w, dtype=torch.bool)
+    labels = torch.zeros((rows, cols), dtype=torch.uint8, device=w.device)
+    salient = torch.zeros(cols, dtype=torch.bool, device=w.device)
+    params = torch.zeros((rows, nblocks, 2 * regions + 4), dtype=torch.float32, device=w.device)
+    diag = torch.diag(u)
+    region_counts = torch.zeros(regions + 1, dtype=torch.float64)
+    for b in range(nblocks):
+        s, e = b * block, min(cols, (b + 1) * block)
+        w1, k1 = w[:, s:e], keep_all[:, s:e]
+        t = w1 * w1 / (diag[s:e] ** 2)[None]
+        cols_sel = search_salient_columns(t, k1)
+        sal_mask = cols_sel[None] & k1
+        q1, a, mu, sg = binarize(w1, sal_mask, 2)
+        params[:, b, 2 * regions:] = torch.stack([a[:, 0], mu[:, 0], a[:, 1], mu[:, 1]], 1)
+        signs[:, s:e] |= sg[0]
+        residual[:, s:e] = sg[1]
+        rest = ~cols_sel[None] & k1
+        p1, p2 = search_break_points(t, rest, regions) if regions > 1 else (float("inf"), float("inf"))
+        bounds = [0.0, p1, p2][:regions] + [float("inf")]
+        for g in range(regions):
+            region = rest & (t >= bounds[g]) & (t < bounds[g + 1])
+            qg, a, mu, sg = binarize(w1, region, 1)
+            q1 = q1 + qg
+            params[:, b, 2 * g] = a[:, 0]
+            params[:, b, 2 * g + 1] = mu[:, 0]
+            signs[:, s:e] |= sg[0]
+            labels[:, s:e] += region.to(torch.uint8) * g
+            region_counts[g] += float(region.sum())
+        region_counts[regions] += float(sal_mask.sum())
+        salient[s:e] = cols_sel
+        q[:, s:e] = q1
+        if compensate and e < cols:
+            # The OBS update for fixing the whole block at q1: err = (w1 - q1) U_bb^-1. The reference code divides by
+            # diag(U_bb) only, which ignores the coupling inside the block and can raise the output error.
+            err = torch.linalg.solve_triangular(u[s:e, s:e], w1 - q1, upper=True, left=False)
+            w[:, e:] -= err @ u[s:e, e:]
+    kept = float(region_counts.sum())
+    stats = {"salient_columns": int(salient.sum()),
+             "region_fractions": [round(float(c) / kept, 4) if kept else 0.0 for c in region_counts]}
+    return GroupsResult(q=q, signs=signs, keep=keep, labels=labels, salient=salient, residual=residual,
+                        params=params, regions=regions, block=block, stats=stats)

@@ -1,0 +1,341 @@
+"""The layer-by-layer calibration driver shared by the calibrated methods (REFERENCE_ALGORITHMS.md §0).
+
+The calibration windows are embedded once; then, for each decoder layer in turn (only that layer on the compute
+device): every linear's Hessian H = (2/N) sum x x^T (float32) is collected from the layer's inputs, each linear is
+quantized from H's damped inverse Cholesky factor (methods.CalibratedMethod), the quantized weights are put back into
+the layer, and the inputs are run through the QUANTIZED layer to become the next layer's inputs. Position
+embeddings and the causal (sliding-window) mask are built here and passed explicitly to each layer.
+
+With N:M and layer-wise allocation, a first pass runs the windows through the unquantized layers to measure each
+layer's share of outlier weights (RIA importance), which sets that layer's N (mean exactly the requested N).
+
+Checkpoints: with a work directory, each finished layer's packed tensors and the next layer's inputs are saved
+there, so `resume=True` continues a killed conversion from the last finished layer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConvertError
+
+
+@dataclass
+class CalibrationOptions:
+    texts: list = field(default_factory=list)  # text files; empty = the C4 sample
+    samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    device: str = "cpu"
+    work_dir: Path | None = None
+    resume: bool = False
+
+    def check(self):
+        if self.samples < 1 or self.seqlen < 2:
+            raise ConvertError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
+        if self.resume and self.work_dir is None:
+            raise ConvertError("--resume needs --work-dir (where the per-layer checkpoints are)")
+        if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConvertError(f"--device {self.device}: expected cpu or cuda")
+
+
+def read_text(path) -> str:
+    """A text file with Wikipedia-dump `<doc ...>` / `</doc>` lines dropped (they are markup, not text)."""
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConvertError(f"cannot read text file {path}: {e}") from None
+    return "\n".join(line for line in raw.split("\n") if not line.startswith(("<doc", "</doc")))
+
+
+def calibration_windows(tokenizer, texts, samples: int, seqlen: int, seed: int):
+    """`samples` windows of `seqlen` tokens at random offsets (Python random, seeded) of the texts tokenized once
+    without special tokens. Returns a LongTensor [samples, seqlen]."""
+    import torch
+
+    paths = [Path(t) for t in texts]
+    if not paths:
+        from .assets import text_sample_paths
+        paths = [text_sample_paths()["c4"]]
+    ids = []
+    for p in paths:
+        ids.extend(tokenizer.encode(read_text(p), add_special_tokens=False))
+    if len(ids) < seqlen + 1:
+        raise ConvertError(f"the calibration text has {len(ids)} tokens, fewer than --calib-seqlen {seqlen} + 1")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(samples)]
+    return torch.tensor([ids[s:s + seqlen] for s in starts], dtype=torch.long), paths
+
+
+class LayerRunner:
+    """Runs calibration windows through one decoder layer at a time, with explicit positions and masks."""
+
+    def __init__(self, model, arch: str, config: dict, seqlen: int, device):
+        import torch
+
+        self.arch, self.device = arch, device
+        inner = model.model.decoder if arch == "opt" else model.model
+        self.layers = inner.layers
+        self.embed_tokens = inner.embed_tokens
+        self.positions = torch.arange(seqlen)[None]
+        self.position_weights = inner.embed_positions.weight if arch == "opt" else None
+        self.position_offset = config.get("position_offset", 0)
+        self.rotary = None if arch == "opt" else inner.rotary_emb
+        i, j = torch.arange(seqlen)[:, None], torch.arange(seqlen)[None]
+        visible = j <= i
+        window = config.get("sliding_window")
+        if window:
+            visible &= j > i - window
+        self.mask = torch.zeros((1, 1, seqlen, seqlen)).masked_fill(~visible, torch.finfo(torch.float32).min)
+        self.mask = self.mask.to(device)
+        self.position_embeddings = None
+        if self.rotary is not None:
+            self.rotary.to(device)
+            with torch.no_grad():  # cos/sin only take dtype and device from their first argument
+                self.position_embeddings = self.rotary(self.mask, self.positions.to(device))
+
+    def embed(self, ids):
+        """Hidden states entering layer 0 for token ids [1, T] (on the CPU)."""
+        import torch
+
+        with torch.no_grad():
+            h = self.embed_tokens(ids)
+            if self.position_weights is not None:
+                h = h + self.position_weights[self.positions[0] + self.position_offset][None]
+        return h
+
+    def forward(self, layer, hidden):
+        import torch
+
+        kwargs = {"attention_mask": self.mask, "position_ids": self.positions.to(self.device)}
+        if self.position_embeddings is not None:
+            kwargs["position_embeddings"] = self.position_embeddings
+        with torch.no_grad():
+            out = layer(hidden.to(self.device), **kwargs)
+        return (out[0] if isinstance(out, tuple) else out).to("cpu")
+
+
+def _collect_inputs(runner, layer, modules: dict, inputs: list, statistic):
+    """Runs every window through `layer` with a forward hook on each module of `modules`; statistic(name, x2d)
+    accumulates whatever is needed. Returns the layer outputs."""
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: statistic(name, args[0].reshape(
+        -1, args[0].shape[-1]).float())) for name, m in modules.items()]
+    try:
+        return [runner.forward(layer, h) for h in inputs]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Calibrator:
+    """Drives a calibrated method over a model. Call `add_layer(writer, i)` for i = 0, 1, ... in order."""
+
+    def __init__(self, method, src, arch: str, config: dict, plan, tokenizer, options: CalibrationOptions,
+                 progress=None):
+        import torch
+
+        from .oracle import hf_config
+
+        options.check()
+        if options.device != "cpu" and not torch.cuda.is_available():
+            raise ConvertError(f"--device {options.device}: torch sees no CUDA device")
+        if tokenizer.kind == "none":
+            raise ConvertError("calibration needs the model's tokenizer; this model has none (pass --tokenizer)")
+        self.method, self.plan, self.options, self.progress = method, plan, options, progress
+        self.device = torch.device(options.device)
+        self.start = time.monotonic()
+        torch.manual_seed(options.seed)
+        windows, paths = calibration_windows(tokenizer, options.texts, options.samples, options.seqlen,
+                                             options.seed)
+        self.calibration = {"text": [p.name for p in paths], "samples": options.samples,
+                            "seqlen": options.seqlen, "seed": options.seed, "device": options.device}
+
+        hf_cfg = hf_config(arch, config)
+        hf_cfg._attn_implementation = "sdpa"
+        from transformers import AutoModelForCausalLM
+        self.model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
+        state = {spec.hf_name: torch.from_numpy(np.ascontiguousarray(src.tensor(spec.hf_name)))
+                 for spec in plan.all()}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if set(missing) - {"lm_head.weight"} or unexpected:
+            raise ConvertError(f"cannot build the calibration model: missing {missing}, unexpected {unexpected}")
+        self.runner = LayerRunner(self.model, arch, config, options.seqlen, self.device)
+
+        self.work_dir = Path(options.work_dir).expanduser() if options.work_dir else None
+        self.key = hashlib.sha256(json.dumps({"source": src.description, "method": method.name,
+                                              "params": method.params(), "calibration": self.calibration},
+                                             sort_keys=True).encode()).hexdigest()[:16]
+        self._prepare_work_dir()
+        self.outlier_ratios = None
+        self.layer_nm = self._allocate(windows)
+        self.layer_log: list[dict] = []
+        self.next_layer = 0
+        self.inputs = None
+        self._windows = windows
+
+    # ---- work directory --------------------------------------------------------------------------------------
+
+    def _prepare_work_dir(self):
+        if self.work_dir is None:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        stamp = self.work_dir / "conversion.json"
+        if self.options.resume:
+            if not stamp.is_file() or json.loads(stamp.read_text()).get("key") != self.key:
+                raise ConvertError(f"--resume: {self.work_dir} holds no checkpoints of this conversion (different "
+                                   "model, method or calibration options)")
+        else:
+            for old in [*self.work_dir.glob("layer-*.pt"), self.work_dir / "inputs.pt",
+                        self.work_dir / "allocation.json"]:
+                old.unlink(missing_ok=True)
+            stamp.write_text(json.dumps({"key": self.key}))
+
+    def _checkpoint_path(self, i: int) -> Path:
+        return self.work_dir / f"layer-{i:04d}.pt"
+
+    def _save_checkpoint(self, i: int, tensors: list, log: dict):
+        """Layer i's packed results, then the inputs of layer i+1 (each file replaced atomically). A crash between
+        the two leaves inputs.pt one layer behind, which resume detects."""
+        import torch
+
+        for path, payload in ((self._checkpoint_path(i), {"tensors": tensors, "log": log}),
+                              (self.work_dir / "inputs.pt", {"next_layer": i + 1, "inputs": self.inputs})):
+            partial = path.with_name(path.name + ".partial")
+            torch.save(payload, partial)
+            os.replace(partial, path)
+
+    def _load_inputs(self, i: int):
+        import torch
+
+        path = self.work_dir / "inputs.pt"
+        saved = torch.load(path, weights_only=False) if path.is_file() else {}
+        if saved.get("next_layer") != i:
+            raise ConvertError(f"--resume: {self.work_dir} has no saved inputs for layer {i}; start without --resume")
+        return saved["inputs"]
+
+    # ---- layer-wise N:M allocation ---------------------------------------------------------------------------
+
+    def _linear_modules(self, i: int) -> dict:
+        return {spec.name: self.model.get_submodule(spec.hf_name.removesuffix(".weight"))
+                for spec in self.plan.layers[i] if spec.kind == "linear"}
+
+    def _allocate(self, windows) -> list:
+        """Per-layer N (kept of M). Uniform unless the method asks for layer-wise allocation."""
+        nm, layers = self.method.nm, len(self.plan.layers)
+        if nm is None:
+            return [None] * layers
+        if not self.method.layerwise:
+            return [tuple(nm)] * layers
+        if self.work_dir is not None and (self.work_dir / "allocation.json").is_file() and self.options.resume:
+            saved = json.loads((self.work_dir / "allocation.json").read_text())
+            self.outlier_ratios = saved["ratios"]
+            return [tuple(x) for x in saved["nm"]]
+        from .binarize import allocate_nm, importance, outlier_ratio
+
+        inputs = [self.runner.embed(w[None]) for w in windows]
+        ratios = []
+        for i in self._bar(range(layers), "outlier scan"):
+            layer = self.runner.layers[i].to(self.device)
+            modules = self._linear_modules(i)
+            sq = {}
+
+            def statistic(name, x):
+                sq[name] = sq.get(name, 0) + (x * x).sum(0).double()
+            inputs = _collect_inputs(self.runner, layer, modules, inputs, statistic)
+            scores = [importance(m.weight.float(), sq[name].float().sqrt(), "ria") for name, m in modules.items()]
+            ratios.append(outlier_ratio(scores, self.method.hyper_m))
+            layer.to("cpu")
+        kept = allocate_nm(ratios, nm[0], nm[1], self.method.lamda)
+        self.outlier_ratios = [round(r, 6) for r in ratios]
+        result = [(k, nm[1]) for k in kept]
+        if self.work_dir is not None:
+            (self.work_dir / "allocation.json").write_text(json.dumps({"nm": result, "ratios": self.outlier_ratios}))
+        return result
+
+    def _bar(self, iterable, desc):
+        from .convert import _progress
+        return _progress(iterable, self.progress, desc=desc, unit="layer", leave=False)
+
+    # ---- the sequential pass ---------------------------------------------------------------------------------
+
+    def add_layer(self, writer, i: int) -> None:
+        import torch
+
+        from .binarize import importance, inverse_hessian_factor, nm_keep
+
+        if i != self.next_layer:
+            raise AssertionError(f"layers must be calibrated in order (expected {self.next_layer}, got {i})")
+        self.next_layer += 1
+        modules = self._linear_modules(i)
+        resuming = self.work_dir is not None and self.options.resume
+        if resuming and self._checkpoint_path(i).is_file():
+            saved = torch.load(self._checkpoint_path(i), weights_only=False)
+            for name, result, nm in saved["tensors"]:
+                self.method.write(writer, name, result, nm)
+            self.layer_log.append(saved["log"])
+            return
+        if self.inputs is None:
+            self.inputs = (self._load_inputs(i) if resuming and i > 0
+                           else [self.runner.embed(w[None]) for w in self._windows])
+        started = time.monotonic()
+        layer = self.runner.layers[i].to(self.device)
+        sums, tokens = {}, {}
+
+        def statistic(name, x):
+            sums[name] = sums.get(name, 0) + x.t() @ x
+            tokens[name] = tokens.get(name, 0) + x.shape[0]
+        _collect_inputs(self.runner, layer, modules, self.inputs, statistic)
+        nm = self.layer_nm[i]
+        saved, salient, columns, regions = [], 0, 0, []
+        for name, module in modules.items():
+            w = module.weight.detach().float().clone()
+            h = sums[name] * (2.0 / tokens[name])
+            u = inverse_hessian_factor(h, w)
+            keep = None
+            if nm is not None:
+                score = importance(w, torch.diag(h).sqrt(), self.method.importance)
+                keep = torch.from_numpy(nm_keep(score.cpu().numpy(), *nm)).to(w.device)
+            result = self.method.quantize(w, u, keep)
+            module.weight.data.copy_(result.q.to(module.weight.dtype))
+            result = _to_cpu(result)
+            self.method.write(writer, name, result, nm)
+            saved.append((name, result, nm))
+            salient += result.stats["salient_columns"]
+            columns += w.shape[1]
+            regions.append(result.stats["region_fractions"])
+        self.inputs = _collect_inputs(self.runner, layer, {}, self.inputs, None)
+        layer.to("cpu")
+        log = {"layer": i, "nm": list(nm) if nm else None, "seconds": round(time.monotonic() - started, 2),
+               "salient_column_fraction": round(salient / columns, 4),
+               "region_fractions": [round(float(x), 4) for x in np.mean(regions, axis=0)]}
+        self.layer_log.append(log)
+        if self.work_dir is not None:
+            self._save_checkpoint(i, saved, log)
+
+    def provenance(self) -> dict:
+        """What went into the file's provenance: calibration set, per-layer N:M and statistics, time, memory."""
+        nm = [x for x in self.layer_nm if x is not None]
+        out = {"calibration": self.calibration, "layers": self.layer_log,
+               "calibration_seconds": round(time.monotonic() - self.start, 2),
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        if nm:
+            out["nm_per_layer"] = [n for n, _ in nm]
+            out["nm_mean_kept"] = sum(n for n, _ in nm) / len(nm)
+        if self.outlier_ratios:
+            out["outlier_ratios"] = self.outlier_ratios
+        return out
+
+
+def _to_cpu(result):
+    from dataclasses import replace
+    return replace(result, **{k: getattr(result, k).cpu() for k in ("q", "signs", "labels", "salient", "residual",
+                                                                     "params")},
+                   keep=None if result.keep is None else result.keep.cpu())
