@@ -1,6 +1,5 @@
-"""Calibrated methods (BiLLM, STBLLM): the binarization math, the block OBC quantizer, the stb.binary-groups.v1 codec
-(Python writer -> C++ validator -> dequantize, bit-exact), the calibration driver on tiny models, runtime vs oracle,
-and the perplexity tool."""
+"""Calibrated methods (BiLLM, STBLLM): the binarization math, the block OBC quantizer, the calibration driver on tiny
+models, runtime vs oracle, and the perplexity tool (the codec itself: test_binary_groups.py)."""
 import json
 
 import numpy as np
@@ -13,11 +12,9 @@ from stbllm_convert.calibrate import CalibrationOptions  # noqa: E402
 from stbllm_convert.convert import convert  # noqa: E402
 from stbllm_convert.errors import ConvertError  # noqa: E402
 from stbllm_convert.methods import make_method  # noqa: E402
-from stbllm_rt import FormatError, Model, StbReader, StbWriter  # noqa: E402
-from stbllm_rt.stbfile import unpack_bits  # noqa: E402
+from stbllm_rt import Model, StbReader, binary_groups  # noqa: E402
 
 from conftest import CORPUS  # noqa: E402
-from test_format import _metadata, _rebuild, _split  # noqa: E402
 from test_oracle import assert_logits_close, oracle_logits  # noqa: E402
 
 torch.set_num_threads(2)
@@ -149,91 +146,6 @@ def test_obc_compensation_lowers_layer_output_error(nm):
         assert (compensated[~keep] == 0).all() and (compensated[keep] != 0).float().mean() > 0.99
 
 
-# ---- the codec: writer -> C++ reader -> dequantize ----------------------------------------------------------------
-
-def _groups_file(tmp_path, regions=3, nm=(5, 8), cols=200, rows=24, name="blk.0.attn_q.weight"):
-    w, _, h = _correlated_layer(rows, cols, tokens=512, seed=regions)
-    keep = None if nm is None else torch.from_numpy(B.nm_keep(w.abs().numpy(), *nm))
-    result = B.quantize_groups(w, B.inverse_hessian_factor(h, w.clone()), keep, regions)
-    writer = StbWriter(_metadata())
-    method = make_method("stbllm" if regions == 3 else "billm", nm=nm)
-    method.write(writer, name, result, nm)
-    path = tmp_path / f"groups-{regions}-{cols}.stb"
-    writer.write(path)
-    return path, result
-
-
-@pytest.mark.parametrize("regions, nm, cols", [(3, (5, 8), 200), (2, None, 576), (2, (4, 8), 64), (1, None, 130)])
-def test_codec_round_trip_is_bit_exact(tmp_path, regions, nm, cols):
-    path, result = _groups_file(tmp_path, regions, nm, cols)
-    reader = StbReader(path)
-    got = reader.dequantize("blk.0.attn_q.weight")
-    np.testing.assert_array_equal(got, result.q.numpy())
-    info = reader.tensor_info("blk.0.attn_q.weight")
-    assert info["params"]["salient_columns"] == int(result.salient.sum()) > 0
-    if nm is not None:
-        assert (got[~result.keep.numpy()] == 0).all()
-    bits = reader.metadata["provenance"]["bits"]["groups"]
-    assert {"signs", "salient_bitmap", "residual_signs", "scales"} <= set(bits)
-    assert ("labels" in bits) == (regions > 1) and ("masks" in bits) == (nm is not None)
-
-
-def _tamper(path, tensor, key, edit):
-    """Rewrites one component's bytes (edit(bytearray)) with a matching checksum, so only the content is wrong."""
-    from stbllm_rt import _core
-
-    raw, header, data_offset = _split(path)
-    comp = header["tensors"][tensor]["components"][key]
-    data = bytearray(raw[data_offset:])
-    piece = bytearray(data[comp["offset"]:comp["offset"] + comp["length"]])
-    edit(piece)
-    data[comp["offset"]:comp["offset"] + comp["length"]] = piece
-    comp["crc32c"] = int(_core.crc32c(bytes(piece)))
-    _rebuild(path, header, bytes(data))
-
-
-def _set_bit(index):
-    def edit(buf):
-        buf[index // 8] |= 1 << (index % 8)
-    return edit
-
-
-@pytest.mark.parametrize("case, match", [
-    ("regions", "regions"), ("salient_count", "salient_columns|need"), ("unknown_param", "unknown param"),
-    ("params_length", "need"), ("missing_labels", "components"), ("label_3", "label is 3"),
-    ("salient_past_end", "past the last column"), ("salient_popcount", "salient bitmap has"),
-    ("residual_padding", "padding"),
-])
-def test_malformed_binary_groups_are_rejected(tmp_path, case, match):
-    path, result = _groups_file(tmp_path, 3, (5, 8), cols=200, rows=7)
-    name = "blk.0.attn_q.weight"
-    raw, header, data_offset = _split(path)
-    t = header["tensors"][name]
-    if case in ("regions", "salient_count", "unknown_param", "params_length", "missing_labels"):
-        {"regions": lambda: t["params"].update(regions=4),
-         "salient_count": lambda: t["params"].update(salient_columns=t["params"]["salient_columns"] + 1),
-         "unknown_param": lambda: t["params"].update(scale_dtype="f16"),
-         "params_length": lambda: t["components"]["params"].update(length=t["components"]["params"]["length"] - 2),
-         "missing_labels": lambda: t["components"].pop("labels")}[case]()
-        _rebuild(path, header, raw[data_offset:])
-    elif case == "label_3":
-        kept = (result.keep & ~result.salient[None]).nonzero()[0]
-        r, j = int(kept[0]), int(kept[1])
-        plane_bits = 7 * 4 * 64
-        _tamper(path, name, "labels", lambda b: (_set_bit(r * 256 + j)(b), _set_bit(plane_bits + r * 256 + j)(b)))
-    elif case == "salient_past_end":
-        _tamper(path, name, "salient", _set_bit(230))
-    elif case == "salient_popcount":
-        free = int((~result.salient).nonzero()[0])
-        _tamper(path, name, "salient", _set_bit(free))
-    else:
-        bits = 7 * int(result.salient.sum())
-        assert bits % 64
-        _tamper(path, name, "residual", _set_bit(bits))
-    with pytest.raises(FormatError, match=match):
-        StbReader(path)
-
-
 # ---- the driver on tiny models, runtime vs oracle -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -272,13 +184,13 @@ def test_pruned_weights_stay_zero_and_allocation_is_recorded(calibrated):
     assert prov["calibration"] == {"text": ["calib.txt"], "samples": 4, "seqlen": 32, "seed": 0, "device": "cpu"}
     for name in reader.tensor_names():
         info = reader.tensor_info(name)
-        if info["codec"] != "stb.binary-groups.v1":
+        if info["codec"] != "stb.binary-groups.v2":
             continue
         layer = int(name.split(".")[1])
         n, m = info["params"]["nm"]
         assert [n, m] == [prov["nm_per_layer"][layer], 8]
         rows, cols = info["shape"]
-        mask = unpack_bits(reader.component(name, "mask").view("<u8").reshape(rows, -1), cols)
+        mask = binary_groups.decode_mask(reader.component(name, "mask"), rows, cols, n, m)
         assert (mask.reshape(rows, cols // 8, 8).sum(2) == n).all()
         values = reader.dequantize(name)
         assert (values[~mask] == 0).all() and (values[mask] != 0).mean() > 0.99
@@ -371,7 +283,7 @@ def test_real_model_stbllm_beats_sign_at_6_of_8(smollm2_fp16_stb, tmp_path):
     assert ppl["fp16"] < ppl["stbllm"] < ppl["sign"], ppl
     reader = StbReader(paths["stbllm"])
     assert reader.metadata["provenance"]["nm_mean_kept"] == 6
-    assert {reader.tensor_info(n)["codec"] for n in reader.tensor_names()} >= {"stb.binary-groups.v1"}
+    assert {reader.tensor_info(n)["codec"] for n in reader.tensor_names()} >= {"stb.binary-groups.v2"}
 
 
 def test_cli_rejects_calibration_flags_for_plain_methods(tiny_hf_models, tmp_path, capsys):

@@ -88,13 +88,15 @@ class CpuBackend final : public Backend {
       m.values = w.component("values").data;
       m.scales = reinterpret_cast<const uint16_t*>(w.component("scales").data);
     } else if (w.codec == kCodecBinaryGroups) {
-      cpu::describe_binary_groups(w, m);
+      group_planes_.push_back(std::make_unique<BinaryGroupsPlanes>(decode_binary_groups(w)));
+      cpu::describe_binary_groups(w, *group_planes_.back(), m);
     } else {
       throw FormatError("tensor '" + w.name + "' has codec " + w.codec +
                         "; a weight matrix needs stb.f32.v1, stb.f16.v1, stb.sign-block.v1, stb.int8-group.v1 or "
-                        "stb.binary-groups.v1");
+                        "stb.binary-groups.v2");
     }
-    for (const auto& kv : w.components) m.bytes += kv.second.length;
+    if (m.codec != MatrixCodec::BinaryGroups)  // those report their decoded planes
+      for (const auto& kv : w.components) m.bytes += kv.second.length;
     pack_matrix(m);
     if (bias) {
       m.bias = upload_vector(*bias);
@@ -316,6 +318,7 @@ class CpuBackend final : public Backend {
   std::vector<float> q8_scales_;
   std::vector<uint8_t> lut_tables_;                  // lookup tables of those activations
   std::vector<std::unique_ptr<cpu::SignLut>> luts_;  // repacked sign-block weights, owned for the model's life
+  std::vector<std::unique_ptr<BinaryGroupsPlanes>> group_planes_;  // decoded stb.binary-groups.v2 planes
 };
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Portable kernel for stb.binary-groups.v1: decodes each weight on the fly (sign, region label or salient
+// Portable kernel for stb.binary-groups.v2 (on its decoded planes): decodes each weight on the fly (sign, region label or salient
 // residual, per-(row, block) fp16 alpha/mu) and accumulates per block. Correctness reference, not tuned.
 #include "cpu/kernels_groups.h"
 
@@ -8,21 +8,22 @@
 
 namespace stb::cpu {
 
-void describe_binary_groups(const TensorEntry& w, Matrix& m) {
+void describe_binary_groups(const TensorEntry& w, const BinaryGroupsPlanes& planes, Matrix& m) {
   m.codec = MatrixCodec::BinaryGroups;
   m.block = w.block;
   m.words_per_row = int((m.cols + 63) / 64);
   m.blocks_per_row = int((m.cols + w.block - 1) / w.block);
   m.regions = w.regions;
-  m.label_planes = w.regions > 2 ? 2 : w.regions - 1;
+  m.label_planes = planes.label_planes;
   m.params_per_block = 2 * w.regions + 4;
   m.salient_columns = w.salient_columns;
-  m.signs = reinterpret_cast<const uint64_t*>(w.component("signs").data);
-  m.salient = reinterpret_cast<const uint64_t*>(w.component("salient").data);
+  m.signs = planes.signs.data();
+  m.salient = planes.salient.data();
   m.params = reinterpret_cast<const uint16_t*>(w.component("params").data);
-  if (w.nm_m) m.mask = reinterpret_cast<const uint64_t*>(w.component("mask").data);
-  if (m.label_planes) m.labels = reinterpret_cast<const uint64_t*>(w.component("labels").data);
-  if (m.salient_columns) m.residual = reinterpret_cast<const uint64_t*>(w.component("residual").data);
+  if (!planes.mask.empty()) m.mask = planes.mask.data();
+  if (m.label_planes) m.labels = planes.labels.data();
+  if (m.salient_columns) m.residual = planes.residual.data();
+  m.bytes = planes.bytes() + w.component("params").length;
 }
 
 float dot_binary_groups(const Matrix& m, int64_t row, const float* x) {

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "stbllm/binary_groups.h"
 #include "stbllm/format.h"
 
 namespace stb {
@@ -58,37 +59,21 @@ bool valid_tensor_name(const std::string& name) {
   return true;
 }
 
-int binary_groups_label_planes(int regions) { return regions > 2 ? 2 : regions - 1; }
-
-// The rules of stb.binary-groups.v1 that lengths cannot express: the salient bitmap has exactly salient_columns
-// bits set and none past the last column, every region label is < regions, and the residual padding is zero.
+// The rules of stb.binary-groups.v2 cheap enough to check at open: the salient bitmap has exactly salient_columns
+// bits set and none past the last column. The streams' contents are checked when a backend decodes them.
 void validate_binary_groups(const TensorEntry& t) {
   const std::string what = "tensor '" + t.name + "'";
-  const int64_t rows = t.shape[0], cols = t.shape[1], words = (cols + 63) / 64;
+  const int64_t cols = t.shape[1];
   const uint8_t* salient = t.component("salient").data;
   int64_t count = 0;
-  for (int64_t w = 0; w < words; ++w) {
-    const uint64_t bits = load_u64(salient + 8 * w);
-    if (w == words - 1 && cols % 64 && (bits >> (cols % 64)))
-      throw FormatError(what + ": salient bitmap has bits set past the last column");
-    count += __builtin_popcountll(bits);
+  for (int64_t j = 0; j < (cols + 7) / 8 * 8; ++j) {
+    const bool set = (salient[j / 8] >> (j % 8)) & 1;
+    if (set && j >= cols) throw FormatError(what + ": salient bitmap has bits set past the last column");
+    count += set;
   }
   if (count != t.salient_columns)
     throw FormatError(what + ": salient bitmap has " + std::to_string(count) + " columns set, params say " +
                       std::to_string(t.salient_columns));
-  if (t.regions == 3) {  // two label planes: the pattern 11 (label 3) does not exist
-    const uint8_t* labels = t.component("labels").data;
-    const uint64_t plane_words = uint64_t(rows) * uint64_t(words);
-    for (uint64_t i = 0; i < plane_words; ++i)
-      if (load_u64(labels + 8 * i) & load_u64(labels + 8 * (plane_words + i)))
-        throw FormatError(what + ": a region label is 3, but the tensor has 3 regions (labels 0-2)");
-  }
-  if (t.salient_columns) {
-    const Component& r = t.component("residual");
-    const uint64_t bits = uint64_t(rows) * uint64_t(t.salient_columns);
-    if (bits % 64 && (load_u64(r.data + r.length - 8) >> (bits % 64)))
-      throw FormatError(what + ": residual signs have non-zero padding bits");
-  }
 }
 
 // Expected byte length of each component for a tensor's codec; throws on unknown codecs or bad params.
@@ -125,29 +110,37 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
       t.regions = int(params->at("regions", what + " params").as_int(what + " regions", 1, 3));
       t.salient_columns = params->at("salient_columns", what + " params")
                               .as_int(what + " salient_columns", 0, int64_t(cols));
+      t.kept_salient = params->at("kept_salient", what + " params")
+                           .as_int(what + " kept_salient", 0, int64_t(std::min<uint64_t>(
+                                                                  uint64_t(kMaxElements), rows * uint64_t(t.salient_columns))));
     }
     for (const auto& kv : params->as_object(what + " params"))
       if (kv.first != "block" && kv.first != "nm" &&
-          !(groups && (kv.first == "regions" || kv.first == "salient_columns")))
+          !(groups && (kv.first == "regions" || kv.first == "salient_columns" || kv.first == "kept_salient")))
         throw FormatError(what + ": unknown param '" + kv.first + "'");
     const uint64_t words = (cols + 63) / 64;
     const uint64_t blocks = (cols + uint64_t(t.block) - 1) / uint64_t(t.block);
-    const uint64_t plane = checked_mul(checked_mul(rows, words, what), 8, what);
-    std::map<std::string, uint64_t> out = {{"signs", plane}};
-    if (t.nm_m) out["mask"] = plane;
     if (!groups) {
-      out["scales"] = checked_mul(checked_mul(rows, blocks, what), 2, what);
+      const uint64_t plane = checked_mul(checked_mul(rows, words, what), 8, what);
+      std::map<std::string, uint64_t> out = {{"signs", plane},
+                                             {"scales", checked_mul(checked_mul(rows, blocks, what), 2, what)}};
+      if (t.nm_m) out["mask"] = plane;
       return out;
     }
-    const int planes = binary_groups_label_planes(t.regions);
-    if (planes) out["labels"] = checked_mul(plane, uint64_t(planes), what);
-    out["salient"] = words * 8;
-    if (t.salient_columns) {
-      const uint64_t bits = checked_mul(rows, uint64_t(t.salient_columns), what);
-      out["residual"] = (bits + 63) / 64 * 8;
-    }
+    // stb.binary-groups.v2: bit streams sized by what they hold (docs/format.md).
+    const auto bytes_for = [](uint64_t bits) { return bits / 8 + (bits % 8 != 0); };
+    const uint64_t kept = checked_mul(rows, binary_groups_kept_per_row(int64_t(cols), t.nm_n, t.nm_m), what);
+    if (uint64_t(t.kept_salient) > kept) throw FormatError(what + ": kept_salient exceeds the kept weights");
+    const uint64_t kept_plain = kept - uint64_t(t.kept_salient);
+    std::map<std::string, uint64_t> out = {{"signs", bytes_for(kept)}, {"salient", bytes_for(cols)}};
+    if (t.nm_m) out["mask"] = bytes_for(checked_mul(rows, binary_groups_mask_bits_per_row(int64_t(cols), t.nm_n,
+                                                                                            t.nm_m), what));
+    if (t.regions == 2) out["labels"] = bytes_for(kept_plain);
+    if (t.regions == 3) out["labels"] = kept_plain / 5 + (kept_plain % 5 != 0);
+    if (t.kept_salient) out["residual"] = bytes_for(uint64_t(t.kept_salient));
     out["params"] = checked_mul(checked_mul(checked_mul(rows, blocks, what), uint64_t(2 * t.regions + 4), what), 2,
                                 what);
+    for (auto it = out.begin(); it != out.end();) it = it->second ? std::next(it) : out.erase(it);  // empty: absent
     return out;
   }
   if (t.codec == kCodecInt8Group) {
@@ -161,7 +154,7 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
             {"scales", checked_mul(checked_mul(rows, groups, what), 2, what)}};
   }
   throw FormatError(what + ": unknown codec '" + t.codec + "' (this reader knows stb.f32.v1, stb.f16.v1, "
-                    "stb.bytes.v1, stb.sign-block.v1, stb.int8-group.v1, stb.binary-groups.v1)");
+                    "stb.bytes.v1, stb.sign-block.v1, stb.int8-group.v1, stb.binary-groups.v2)");
 }
 
 }  // namespace

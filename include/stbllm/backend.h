@@ -30,7 +30,7 @@ struct Matrix {
   const uint16_t* scales = nullptr;  // SignBlock: fp16 [rows, blocks_per_row]; Int8Group: fp16 [rows, groups]
   int block = 0, words_per_row = 0, blocks_per_row = 0;
   int groups_per_row = 0;            // Int8Group: ceil(cols / 64)
-  // BinaryGroups (stb.binary-groups.v1) also uses signs, mask, block, words_per_row, blocks_per_row, and:
+  // BinaryGroups (stb.binary-groups.v2, decoded at load) also uses signs, mask, block, words_per_row, blocks_per_row:
   const uint64_t* labels = nullptr;    // label_planes planes of [rows, words_per_row]; null when 1 region
   const uint64_t* salient = nullptr;   // [words_per_row] salient-column bitmap, shared by all rows
   const uint64_t* residual = nullptr;  // rows x salient_columns order-2 sign bits, row-major; null when none

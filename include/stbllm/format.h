@@ -27,7 +27,7 @@ constexpr char kCodecF16[] = "stb.f16.v1";
 constexpr char kCodecBytes[] = "stb.bytes.v1";
 constexpr char kCodecSignBlock[] = "stb.sign-block.v1";
 constexpr char kCodecInt8Group[] = "stb.int8-group.v1";
-constexpr char kCodecBinaryGroups[] = "stb.binary-groups.v1";
+constexpr char kCodecBinaryGroups[] = "stb.binary-groups.v2";
 
 struct Component {
   const uint8_t* data = nullptr;  // points into the mapping; valid while the StbFile lives
@@ -41,13 +41,14 @@ struct TensorEntry {
   std::string codec;
   std::vector<int64_t> shape;
   int64_t num_elements = 0;
-  // stb.sign-block.v1 / stb.binary-groups.v1 parameters (0 when not that codec / no mask)
+  // stb.sign-block.v1 / stb.binary-groups.v2 parameters (0 when not that codec / no mask)
   int block = 0;
   int nm_n = 0, nm_m = 0;
   int group = 0;  // stb.int8-group.v1 group size
-  // stb.binary-groups.v1 only: non-salient regions (1-3) and the number of salient columns
+  // stb.binary-groups.v2 only: non-salient regions (1-3), salient columns, kept weights in salient columns
   int regions = 0;
   int64_t salient_columns = 0;
+  int64_t kept_salient = 0;
   std::map<std::string, Component> components;
 
   const Component& component(const std::string& key) const;  // throws FormatError when missing

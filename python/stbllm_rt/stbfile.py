@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _core
+from . import _core, binary_groups
 from ._core import FormatError
 
 MAGIC = b"\x89STB\r\n\x1a\n"
@@ -30,7 +30,7 @@ CODEC_F16 = "stb.f16.v1"
 CODEC_BYTES = "stb.bytes.v1"
 CODEC_SIGN_BLOCK = "stb.sign-block.v1"
 CODEC_INT8_GROUP = "stb.int8-group.v1"
-CODEC_BINARY_GROUPS = "stb.binary-groups.v1"
+CODEC_BINARY_GROUPS = binary_groups.CODEC
 
 LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_o.weight",
                    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
@@ -52,11 +52,6 @@ def pack_bits(bits: np.ndarray) -> np.ndarray:
 def unpack_bits(words: np.ndarray, cols: int) -> np.ndarray:
     """Inverse of pack_bits."""
     return np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :cols].astype(bool)
-
-
-def label_planes(regions: int) -> int:
-    """Bit planes that hold a region label 0..regions-1 (stb.binary-groups.v1)."""
-    return (regions - 1).bit_length()
 
 
 def fixed_header(features: int, header_json: bytes, file_size: int) -> bytes:
@@ -170,56 +165,17 @@ class StbWriter:
 
     def add_binary_groups(self, name: str, signs, labels, salient, residual, params, regions: int,
                           block: int = 128, mask=None, nm=None) -> None:
-        """stb.binary-groups.v1 (docs/format.md). signs: bool [rows, cols] first-order signs (True = +1); labels:
-        uint8 [rows, cols] region 0..regions-1 of each non-salient weight; salient: bool [cols] salient columns;
-        residual: bool [rows, cols] order-2 signs (only salient columns are stored); params: [rows, blocks,
-        2*regions + 4] (stored fp16: alpha, mu per region, then alpha1, mu1, alpha2, mu2 of the salient part);
-        mask/nm: the N:M keep-mask (False = exactly zero) and its pattern, or None."""
-        signs = np.asarray(signs, dtype=bool)
-        if signs.ndim != 2:
-            raise ValueError(f"{name}: signs must be 2-D")
-        rows, cols = signs.shape
-        if block % 64 or not 64 <= block <= 4096:
-            raise ValueError(f"{name}: block must be a multiple of 64 in [64, 4096], got {block}")
-        if not 1 <= regions <= 3:
-            raise ValueError(f"{name}: regions must be 1, 2 or 3")
-        nblocks = -(-cols // block)
-        params = np.asarray(params, dtype="<f2")
-        if params.shape != (rows, nblocks, 2 * regions + 4):
-            raise ValueError(f"{name}: params must have shape {(rows, nblocks, 2 * regions + 4)}, got {params.shape}")
-        salient = np.asarray(salient, dtype=bool)
-        labels = np.asarray(labels, dtype=np.uint8)
-        residual = np.asarray(residual, dtype=bool)
-        if salient.shape != (cols,) or labels.shape != (rows, cols) or residual.shape != (rows, cols):
-            raise ValueError(f"{name}: salient must be [cols], labels and residual [rows, cols]")
-        if (mask is None) != (nm is None):
-            raise ValueError(f"{name}: a mask and its nm pattern go together")
-        keep = np.ones((rows, cols), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-        if keep.shape != (rows, cols):
-            raise ValueError(f"{name}: mask shape {keep.shape} != signs shape {(rows, cols)}")
-        nonsalient = keep & ~salient[None, :]
-        if (labels[nonsalient] >= regions).any():
-            raise ValueError(f"{name}: a region label is >= regions ({regions})")
-        labels = np.where(nonsalient, labels, 0)  # labels of salient or pruned weights are 0 (format rule)
-        components = {"signs": pack_bits(signs & keep)}
-        if mask is not None:
-            n, m = (int(x) for x in nm)
-            if not 1 <= n <= m <= 64:
-                raise ValueError(f"{name}: bad N:M {n}:{m}")
-            components["mask"] = pack_bits(keep)
+        """stb.binary-groups.v2 (docs/format.md; arguments: stbllm_rt.binary_groups.encode). Stores only what the
+        data needs: exact N:M masks as one code per group, signs and labels of kept weights only."""
+        try:
+            params_json, components, paper_bits = binary_groups.encode(signs, labels, salient, residual, params,
+                                                                       regions, block, mask, nm)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if params_json["nm"] is not None:
             self._features |= FEATURE_NM_MASK
-            nm = [n, m]
-        planes = label_planes(regions)
-        if planes:
-            components["labels"] = np.stack([pack_bits((labels >> p) & 1 == 1) for p in range(planes)])
-        components["salient"] = pack_bits(salient[None, :])
-        n_salient = int(salient.sum())
-        if n_salient:
-            components["residual"] = pack_bits((residual[:, salient] & keep[:, salient]).reshape(1, -1))
-        components["params"] = params
-        self._add(name, CODEC_BINARY_GROUPS, (rows, cols),
-                  {"block": int(block), "nm": nm, "regions": int(regions), "salient_columns": n_salient}, components,
-                  int(keep.sum()) + int(keep[:, salient].sum()))
+        rows, cols = np.shape(signs)
+        self._add(name, CODEC_BINARY_GROUPS, (rows, cols), params_json, components, paper_bits)
 
     def add_int8_group(self, name: str, array, group: int = 64) -> None:
         """Symmetric 8-bit: per (row, group of 64 columns) scale = max|w| / 127, value = round(w / scale)."""
@@ -397,36 +353,7 @@ class StbReader:
             scales = self.component(name, "scales").view("<f2").reshape(rows, -1).astype(np.float32)
             return (values * np.repeat(scales, info["params"]["group"], axis=1))[:, :cols]
         if codec == CODEC_BINARY_GROUPS:
-            return self._dequantize_binary_groups(name, info)
+            def stream(key):  # an empty stream is absent from the file
+                return self.component(name, key) if key in info["components"] else np.zeros(0, np.uint8)
+            return binary_groups.dequantize(stream, info["shape"], info["params"])
         raise FormatError(f"tensor {name!r} has codec {codec}, which has no numeric value")
-
-    def _dequantize_binary_groups(self, name: str, info: dict) -> np.ndarray:
-        rows, cols = info["shape"]
-        p = info["params"]
-        block, regions, n_salient = p["block"], p["regions"], p["salient_columns"]
-
-        def plane(key, index=0):
-            words = self.component(name, key).view("<u8").reshape(-1, rows, (cols + 63) // 64)[index]
-            return unpack_bits(words, cols)
-
-        def pm(bits):
-            return np.where(bits, np.float32(1), np.float32(-1))
-
-        params = self.component(name, "params").view("<f2").reshape(rows, -1, 2 * regions + 4).astype(np.float32)
-        per_col = np.repeat(params, block, axis=1)[:, :cols]  # [rows, cols, 2*regions + 4]
-        labels = np.zeros((rows, cols), dtype=np.int64)
-        for i in range(label_planes(regions)):
-            labels |= plane("labels", i).astype(np.int64) << i
-        s = pm(plane("signs"))
-        alpha = np.take_along_axis(per_col, (2 * labels)[..., None], axis=2)[..., 0]
-        mu = np.take_along_axis(per_col, (2 * labels + 1)[..., None], axis=2)[..., 0]
-        values = alpha * s + mu
-        salient = unpack_bits(self.component(name, "salient").view("<u8").reshape(1, -1), cols)[0]
-        if n_salient:
-            bits = unpack_bits(self.component(name, "residual").view("<u8").reshape(1, -1), rows * n_salient)
-            t = pm(bits.reshape(rows, n_salient))
-            sp = per_col[:, salient, 2 * regions:]
-            values[:, salient] = (sp[..., 0] * s[:, salient] + sp[..., 1]) + (sp[..., 2] * t + sp[..., 3])
-        if p.get("nm") is not None:
-            values = np.where(plane("mask"), values, np.float32(0))
-        return values

@@ -246,7 +246,7 @@ def allocate_nm(ratios, n: int, m: int, lamda: float) -> list[int]:
 
 @dataclass
 class GroupsResult:
-    """A binarized matrix in the terms of the stb.binary-groups.v1 codec (docs/format.md), plus its dequantized
+    """A binarized matrix in the terms of the stb.binary-groups.v2 codec (docs/format.md), plus its dequantized
     value q (float32, exactly what the file reproduces)."""
     q: torch.Tensor            # [rows, cols] float32
     signs: torch.Tensor        # [rows, cols] bool, first-order sign (+1) of kept weights

@@ -29,11 +29,11 @@ methods:
   billm  BiLLM (calibrated): per block of 128 input columns, searched salient columns get order-2 residual
          binarization, the other weights are split in two by a searched break point, each part with its own
          fp16 scale and mean per row; GPTQ/OBC error compensation between blocks. Optional --nm N:M
-         (magnitude importance by default). Stored as stb.binary-groups.v1.
+         (magnitude importance by default). Stored as stb.binary-groups.v2.
   stbllm STBLLM (calibrated, needs --nm N:M, N kept of M): N:M pruning by Standardized Importance with
          layer-wise N:M allocation (the mean N is exactly the requested one), salient columns at order 2, the
          other kept weights split in three regions (dense / intermediate / sparse). Pruned weights are exactly
-         zero in the file. Stored as stb.binary-groups.v1.
+         zero in the file. Stored as stb.binary-groups.v2.
 
 calibrated methods run the model layer by layer over calibration text (default: the C4 sample, 128 windows of
 2048 tokens, seed 0; a 135M model on 2 CPU cores wants a smaller preset such as --calib-samples 32

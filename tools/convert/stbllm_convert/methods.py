@@ -150,7 +150,7 @@ class Sign(Method):
 
 class CalibratedMethod(Method):
     """Binarization with salient columns, searched regions and block OBC (binarize.quantize_groups), stored as
-    stb.binary-groups.v1. Options: importance (N:M pruning metric), layerwise (per-layer N:M allocation that keeps
+    stb.binary-groups.v2. Options: importance (N:M pruning metric), layerwise (per-layer N:M allocation that keeps
     the requested average), lamda / hyper_m (the allocation's spread and outlier threshold)."""
 
     calibrated = True

@@ -1,0 +1,222 @@
+"""The compact storage of stb.binary-groups.v2 (docs/format.md): encode the planes a calibrated binarizer produces
+into the file's streams, and decode them back. Pure numpy; the C++ reader (engine/format/binary_groups.cpp)
+decodes the same streams for the runtime.
+
+Every stream stores only what the data needs: the N:M mask as one colex rank of the kept subset per group of M,
+signs of kept weights only, region labels of kept non-salient weights only (5 base-3 labels per byte when there are
+three regions), order-2 signs of kept salient weights only.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CODEC = "stb.binary-groups.v2"
+
+# BINOMIAL[n, k] = C(n, k) for n, k <= 64, as uint64 (C(64, 32) < 2**63).
+BINOMIAL = np.zeros((65, 65), dtype=np.uint64)
+for _n in range(65):
+    for _k in range(_n + 1):
+        BINOMIAL[_n, _k] = math.comb(_n, _k)
+
+
+def rank_width(m: int, n: int) -> int:
+    """Bits of one mask code: a colex rank in [0, C(m, n))."""
+    return (math.comb(m, n) - 1).bit_length()
+
+
+def mask_layout(cols: int, n: int, m: int) -> tuple[int, int, int]:
+    """(full groups G, tail width g, kept in the tail) of one row under an exact N:M mask."""
+    full, tail = divmod(cols, m)
+    return full, tail, math.ceil(n * tail / m)
+
+
+def mask_bits_per_row(cols: int, n: int, m: int) -> int:
+    full, tail, tail_kept = mask_layout(cols, n, m)
+    return full * rank_width(m, n) + (rank_width(tail, tail_kept) if tail else 0)
+
+
+def kept_per_row(cols: int, n: int, m: int) -> int:
+    full, _, tail_kept = mask_layout(cols, n, m)
+    return full * n + tail_kept
+
+
+def _bits_lsb_first(values: np.ndarray, width: int) -> np.ndarray:
+    """uint64 [..., k] -> bool [..., k * width], each value's bits least significant first."""
+    if width == 0:
+        return np.zeros((*values.shape[:-1], 0), dtype=bool)
+    shifts = np.arange(width, dtype=np.uint64)
+    return ((values[..., None] >> shifts) & np.uint64(1)).astype(bool).reshape(*values.shape[:-1], -1)
+
+
+def _values_lsb_first(bits: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of _bits_lsb_first: bool [..., k * width] -> uint64 [..., k] (width > 0)."""
+    b = bits.reshape(*bits.shape[:-1], -1, width).astype(np.uint64)
+    return (b << np.arange(width, dtype=np.uint64)).sum(axis=-1, dtype=np.uint64)
+
+
+def _colex_rank(keep: np.ndarray) -> np.ndarray:
+    """bool [..., m] with the same count k in every group -> uint64 colex rank sum_i C(c_i, i), c_1 < ... < c_k."""
+    m = keep.shape[-1]
+    position_in_subset = np.cumsum(keep, axis=-1)  # i for the i-th kept column (1-based)
+    terms = BINOMIAL[np.arange(m), np.minimum(position_in_subset, 64)]
+    return np.where(keep, terms, np.uint64(0)).sum(axis=-1, dtype=np.uint64)
+
+
+def _colex_unrank(rank: np.ndarray, m: int, k: int) -> np.ndarray:
+    """uint64 ranks -> bool [..., m] subsets of size k (inverse of _colex_rank)."""
+    rank = rank.astype(np.uint64).copy()
+    keep = np.zeros((*rank.shape, m), dtype=bool)
+    for i in range(k, 0, -1):
+        # c_i = the largest c with C(c, i) <= rank; C(c, i) = 0 for c < i, so counting all c <= rank works.
+        c = (BINOMIAL[:m, i] <= rank[..., None]).sum(axis=-1) - 1
+        np.put_along_axis(keep, c[..., None], True, axis=-1)
+        rank -= BINOMIAL[c, i]
+    return keep
+
+
+def _pack(bits: np.ndarray) -> np.ndarray:
+    return np.packbits(np.asarray(bits, dtype=bool).reshape(-1), bitorder="little")
+
+
+def _unpack(stream: np.ndarray, count: int) -> np.ndarray:
+    return np.unpackbits(np.asarray(stream, dtype=np.uint8), bitorder="little")[:count].astype(bool)
+
+
+def encode_mask(keep: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Exact N:M keep-mask [rows, cols] -> the `mask` stream. Every full group of m keeps exactly n and a ragged
+    tail of g columns keeps exactly ceil(n*g/m) (what the converter's N:M selection produces)."""
+    rows, cols = keep.shape
+    full, tail, tail_kept = mask_layout(cols, n, m)
+    groups = keep[:, :full * m].reshape(rows, full, m)
+    if (groups.sum(axis=2) != n).any():
+        raise ValueError(f"the mask must keep exactly {n} of every {m} weights")
+    parts = [_bits_lsb_first(_colex_rank(groups), rank_width(m, n))]
+    if tail:
+        tail_mask = keep[:, full * m:]
+        if (tail_mask.sum(axis=1) != tail_kept).any():
+            raise ValueError(f"the ragged last group of {tail} weights must keep exactly {tail_kept}")
+        parts.append(_bits_lsb_first(_colex_rank(tail_mask)[:, None], rank_width(tail, tail_kept)))
+    return _pack(np.concatenate(parts, axis=1))
+
+
+def decode_mask(stream: np.ndarray, rows: int, cols: int, n: int, m: int) -> np.ndarray:
+    full, tail, tail_kept = mask_layout(cols, n, m)
+    width, tail_width = rank_width(m, n), (rank_width(tail, tail_kept) if tail else 0)
+    bits = _unpack(stream, rows * mask_bits_per_row(cols, n, m)).reshape(rows, -1)
+    keep = np.zeros((rows, cols), dtype=bool)
+    def ranks(field, count, w):  # a width-0 code is the only subset: rank 0
+        return _values_lsb_first(field, w) if w else np.zeros((rows, count), np.uint64)
+
+    keep[:, :full * m] = _colex_unrank(ranks(bits[:, :full * width], full, width), m, n).reshape(rows, -1)
+    if tail:
+        keep[:, full * m:] = _colex_unrank(ranks(bits[:, full * width:], 1, tail_width)[:, 0], tail, tail_kept)
+    return keep
+
+
+def encode_labels(labels: np.ndarray, regions: int) -> np.ndarray:
+    """Region labels 0..regions-1 (1-D) -> the `labels` stream: 1 bit each for 2 regions, 5 per byte for 3."""
+    if regions == 2:
+        return _pack(labels == 1)
+    trits = np.zeros(-(-labels.size // 5) * 5, dtype=np.uint8)
+    trits[:labels.size] = labels
+    return (trits.reshape(-1, 5).astype(np.uint16) * np.array([1, 3, 9, 27, 81], np.uint16)).sum(axis=1).astype(
+        np.uint8)
+
+
+def decode_labels(stream: np.ndarray, count: int, regions: int) -> np.ndarray:
+    if regions == 2:
+        return _unpack(stream, count).astype(np.uint8)
+    byte = np.asarray(stream, dtype=np.uint8)[:, None].astype(np.uint16)
+    return ((byte // np.array([1, 3, 9, 27, 81], np.uint16)) % 3).astype(np.uint8).reshape(-1)[:count]
+
+
+def label_stream_bytes(count: int, regions: int) -> int:
+    return 0 if regions == 1 else -(-count // 8) if regions == 2 else -(-count // 5)
+
+
+def encode(signs, labels, salient, residual, params, regions: int, block: int, mask=None, nm=None):
+    """The planes of a calibrated binarizer -> (params JSON, components, paper bits). signs: bool [rows, cols]
+    first-order signs (True = +1); labels: uint8 [rows, cols] region of each non-salient weight; salient: bool
+    [cols]; residual: bool [rows, cols] order-2 signs (read in salient columns only); params: [rows, blocks,
+    2*regions + 4] (stored fp16); mask/nm: exact N:M keep-mask (False = exactly zero) and its (N, M), or None."""
+    signs = np.asarray(signs, dtype=bool)
+    if signs.ndim != 2:
+        raise ValueError("signs must be 2-D")
+    rows, cols = signs.shape
+    if block % 64 or not 64 <= block <= 4096:
+        raise ValueError(f"block must be a multiple of 64 in [64, 4096], got {block}")
+    if not 1 <= regions <= 3:
+        raise ValueError("regions must be 1, 2 or 3")
+    params = np.asarray(params, dtype="<f2")
+    shape = (rows, -(-cols // block), 2 * regions + 4)
+    if params.shape != shape:
+        raise ValueError(f"params must have shape {shape}, got {params.shape}")
+    salient = np.asarray(salient, dtype=bool)
+    labels = np.asarray(labels, dtype=np.uint8)
+    residual = np.asarray(residual, dtype=bool)
+    if salient.shape != (cols,) or labels.shape != (rows, cols) or residual.shape != (rows, cols):
+        raise ValueError("salient must be [cols], labels and residual [rows, cols]")
+    if (mask is None) != (nm is None):
+        raise ValueError("a mask and its nm pattern go together")
+    keep = np.ones((rows, cols), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    if keep.shape != (rows, cols):
+        raise ValueError(f"mask shape {keep.shape} != signs shape {(rows, cols)}")
+    components = {}
+    if mask is not None:
+        n, m = (int(x) for x in nm)
+        if not 1 <= n <= m <= 64:
+            raise ValueError(f"bad N:M {n}:{m}")
+        components["mask"] = encode_mask(keep, n, m)
+        nm = [n, m]
+    kept_salient = keep & salient[None, :]
+    kept_plain = keep & ~salient[None, :]
+    components["signs"] = _pack(signs[keep])
+    if regions > 1:
+        plain_labels = labels[kept_plain]
+        if (plain_labels >= regions).any():
+            raise ValueError(f"a region label is >= regions ({regions})")
+        components["labels"] = encode_labels(plain_labels, regions)
+    components["salient"] = _pack(salient)
+    n_kept_salient = int(kept_salient.sum())
+    if n_kept_salient:
+        components["residual"] = _pack(residual[kept_salient])
+    components["params"] = params
+    components = {k: v for k, v in components.items() if v.size}  # an empty stream is absent
+    json_params = {"block": int(block), "nm": nm, "regions": int(regions), "salient_columns": int(salient.sum()),
+                   "kept_salient": n_kept_salient}
+    return json_params, components, int(keep.sum()) + n_kept_salient
+
+
+def dequantize(component, shape, p: dict) -> np.ndarray:
+    """float32 [rows, cols] exactly as docs/format.md defines it; component(key) returns a stream's bytes."""
+    rows, cols = shape
+    block, regions = p["block"], p["regions"]
+    if p["nm"] is None:
+        keep = np.ones((rows, cols), dtype=bool)
+    else:
+        keep = decode_mask(component("mask"), rows, cols, *p["nm"])
+    salient = _unpack(component("salient"), cols)
+    kept_salient = keep & salient[None, :]
+    kept_plain = keep & ~salient[None, :]
+    s = np.zeros((rows, cols), dtype=bool)
+    s[keep] = _unpack(component("signs"), int(keep.sum()))
+    labels = np.zeros((rows, cols), dtype=np.int64)
+    if regions > 1:
+        labels[kept_plain] = decode_labels(component("labels"), int(kept_plain.sum()), regions)
+    t = np.zeros((rows, cols), dtype=bool)
+    if p["kept_salient"]:
+        t[kept_salient] = _unpack(component("residual"), p["kept_salient"])
+
+    def pm(bits):
+        return np.where(bits, np.float32(1), np.float32(-1))
+
+    params = component("params").view("<f2").reshape(rows, -1, 2 * regions + 4).astype(np.float32)
+    per_col = np.repeat(params, block, axis=1)[:, :cols]  # [rows, cols, 2*regions + 4]
+    alpha = np.take_along_axis(per_col, (2 * labels)[..., None], axis=2)[..., 0]
+    mu = np.take_along_axis(per_col, (2 * labels + 1)[..., None], axis=2)[..., 0]
+    values = alpha * pm(s) + mu
+    sp = per_col[:, salient, 2 * regions:]
+    values[:, salient] = (sp[..., 0] * pm(s[:, salient]) + sp[..., 1]) + (sp[..., 2] * pm(t[:, salient]) + sp[..., 3])
+    return np.where(keep, values, np.float32(0))

@@ -1,0 +1,195 @@
+"""stb.binary-groups.v2: the compact streams (N:M colex codes, kept-only signs, base-3 labels) round-trip bit-exactly
+through the Python writer, the C++ validator, the Python reader and the runtime's decoder; malformed streams are
+refused with a clear error; the stored bits are what the data needs."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from stbllm_convert import binarize as B  # noqa: E402
+from stbllm_convert.calibrate import CalibrationOptions  # noqa: E402
+from stbllm_convert.convert import convert  # noqa: E402
+from stbllm_convert.methods import make_method  # noqa: E402
+from stbllm_rt import FormatError, Model, StbReader, StbWriter, binary_groups  # noqa: E402
+
+from conftest import CORPUS  # noqa: E402
+from test_calibrate import _correlated_layer  # noqa: E402
+from test_format import _metadata, _rebuild, _split  # noqa: E402
+
+NAME = "blk.0.attn_q.weight"
+
+
+@pytest.mark.parametrize("m, n", [(8, 6), (8, 4), (8, 1), (8, 8), (5, 3), (16, 7), (64, 32)])
+def test_colex_codes_are_a_bijection(m, n):
+    subsets = list(itertools.islice(itertools.combinations(range(m), n), 5000))
+    keep = np.zeros((len(subsets), m), dtype=bool)
+    for i, c in enumerate(subsets):
+        keep[i, list(c)] = True
+    ranks = binary_groups._colex_rank(keep)
+    assert len(set(ranks.tolist())) == len(subsets) and int(ranks.max()) < math.comb(m, n)
+    np.testing.assert_array_equal(binary_groups._colex_unrank(ranks, m, n), keep)
+
+
+def _random_planes(rng, rows, cols, regions, nm, block=128, salient_fraction=0.05):
+    keep = None if nm is None else B.nm_keep(rng.random((rows, cols)), *nm)
+    salient = rng.random(cols) < salient_fraction
+    params = rng.standard_normal((rows, -(-cols // block), 2 * regions + 4)).astype(np.float16)
+    return dict(signs=rng.random((rows, cols)) < 0.5, labels=rng.integers(0, regions, (rows, cols)).astype(np.uint8),
+                salient=salient, residual=rng.random((rows, cols)) < 0.5, params=params, regions=regions,
+                block=block, mask=keep, nm=nm)
+
+
+def _reference(planes):
+    """The dequantization rule of docs/format.md, written directly on the planes."""
+    p = planes["params"].astype(np.float32)
+    rows, cols = planes["signs"].shape
+    per_col = np.repeat(p, planes["block"], axis=1)[:, :cols]
+    s = np.where(planes["signs"], 1, -1).astype(np.float32)
+    t = np.where(planes["residual"], 1, -1).astype(np.float32)
+    g = planes["labels"].astype(np.int64)
+    r = 2 * planes["regions"]
+    pick = lambda k: np.take_along_axis(per_col, k[..., None], axis=2)[..., 0]  # noqa: E731
+    values = pick(2 * g) * s + pick(2 * g + 1)
+    salient_values = (per_col[..., r] * s + per_col[..., r + 1]) + (per_col[..., r + 2] * t + per_col[..., r + 3])
+    values = np.where(planes["salient"][None, :], salient_values, values)
+    return values if planes["mask"] is None else np.where(planes["mask"], values, np.float32(0))
+
+
+@pytest.mark.parametrize("regions, nm, cols", [(3, (6, 8), 576), (3, (5, 8), 203), (2, (4, 8), 64), (2, None, 130),
+                                                (1, (8, 8), 72), (3, (3, 7), 100), (3, None, 64)])
+def test_random_planes_round_trip(tmp_path, regions, nm, cols):
+    planes = _random_planes(np.random.default_rng(cols), 9, cols, regions, nm)
+    writer = StbWriter(_metadata())
+    writer.add_binary_groups(NAME, **planes)
+    writer.write(tmp_path / "g.stb")
+    reader = StbReader(tmp_path / "g.stb")
+    np.testing.assert_array_equal(reader.dequantize(NAME), _reference(planes))
+    kept = 9 * cols if nm is None else int(planes["mask"].sum())
+    assert len(reader.component(NAME, "signs")) == -(-kept // 8)  # one sign bit per kept weight
+
+
+def _groups_file(tmp_path, regions=3, nm=(5, 8), cols=200, rows=24):
+    w, _, h = _correlated_layer(rows, cols, tokens=512, seed=regions)
+    keep = None if nm is None else torch.from_numpy(B.nm_keep(w.abs().numpy(), *nm))
+    result = B.quantize_groups(w, B.inverse_hessian_factor(h, w.clone()), keep, regions)
+    writer = StbWriter(_metadata())
+    make_method("stbllm" if regions == 3 else "billm", nm=nm).write(writer, NAME, result, nm)
+    path = tmp_path / f"groups-{regions}-{cols}.stb"
+    writer.write(path)
+    return path, result
+
+
+@pytest.mark.parametrize("regions, nm, cols", [(3, (5, 8), 200), (2, None, 576), (2, (4, 8), 64), (1, None, 130)])
+def test_quantizer_output_round_trips_bit_exactly(tmp_path, regions, nm, cols):
+    path, result = _groups_file(tmp_path, regions, nm, cols)
+    reader = StbReader(path)
+    got = reader.dequantize(NAME)
+    np.testing.assert_array_equal(got, result.q.numpy())
+    assert reader.tensor_info(NAME)["params"]["salient_columns"] == int(result.salient.sum()) > 0
+    if nm is not None:
+        assert (got[~result.keep.numpy()] == 0).all()
+    bits = reader.metadata["provenance"]["bits"]["groups"]
+    assert {"signs", "salient_bitmap", "residual_signs", "scales"} <= set(bits)
+    assert ("labels" in bits) == (regions > 1) and ("masks" in bits) == (nm is not None)
+
+
+def test_stored_bits_are_what_the_data_needs(tmp_path):
+    """6:8 with three regions: 5-bit mask codes per group of 8, 6 sign bits, 1.6 bits per kept non-salient label."""
+    planes = _random_planes(np.random.default_rng(0), 64, 1024, 3, (6, 8))
+    writer = StbWriter(_metadata())
+    writer.add_binary_groups(NAME, **planes)
+    report = writer.bit_report()["groups"]
+    assert report["masks"]["bits_per_weight"] == 5 / 8
+    assert report["signs"]["bits_per_weight"] == 6 / 8
+    kept_plain = int((planes["mask"] & ~planes["salient"][None]).sum())
+    assert report["labels"]["bytes"] == -(-kept_plain // 5)
+
+
+def _tamper(path, key, edit):
+    """Rewrites one component's bytes (edit(bytearray)) with a matching checksum, so only the content is wrong."""
+    from stbllm_rt import _core
+
+    raw, header, data_offset = _split(path)
+    comp = header["tensors"][NAME]["components"][key]
+    data = bytearray(raw[data_offset:])
+    piece = bytearray(data[comp["offset"]:comp["offset"] + comp["length"]])
+    edit(piece)
+    data[comp["offset"]:comp["offset"] + comp["length"]] = piece
+    comp["crc32c"] = int(_core.crc32c(bytes(piece)))
+    _rebuild(path, header, bytes(data))
+
+
+def _set_bit(index):
+    def edit(buf):
+        buf[index // 8] |= 1 << (index % 8)
+    return edit
+
+
+@pytest.mark.parametrize("case, match", [
+    ("regions", "regions"), ("salient_count", "salient"), ("unknown_param", "unknown param"),
+    ("params_length", "need"), ("missing_labels", "components"), ("kept_salient", "kept_salient"),
+    ("salient_past_end", "past the last column"), ("salient_popcount", "salient bitmap has"),
+])
+def test_malformed_headers_are_rejected_at_open(tmp_path, case, match):
+    path, result = _groups_file(tmp_path, 3, (5, 8), cols=203, rows=7)
+    if case.startswith("salient_"):
+        free = int((~result.salient).nonzero()[0][0])
+        _tamper(path, "salient", _set_bit(205 if case == "salient_past_end" else free))
+    else:
+        raw, header, data_offset = _split(path)
+        t = header["tensors"][NAME]
+        {"regions": lambda: t["params"].update(regions=4),
+         "salient_count": lambda: t["params"].update(salient_columns=t["params"]["salient_columns"] + 1),
+         "unknown_param": lambda: t["params"].update(scale_dtype="f16"),
+         "params_length": lambda: t["components"]["params"].update(length=t["components"]["params"]["length"] - 2),
+         "missing_labels": lambda: t["components"].pop("labels"),
+         "kept_salient": lambda: t["params"].update(kept_salient=7 * 203)}[case]()
+        _rebuild(path, header, raw[data_offset:])
+    with pytest.raises(FormatError, match=match):
+        StbReader(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_stbllm(tmp_path_factory, tiny_hf_models):
+    root = tmp_path_factory.mktemp("codec")
+    text = root / "calib.txt"
+    text.write_text("\n".join(CORPUS * 3))
+    out = root / "llama-stbllm.stb"
+    convert(tiny_hf_models["llama"], out, method="stbllm", nm="6:8", progress=False,
+            calibration=CalibrationOptions(texts=[text], samples=2, seqlen=32))
+    return out
+
+
+@pytest.mark.parametrize("case, match", [
+    ("mask_code", "mask code out of range"), ("label_digit", "not 5 base-3 digits"), ("padding", "padding"),
+    ("kept_salient", "kept salient"),
+])
+def test_malformed_streams_are_refused_by_the_runtime(tiny_stbllm, tmp_path, case, match):
+    """Stream contents that lengths cannot express are checked when the runtime decodes them."""
+    path = tmp_path / "bad.stb"
+    path.write_bytes(tiny_stbllm.read_bytes())
+    Model(path)  # the untouched file loads
+    info = StbReader(path).tensor_info(NAME)
+    (n, m), rows, cols = info["params"]["nm"], *info["shape"]
+    kept, kept_salient = rows * binary_groups.kept_per_row(cols, n, m), info["params"]["kept_salient"]
+    if case == "mask_code":  # the largest code of its width is out of range unless C(m, n) is a power of two
+        width = binary_groups.rank_width(m, n)
+        assert math.comb(m, n) < 1 << width
+        _tamper(path, "mask", lambda b: b.__setitem__(0, b[0] | ((1 << width) - 1)))
+    elif case == "label_digit":
+        _tamper(path, "labels", lambda b: b.__setitem__(0, 250))
+    elif case == "padding":  # a set bit past the end of a stream whose length is not whole bytes / digits
+        key, used = next((k, u) for k, u in (("signs", kept % 8), ("residual", kept_salient % 8),
+                                             ("labels", (kept - kept_salient) % 5)) if u)
+        _tamper(path, key, lambda b: b.__setitem__(len(b) - 1, 242 if key == "labels" else 0x80))
+    else:  # a count that keeps every stream's length: only decoding can tell
+        lengths = lambda ks: (-(-ks // 8), -(-(kept - ks) // 5))  # noqa: E731
+        delta = next(d for d in (-1, 1, -2, 2, -3, 3) if lengths(kept_salient + d) == lengths(kept_salient))
+        raw, header, data_offset = _split(path)
+        header["tensors"][NAME]["params"]["kept_salient"] += delta
+        _rebuild(path, header, raw[data_offset:])
+    with pytest.raises(FormatError, match=match):
+        Model(path)
