@@ -66,7 +66,7 @@ def check(p, nm, n, seed, bias=False):
 
 
 @pytest.mark.parametrize("rows, cols, block", [(7, 64, 64), (33, 576, 128), (16, 1000, 256), (130, 2048, 128),
-                                               (5, 200, 128), (3, 4096, 4096), (9, 130, 64)])
+                                               (5, 200, 128), (3, 4096, 4096), (9, 130, 64), (4, 5, 64)])
 @pytest.mark.parametrize("n", [1, 3, 17])
 def test_shapes_and_batches(kernels, rows, cols, block, n):
     rng = np.random.default_rng(rows * cols + n)
