@@ -5,7 +5,7 @@
 // weight indexing a 16-entry float codebook of the weight's (row, block), which the kernels build in registers
 // from the block's fp16 params:
 //   0 = pruned (0.0), 1 + 2g + s = region g (α_g·s + μ_g), 8 + 2s + t = salient ((α₁·s + μ₁) + (α₂·t + μ₂)),
-// with s, t = 1 for a set sign / residual bit (+1), 0 for a clear one (−1); codes 7 and 12–15 are unused (0.0).
+// with s, t = 1 for a set sign / residual bit (+1), 0 for a clear one (−1); codes 7 and 12–15 are never written.
 // Every codebook entry is computed with the format's exact operations, so each weight is bit-identical to the
 // format's dequantized value; kernels differ from the reference only in float summation order.
 // Codes of a row come in steps of 64 columns (32 bytes, rows zero padded to whole steps): 16-bit word i of a step
