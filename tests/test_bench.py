@@ -49,9 +49,12 @@ def test_kernels_bench(tmp_path, capsys):
     assert bench.main(["kernels", "--shape", "64x576", "--nm", "4:8", "--batch", "2", "--threads", "1",
                        "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["results"]) == {"sign-block 4:8", "f16", "f32"}
+    assert set(result["results"]) == {"binary-groups 4:8", "sign-block 4:8", "f16", "f32"}
     sign = result["results"]["sign-block 4:8"]
     assert sign["weight_bytes"] == 64 * 9 * 8 * 2 + 64 * 5 * 2 and sign["us"] > 0
+    groups = result["results"]["binary-groups 4:8"]
+    if groups["kernels"] != "scalar":  # the repacked codes (4 bits a weight) and params (10 fp16 per row block)
+        assert groups["weight_bytes"] == 64 * 576 // 2 + (64 * 5 * 10 + 16) * 2 and groups["us"] > 0
 
 
 @pytest.mark.parametrize("n, m", [(4, 8), (6, 8), (1, 4), (3, 16)])

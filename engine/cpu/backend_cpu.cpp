@@ -68,6 +68,7 @@ class CpuBackend final : public Backend {
 
   Matrix upload_matrix(const TensorEntry& w, const TensorEntry* bias) override {
     Matrix m;
+    std::unique_ptr<BinaryGroupsPlanes> planes;  // decoded stb.binary-groups.v2 streams, until repacked
     m.name = w.name;
     m.rows = w.shape.at(0);
     m.cols = w.shape.at(1);
@@ -88,8 +89,8 @@ class CpuBackend final : public Backend {
       m.values = w.component("values").data;
       m.scales = reinterpret_cast<const uint16_t*>(w.component("scales").data);
     } else if (w.codec == kCodecBinaryGroups) {
-      group_planes_.push_back(std::make_unique<BinaryGroupsPlanes>(decode_binary_groups(w)));
-      cpu::describe_binary_groups(w, *group_planes_.back(), m);
+      planes = std::make_unique<BinaryGroupsPlanes>(decode_binary_groups(w));
+      cpu::describe_binary_groups(w, *planes, m);
     } else {
       throw FormatError("tensor '" + w.name + "' has codec " + w.codec +
                         "; a weight matrix needs stb.f32.v1, stb.f16.v1, stb.sign-block.v1, stb.int8-group.v1 or "
@@ -98,6 +99,12 @@ class CpuBackend final : public Backend {
     if (m.codec != MatrixCodec::BinaryGroups)  // those report their decoded planes
       for (const auto& kv : w.components) m.bytes += kv.second.length;
     pack_matrix(m);
+    if (planes) {
+      if (m.packed)
+        m.signs = m.mask = m.labels = m.salient = m.residual = nullptr;  // the repacked codes replace the planes
+      else
+        group_planes_.push_back(std::move(planes));  // the portable kernel reads them
+    }
     if (bias) {
       m.bias = upload_vector(*bias);
       m.bytes += bias->components.at("data").length;
@@ -105,14 +112,19 @@ class CpuBackend final : public Backend {
     return m;
   }
 
-  // Sign-block weights are repacked for the table-lookup kernel where the kernel path has one; the original
-  // planes are not read afterwards, so the bytes the model holds are the repacked ones.
+  // Sign-block and binary-groups weights are repacked for the SIMD kernels where the kernel path has them; the
+  // original planes are not read afterwards, so the bytes the model holds are the repacked ones.
   void pack_matrix(Matrix& m) override {
-    if (m.codec != MatrixCodec::SignBlock || !k_.sign_lut) return;
-    luts_.push_back(std::make_unique<cpu::SignLut>(
-        cpu::build_sign_lut(m.signs, m.mask, m.scales, m.rows, m.cols, m.block)));
-    m.packed = luts_.back().get();
-    m.bytes = luts_.back()->bytes();
+    if (m.codec == MatrixCodec::SignBlock && k_.sign_lut) {
+      luts_.push_back(std::make_unique<cpu::SignLut>(
+          cpu::build_sign_lut(m.signs, m.mask, m.scales, m.rows, m.cols, m.block)));
+      m.packed = luts_.back().get();
+      m.bytes = luts_.back()->bytes();
+    } else if (m.codec == MatrixCodec::BinaryGroups && k_.groups) {
+      groups_.push_back(std::make_unique<cpu::BinaryGroupsCodes>(cpu::build_binary_groups_codes(m)));
+      m.packed = groups_.back().get();
+      m.bytes = groups_.back()->bytes();
+    }
   }
 
   const float* upload_vector(const TensorEntry& t) override {
@@ -155,6 +167,7 @@ class CpuBackend final : public Backend {
 
   void linear(const Matrix& w, const float* x, int n, float* out) override {
     if (w.codec == MatrixCodec::SignBlock || w.codec == MatrixCodec::Int8Group) return linear_q8(w, x, n, out);
+    if (w.codec == MatrixCodec::BinaryGroups && w.packed) return linear_groups(w, x, n, out);
     const int64_t rows = w.rows, cols = w.cols;
     pool_.run(n_chunks(rows), [&](int64_t c) {
       const int64_t r0 = c * chunk_rows(rows), r1 = std::min(rows, r0 + chunk_rows(rows));
@@ -166,7 +179,7 @@ class CpuBackend final : public Backend {
           switch (w.codec) {
             case MatrixCodec::F32: y = k_.dot_f32(static_cast<const float*>(w.values) + r * cols, xt, cols); break;
             case MatrixCodec::F16: y = k_.dot_f16(static_cast<const uint16_t*>(w.values) + r * cols, xt, cols); break;
-            default: y = cpu::dot_binary_groups(w, r, xt);  // BinaryGroups (sign and int8 went to linear_q8)
+            default: y = cpu::dot_binary_groups(w, r, xt);  // BinaryGroups on a path without its SIMD kernel
           }
           yt[r] = w.bias ? y + w.bias[r] : y;
         }
@@ -200,6 +213,25 @@ class CpuBackend final : public Backend {
         if (w.bias)
           for (int t = 0; t < n; ++t) out[t * rows + r] += w.bias[r];
       }
+    });
+  }
+
+  // Binary-groups weights as codes (kernels_groups.h) against float activations in the kernels' step-major order
+  // (a single activation row already is, when it needs no padding).
+  void linear_groups(const Matrix& w, const float* x, int n, float* out) {
+    const auto& g = *static_cast<const cpu::BinaryGroupsCodes*>(w.packed);
+    const int64_t rows = w.rows, cols = w.cols;
+    if (n > 1 || g.padded_cols != cols) {
+      groups_x_.resize(size_t(n) * g.padded_cols);
+      cpu::groups_activations(x, cols, n, g.padded_cols, groups_x_.data());
+      x = groups_x_.data();
+    }
+    pool_.run(n_chunks(rows), [&](int64_t c) {
+      const int64_t r0 = c * chunk_rows(rows), r1 = std::min(rows, r0 + chunk_rows(rows));
+      k_.groups->rows(g, r0, r1, x, n, out, rows);
+      if (w.bias)
+        for (int t = 0; t < n; ++t)
+          for (int64_t r = r0; r < r1; ++r) out[t * rows + r] += w.bias[r];
     });
   }
 
@@ -318,7 +350,9 @@ class CpuBackend final : public Backend {
   std::vector<float> q8_scales_;
   std::vector<uint8_t> lut_tables_;                  // lookup tables of those activations
   std::vector<std::unique_ptr<cpu::SignLut>> luts_;  // repacked sign-block weights, owned for the model's life
-  std::vector<std::unique_ptr<BinaryGroupsPlanes>> group_planes_;  // decoded stb.binary-groups.v2 planes
+  std::vector<std::unique_ptr<BinaryGroupsPlanes>> group_planes_;  // decoded binary-groups planes (portable path)
+  std::vector<float> groups_x_;                      // activations in the binary-groups kernels' order
+  std::vector<std::unique_ptr<cpu::BinaryGroupsCodes>> groups_;  // repacked binary-groups weights, likewise
 };
 
 }  // namespace

@@ -15,6 +15,7 @@ constexpr int kQ8Group = 64;  // activation quantization group; every sign-block
 inline int64_t q8_groups(int64_t cols) { return (cols + kQ8Group - 1) / kQ8Group; }
 
 struct SignLutKernels;  // engine/cpu/sign_lut.h
+struct GroupsKernels;   // engine/cpu/kernels_groups.h
 
 struct Kernels {
   const char* name;
@@ -34,6 +35,8 @@ struct Kernels {
                       float* out, int64_t out_stride);
   // Table-lookup sign-block matmul on repacked weights; null on paths without it (they use sign_row_q8).
   const SignLutKernels* sign_lut;
+  // stb.binary-groups.v2 on repacked codes; null on paths without it (they use dot_binary_groups on the planes).
+  const GroupsKernels* groups;
 };
 
 const Kernels& scalar_kernels();

@@ -1,5 +1,6 @@
 // AVX2 + FMA + F16C kernels (compiled with those flags; called only after run-time detection).
 #include "cpu/kernels.h"
+#include "cpu/kernels_groups.h"
 #include "cpu/sign_lut.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -107,7 +108,7 @@ const Kernels* avx2_kernels() {
   // Binary matrices always take the lookup kernel here (the backend repacks them); sign_row_q8 is the portable
   // one for completeness.
   static const Kernels k{"avx2", dot_f32, dot_f16, f16_to_f32, quantize_q8, scalar_kernels().sign_row_q8,
-                         int8_row_q8, avx2_sign_lut()};
+                         int8_row_q8, avx2_sign_lut(), avx2_groups()};
   return &k;
 }
 

@@ -4,6 +4,7 @@
 // need the tables of groups (2p, 2p, 2p+2, 2p+2) for low nibbles and (2p+1, 2p+1, 2p+3, 2p+3) for high ones —
 // this path builds its tables in that order.
 #include "cpu/kernels.h"
+#include "cpu/kernels_groups.h"
 #include "cpu/sign_lut.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -73,7 +74,7 @@ const Kernels* avx512_kernels() {
   if (!base) return nullptr;
   static const SignLutKernels lut{sign_lut_tables, sign_lut_rows};
   static const Kernels k{"avx512", base->dot_f32, base->dot_f16, base->f16_to_f32, base->quantize_q8,
-                         base->sign_row_q8, base->int8_row_q8, &lut};
+                         base->sign_row_q8, base->int8_row_q8, &lut, avx512_groups()};
   return &k;
 }
 

@@ -1,8 +1,11 @@
-// Portable kernel for stb.binary-groups.v2 (on its decoded planes): decodes each weight on the fly (sign, region label or salient
-// residual, per-(row, block) fp16 alpha/mu) and accumulates per block. Correctness reference, not tuned.
+// stb.binary-groups.v2: the portable reference kernel, which decodes each weight on the fly from the decoded planes
+// (sign, region label or salient residual, per-(row, block) fp16 alpha/mu), and the repacking into the runtime
+// codes of the SIMD kernels (layout: kernels_groups.h).
 #include "cpu/kernels_groups.h"
 
 #include <algorithm>
+#include <stdexcept>
+#include <string>
 
 #include "cpu/kernels.h"
 
@@ -61,6 +64,57 @@ float dot_binary_groups(const Matrix& m, int64_t row, const float* x) {
     acc += sum;
   }
   return acc;
+}
+
+void groups_activations(const float* x, int64_t cols, int n, int64_t padded_cols, float* out) {
+  for (int64_t s = 0; s < padded_cols / kGroupsStep; ++s)
+    for (int t = 0; t < n; ++t) {
+      float* dst = out + (s * n + t) * kGroupsStep;
+      const int64_t j0 = s * kGroupsStep, count = std::min<int64_t>(kGroupsStep, cols - j0);
+      std::copy(x + t * cols + j0, x + t * cols + j0 + count, dst);
+      std::fill(dst + count, dst + kGroupsStep, 0.f);
+    }
+}
+
+BinaryGroupsCodes build_binary_groups_codes(const Matrix& m) {
+  BinaryGroupsCodes g;
+  g.rows = m.rows, g.cols = m.cols, g.padded_cols = (m.cols + kGroupsStep - 1) / kGroupsStep * kGroupsStep;
+  g.block = m.block, g.blocks = m.blocks_per_row, g.regions = m.regions, g.params_per_block = m.params_per_block;
+  const size_t n_params = size_t(m.rows) * m.blocks_per_row * m.params_per_block;
+  g.params.assign(n_params + kGroupsParamsPad, 0);
+  std::copy(m.params, m.params + n_params, g.params.begin());
+  g.codes.assign(size_t(m.rows * g.row_bytes()), 0);
+  // rank[j] = how many salient columns precede column j (its index among the row's residual bits).
+  std::vector<int64_t> rank(size_t(m.cols));
+  for (int64_t j = 0, seen = 0; j < m.cols; ++j) {
+    rank[j] = seen;
+    seen += (m.salient[j >> 6] >> (j & 63)) & 1;
+  }
+  const int64_t words = m.words_per_row, plane = m.rows * words;
+  for (int64_t r = 0; r < m.rows; ++r) {
+    uint8_t* row_codes = g.codes.data() + r * g.row_bytes();
+    for (int64_t j = 0; j < m.cols; ++j) {
+      const int64_t word = r * words + (j >> 6), bit = j & 63;
+      if (m.mask && !((m.mask[word] >> bit) & 1)) continue;  // code 0
+      const unsigned s = (m.signs[word] >> bit) & 1;
+      unsigned code;
+      if ((m.salient[j >> 6] >> bit) & 1) {
+        const int64_t i = r * m.salient_columns + rank[j];
+        code = 8 + 2 * s + ((m.residual[i >> 6] >> (i & 63)) & 1);
+      } else {
+        unsigned label = 0;
+        for (int p = 0; p < m.label_planes; ++p) label |= unsigned((m.labels[p * plane + word] >> bit) & 1) << p;
+        if (int(label) >= m.regions)
+          throw std::invalid_argument("tensor '" + m.name + "': region label " + std::to_string(label) +
+                                      " >= regions " + std::to_string(m.regions));
+        code = 1 + 2 * label + s;
+      }
+      // Column j = step·64 + 16k + i sits in nibble k of 16-bit word i of its step.
+      const int64_t step = j / kGroupsStep, k = (j % kGroupsStep) / 16, i = j % 16;
+      row_codes[step * 32 + 2 * i + k / 2] |= uint8_t(code << (4 * (k % 2)));
+    }
+  }
+  return g;
 }
 
 }  // namespace stb::cpu

@@ -53,7 +53,8 @@ struct Linear {
 void bind_linear(py::module_& m) {
   py::class_<Linear>(m, "Linear")
       .def(py::init([](const std::string& codec, int64_t rows, int64_t cols, py::object values, py::object signs,
-                       py::object mask, py::object scales, int block, py::object bias, int threads) {
+                       py::object mask, py::object scales, int block, py::object bias, int threads,
+                       py::object labels, py::object salient, py::object residual, py::object params, int regions) {
              auto l = std::make_unique<Linear>();
              stb::Matrix& mt = l->matrix;
              // Converts, checks the exact shape (the kernels trust it), and keeps the array alive.
@@ -84,8 +85,26 @@ void bind_linear(py::module_& m) {
                mt.codec = stb::MatrixCodec::Int8Group, mt.groups_per_row = int((cols + 63) / 64);
                mt.values = take(int8_t{}, values, "values", {rows, int64_t(mt.groups_per_row) * 64});
                mt.scales = take(uint16_t{}, scales, "scales", {rows, mt.groups_per_row});
+             } else if (codec == "binary-groups") {  // planes as in the file (docs/format.md)
+               if (block % 64 || block < 64 || block > 4096)
+                 throw py::value_error("block must be a multiple of 64 in [64, 4096]");
+               if (regions < 1 || regions > 3) throw py::value_error("regions must be 1, 2 or 3");
+               mt.codec = stb::MatrixCodec::BinaryGroups, mt.block = block, mt.regions = regions;
+               mt.words_per_row = int((cols + 63) / 64), mt.blocks_per_row = int((cols + block - 1) / block);
+               mt.label_planes = regions > 2 ? 2 : regions - 1, mt.params_per_block = 2 * regions + 4;
+               mt.signs = take(uint64_t{}, signs, "signs", {rows, mt.words_per_row});
+               if (!mask.is_none()) mt.mask = take(uint64_t{}, mask, "mask", {rows, mt.words_per_row});
+               if (mt.label_planes)
+                 mt.labels = take(uint64_t{}, labels, "labels", {mt.label_planes, rows, mt.words_per_row});
+               mt.salient = take(uint64_t{}, salient, "salient", {mt.words_per_row});
+               for (int i = 0; i < mt.words_per_row; ++i) mt.salient_columns += __builtin_popcountll(mt.salient[i]);
+               if (cols % 64 && mt.salient[mt.words_per_row - 1] >> (cols % 64))
+                 throw py::value_error("salient has bits past the last column");
+               if (mt.salient_columns)
+                 mt.residual = take(uint64_t{}, residual, "residual", {(rows * mt.salient_columns + 63) / 64});
+               mt.params = take(uint16_t{}, params, "params", {rows, mt.blocks_per_row, mt.params_per_block});
              } else {
-               throw py::value_error("codec must be f32, f16, sign-block or int8-group");
+               throw py::value_error("codec must be f32, f16, sign-block, int8-group or binary-groups");
              }
              if (!bias.is_none()) mt.bias = take(float{}, bias, "bias", {rows});
              l->backend = stb::make_cpu_backend(threads);
@@ -94,8 +113,12 @@ void bind_linear(py::module_& m) {
            }),
            py::arg("codec"), py::arg("rows"), py::arg("cols"), py::arg("values") = py::none(),
            py::arg("signs") = py::none(), py::arg("mask") = py::none(), py::arg("scales") = py::none(),
-           py::arg("block") = 128, py::arg("bias") = py::none(), py::arg("threads") = 0)
+           py::arg("block") = 128, py::arg("bias") = py::none(), py::arg("threads") = 0,
+           py::arg("labels") = py::none(), py::arg("salient") = py::none(), py::arg("residual") = py::none(),
+           py::arg("params") = py::none(), py::arg("regions") = 3)
       .def("forward", &Linear::forward, py::arg("x"))
       .def("time", &Linear::time, py::arg("x"), py::arg("iters") = 10, py::arg("repeats") = 3)
-      .def_property_readonly("kernels", [](const Linear& l) { return l.backend->kernels(); });
+      .def_property_readonly("kernels", [](const Linear& l) { return l.backend->kernels(); })
+      // Bytes of the backend's repacked form (what a model holds for this matrix); 0 when it uses the planes.
+      .def_property_readonly("weight_bytes", [](const Linear& l) { return l.matrix.bytes; });
 }
