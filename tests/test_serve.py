@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,3 +373,39 @@ def test_request_timeout(gated_server):
     gate.release()
     wait_for(lambda: live.engine.running == 0 and gate.inner.active == 0, "the timed-out request to leave")
     assert live.metric('stbllm_requests_total{outcome="timeout"}') == 1
+
+
+def test_ray_serve_two_replicas(tiny_stb):
+    """The same app as a Ray Serve deployment with 2 replicas on a local Ray instance bound to 127.0.0.1."""
+    ray = pytest.importorskip("ray", reason="Ray Serve is an optional extra (pip install 'stbllm[serve]')")
+    import httpx
+    from ray import serve
+    import yaml
+    from stbllm_rt.serve.ray_app import DEPLOYMENT_NAME, build
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tiny_stb("llama")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # The documented serve.yaml's application, on this test's model.
+        config = yaml.safe_load((Path(stbllm_rt.__file__).parent / "serve" / "serve.yaml").read_text())
+        args = {**config["applications"][0]["args"], "model": str(path), "model_name": "tiny", "threads": 1}
+        assert args["replicas"] == 2
+        serve.run(build(args), name=DEPLOYMENT_NAME, route_prefix="/")
+        replicas = serve.status().applications[DEPLOYMENT_NAME].deployments[DEPLOYMENT_NAME].replica_states
+        assert replicas.get("RUNNING") == 2
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0.8, "seed": 4}
+        texts = {httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"] for _ in range(4)}
+        assert texts == {expected(stbllm_rt.Model(path, threads=1), "Hello", 4, 8)}
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as stream:
+            lines = [line for line in stream.iter_lines() if line.startswith("data:")]
+        assert lines[-1] == "data: [DONE]"
+        assert "".join(json.loads(line[5:])["choices"][0]["text"] for line in lines[:-1]) == texts.pop()
+        assert httpx.post(url, json={"model": "tiny", "prompt": 1.5}, timeout=60).status_code == 400
+    finally:
+        serve.shutdown()
+        ray.shutdown()

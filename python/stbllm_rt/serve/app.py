@@ -4,7 +4,8 @@
 `create_app(settings)` returns an app that holds only its settings until the ASGI lifespan starts: the model is
 loaded (once) at startup, so the same app object runs under uvicorn or as a Ray Serve replica.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: Ray pickles the app's route functions by value, and FastAPI must
+# still see real classes (not strings it cannot resolve any more) in their signatures.
 
 import asyncio
 import hmac

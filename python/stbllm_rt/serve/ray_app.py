@@ -6,6 +6,8 @@ with `import_path: stbllm_rt.serve.ray_app:build` (see docs/serving.md). Needs `
 """
 from __future__ import annotations
 
+import signal
+import sys
 from dataclasses import fields
 
 from .app import ServerSettings, create_app
@@ -48,6 +50,12 @@ def run(settings: ServerSettings, replicas: int, host: str, port: int) -> None:
     import ray
     from ray import serve
 
+    # SIGTERM (kill, a service manager) unwinds like Ctrl-C, so a local Ray instance started here goes down too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     ray.init(include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(settings, replicas), name=DEPLOYMENT_NAME, route_prefix="/", blocking=True)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(settings, replicas), name=DEPLOYMENT_NAME, route_prefix="/", blocking=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
