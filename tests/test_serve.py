@@ -104,6 +104,24 @@ def test_frequency_and_presence_penalties(tiny_stb):
         assert token == int(np.argmax(logits))
 
 
+def test_sampler_filters_without_top_k(tiny_stb):
+    """With top_k off, top_p keeps the smallest highest-first prefix reaching the mass (the sampler sorts only as
+    much as it needs, here more than its first 64) and min_p drops tokens below min_p x the most likely one."""
+    model = stbllm_rt.Model(tiny_stb("llama"), threads=1)
+    prompt = model.tokenize("The quick brown fox")
+    logits = model.logits(prompt)[-1].astype(np.float64) / 2.0  # temperature 2: a flat distribution
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    nucleus = set(order[:int(np.searchsorted(np.cumsum(probs[order]), 0.9)) + 1].tolist())
+    assert len(nucleus) > 64
+    batch = [prompt] * 300
+    drawn = model.generate(batch, max_new_tokens=1, temperature=2.0, top_k=0, top_p=0.9, min_p=0.0, seed=0)
+    assert {t[0] for t in drawn} <= nucleus and len({t[0] for t in drawn}) > 20
+    drawn = model.generate(batch, max_new_tokens=1, temperature=2.0, top_k=0, top_p=1.0, min_p=0.5, seed=0)
+    assert all(probs[t[0]] >= 0.5 * probs.max() * (1 - 1e-5) for t in drawn)
+
+
 # ---- the server ---------------------------------------------------------------------------------------------------
 
 class LiveServer:

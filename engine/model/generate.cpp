@@ -67,35 +67,43 @@ int Sampler::sample(float* logits, int vocab, const std::vector<int>& context, s
   }
   if (p_.temperature <= 0.f) return int(std::max_element(logits, logits + vocab) - logits);
 
-  // Highest first; ties broken by token id so the order never depends on the sort implementation.
+  // Highest first; ties broken by token id so the order never depends on the sort implementation. Only as much
+  // of the vocabulary is sorted as the filters need: a full sort per token would cost more than a decode step of
+  // a small model, and every request in a batch pays it.
   auto higher = [](const std::pair<float, int>& a, const std::pair<float, int>& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
   candidates_.resize(vocab);
   for (int i = 0; i < vocab; ++i) candidates_[i] = {logits[i] / p_.temperature, i};
   size_t n = vocab;
+  size_t sorted = 0;  // candidates_[0, sorted) are the highest, in order; the rest stay in token-id order
   if (p_.top_k > 0 && size_t(p_.top_k) < n) {
     std::partial_sort(candidates_.begin(), candidates_.begin() + p_.top_k, candidates_.end(), higher);
-    n = p_.top_k;
-  } else {
-    std::sort(candidates_.begin(), candidates_.end(), higher);
+    n = sorted = p_.top_k;
   }
-  // Softmax over the survivors (as probabilities, in place).
-  const float top = candidates_[0].first;
+  // Softmax over the survivors (as probabilities, in place), summed in the candidates' order.
+  float top = -std::numeric_limits<float>::infinity();
+  for (size_t i = 0; i < n; ++i) top = std::max(top, candidates_[i].first);
   double total = 0;
   for (size_t i = 0; i < n; ++i) total += (candidates_[i].first = std::exp(candidates_[i].first - top));
   for (size_t i = 0; i < n; ++i) candidates_[i].first = float(candidates_[i].first / total);
-  if (p_.top_p < 1.f) {  // smallest prefix whose mass reaches top_p
+  if (p_.top_p < 1.f) {  // smallest prefix whose mass reaches top_p, sorting more of the rest while it is short
     double mass = 0;
     size_t keep = 0;
-    while (keep < n && mass < p_.top_p) mass += candidates_[keep++].first;
-    n = std::max<size_t>(keep, 1);
+    for (;;) {
+      while (keep < sorted && mass < p_.top_p) mass += candidates_[keep++].first;
+      if (mass >= p_.top_p || sorted == n) break;
+      const size_t grow = std::min(n, std::max<size_t>(64, 4 * sorted));
+      std::partial_sort(candidates_.begin() + sorted, candidates_.begin() + grow, candidates_.begin() + n, higher);
+      sorted = grow;
+    }
+    n = sorted = std::max<size_t>(keep, 1);
   }
-  if (p_.min_p > 0.f) {  // drop tokens less likely than min_p times the most likely one
-    const float floor = p_.min_p * candidates_[0].first;
-    size_t keep = 1;
-    while (keep < n && candidates_[keep].first >= floor) ++keep;
-    n = keep;
+  if (p_.min_p > 0.f) {  // drop tokens less likely than min_p times the most likely one (probability 1 / total)
+    const float floor = p_.min_p * float(1.0 / total);
+    auto end = std::remove_if(candidates_.begin(), candidates_.begin() + n,
+                              [floor](const std::pair<float, int>& c) { return c.first < floor; });
+    n = std::max<size_t>(size_t(end - candidates_.begin()), 1);
   }
   double mass = 0;
   for (size_t i = 0; i < n; ++i) mass += candidates_[i].first;
