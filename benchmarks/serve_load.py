@@ -7,7 +7,8 @@ ones after --max-seconds), and writes a JSON with the machine, commit, date and 
 Per level: aggregate completion tokens/s (all tokens / wall time of the phase), p50/p99 time to first token
 (request sent -> first streamed text) and inter-token latency (gaps between streamed text chunks), requests
 completed / sent, the server's RSS, and the mean sequences per batched step (from /metrics). At the end the largest
-level runs once more, to show the server's RSS does not grow once its KV slots have been used.
+level runs once more, to show the server's RSS does not grow once its KV slots have been used. Before the server
+starts, the C++ batch engine alone is timed per decode step at each batch size (the ceiling for the server).
 """
 from __future__ import annotations
 
@@ -116,6 +117,29 @@ def summarize(results: list[dict], sent_limit: int) -> dict:
             "itl_ms_p50": pct(gaps, 50), "itl_ms_p99": pct(gaps, 99)}
 
 
+def engine_step_times(model_path: str, threads: int, batches: list[int], steps: int = 10) -> dict:
+    """ms per decode step of the C++ batch engine alone (no HTTP, no Python per token) at each batch size: the
+    ceiling of what batching can give the server on this machine."""
+    import stbllm_rt
+    from stbllm_rt import _core
+
+    model = stbllm_rt.Model(model_path, threads=threads)
+    prompt = model.tokenize(PROMPTS[0])
+    out = {}
+    for batch in batches:
+        engine = _core.BatchEngine(model._model, batch)
+        for i in range(batch):
+            engine.add(i, prompt, steps + 8, 0.8, 0, 1.0, 0.0, 1.0, i, [])
+        for _ in range(4):  # prefill and warm-up
+            engine.step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        ms = (time.perf_counter() - start) / steps * 1000
+        out[str(batch)] = {"ms_per_step": round(ms, 2), "tok_s": round(batch * 1000 / ms, 1)}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help=".stb file to serve")
@@ -128,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
+    engine_steps = engine_step_times(args.model, args.threads, sorted(set(args.clients)))
+    print("engine alone:", json.dumps(engine_steps), flush=True)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     model_name = "bench"
@@ -192,6 +218,7 @@ def main(argv=None) -> int:
                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "server": {"model": Path(args.model).name, "threads": args.threads, "max_batch": args.max_batch,
                    "max_tokens": args.max_tokens, "temperature": 0.8, "client": "httpx streaming, same machine"},
+        "engine_alone_decode": engine_steps,
         "levels": levels,
         "aggregate_vs_one_client": {str(lv["clients"]): round(lv.get("concurrent", lv["one_at_a_time"])
                                                               ["aggregate_tok_s"] / single, 2)
