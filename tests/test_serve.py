@@ -427,3 +427,13 @@ def test_ray_serve_two_replicas(tiny_stb):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_cli_refuses_bad_options(tiny_stb, capsys):
+    from stbllm_rt.serve.cli import main
+
+    assert main(["/nonexistent/model.stb"]) == 2
+    assert main([str(tiny_stb("llama")), "--max-batch", "0"]) == 2
+    assert main([str(tiny_stb("llama")), "--timeout", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "no such model file" in err and "--max-batch must be >= 1" in err and "--timeout > 0" in err

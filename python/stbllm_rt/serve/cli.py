@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -44,12 +45,11 @@ def main(argv=None) -> int:
                               max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                               timeout=args.timeout)
     if args.ray:
-        try:
-            from .ray_app import run
-            import ray  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("ray") is None:
             print("stbllm-serve: --ray needs Ray Serve: pip install 'stbllm[serve]'", file=sys.stderr)
             return 2
+        from .ray_app import run
+
         run(settings, args.replicas, args.host, args.port)
         return 0
     import uvicorn
