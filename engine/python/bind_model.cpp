@@ -15,6 +15,19 @@ struct GeneratorHandle {
   std::unique_ptr<stb::Generator> generator;
 };
 
+struct BatchEngineHandle {
+  std::shared_ptr<stb::Model> model;
+  std::unique_ptr<stb::BatchEngine> engine;
+};
+
+const char* finish_name(stb::BatchEngine::Finish f) {
+  switch (f) {
+    case stb::BatchEngine::Finish::StopToken: return "stop";
+    case stb::BatchEngine::Finish::Length: return "length";
+    default: return nullptr;
+  }
+}
+
 }  // namespace
 
 void bind_model(py::module_& m) {
@@ -58,8 +71,10 @@ void bind_model(py::module_& m) {
   py::class_<GeneratorHandle>(m, "Generator")
       .def(py::init([](std::shared_ptr<stb::Model> model, std::vector<std::vector<int>> prompts, int max_new_tokens,
                        float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
-                       uint64_t seed, std::vector<int> stop_token_ids) {
-             stb::SamplingParams p{temperature, top_k, top_p, min_p, repetition_penalty, seed};
+                       uint64_t seed, std::vector<int> stop_token_ids, float frequency_penalty,
+                       float presence_penalty) {
+             stb::SamplingParams p{temperature, top_k, top_p, min_p, repetition_penalty, seed, frequency_penalty,
+                                  presence_penalty};
              auto h = std::make_unique<GeneratorHandle>();
              h->model = model;
              h->generator = std::make_unique<stb::Generator>(*model, std::move(prompts), max_new_tokens, p,
@@ -68,7 +83,7 @@ void bind_model(py::module_& m) {
            }),
            py::arg("model"), py::arg("prompts"), py::arg("max_new_tokens"), py::arg("temperature"), py::arg("top_k"),
            py::arg("top_p"), py::arg("min_p"), py::arg("repetition_penalty"), py::arg("seed"),
-           py::arg("stop_token_ids"))
+           py::arg("stop_token_ids"), py::arg("frequency_penalty") = 0.f, py::arg("presence_penalty") = 0.f)
       .def(
           "step",
           [](GeneratorHandle& h, int steps) {
@@ -81,4 +96,45 @@ void bind_model(py::module_& m) {
              for (int i : indices) h.generator->stop(i);
            })
       .def_property_readonly("done", [](const GeneratorHandle& h) { return h.generator->done(); });
+
+  py::class_<BatchEngineHandle>(m, "BatchEngine",
+                                "Continuous batching over one model (see stb::BatchEngine); drive it from one thread.")
+      .def(py::init([](std::shared_ptr<stb::Model> model, int max_batch, int max_step_tokens) {
+             auto h = std::make_unique<BatchEngineHandle>();
+             h->model = model;
+             h->engine = std::make_unique<stb::BatchEngine>(*model, max_batch, max_step_tokens);
+             return h;
+           }),
+           py::arg("model"), py::arg("max_batch"), py::arg("max_step_tokens") = 256)
+      .def(
+          "add",
+          [](BatchEngineHandle& h, int64_t id, std::vector<int> prompt, int max_new_tokens, float temperature,
+             int top_k, float top_p, float min_p, float repetition_penalty, uint64_t seed,
+             std::vector<int> stop_token_ids, float frequency_penalty, float presence_penalty) {
+            stb::SamplingParams p{temperature, top_k, top_p, min_p, repetition_penalty, seed, frequency_penalty,
+                                  presence_penalty};
+            h.engine->add(id, std::move(prompt), max_new_tokens, p, std::move(stop_token_ids));
+          },
+          py::arg("id"), py::arg("prompt"), py::arg("max_new_tokens"), py::arg("temperature"), py::arg("top_k"),
+          py::arg("top_p"), py::arg("min_p"), py::arg("repetition_penalty"), py::arg("seed"),
+          py::arg("stop_token_ids"), py::arg("frequency_penalty") = 0.f, py::arg("presence_penalty") = 0.f,
+          "Queues a request; it joins the batch at the next step. Raises ValueError when the batch is full.")
+      .def("cancel", [](BatchEngineHandle& h, int64_t id) { return h.engine->cancel(id); }, py::arg("id"),
+           "Removes a running request and frees its KV slot; False when it is not running.")
+      .def(
+          "step",
+          [](BatchEngineHandle& h) {
+            std::vector<stb::BatchEngine::Event> events;
+            {
+              py::gil_scoped_release release;
+              events = h.engine->step();
+            }
+            py::list out;
+            for (const auto& e : events) out.append(py::make_tuple(e.id, e.token, finish_name(e.finish)));
+            return out;
+          },
+          "One forward pass over the batch; returns [(id, token, finish)] with finish None, 'stop' (a stop token) "
+          "or 'length' (max_new_tokens or the context). Finished requests have left the batch.")
+      .def_property_readonly("active", [](const BatchEngineHandle& h) { return h.engine->active(); })
+      .def_property_readonly("max_batch", [](const BatchEngineHandle& h) { return h.engine->max_batch(); });
 }

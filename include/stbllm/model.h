@@ -73,13 +73,17 @@ struct SamplingParams {
   float min_p = 0.05f;       // 0 = off
   float repetition_penalty = 1.0f;
   uint64_t seed = 0;
+  // OpenAI-style, over the generated tokens only: logit -= frequency * count + presence * (count > 0).
+  float frequency_penalty = 0.f;
+  float presence_penalty = 0.f;
 };
 
 // Picks the next token from one row of logits. Deterministic for a given seed on every machine.
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& p);
-  int sample(float* logits, int vocab, const std::vector<int>& context);
+  // `context` is the prompt and the tokens generated so far; the generated ones start at `generated_from`.
+  int sample(float* logits, int vocab, const std::vector<int>& context, size_t generated_from = 0);
 
  private:
   SamplingParams p_;
@@ -117,6 +121,52 @@ class Generator {
 
   void prefill();
   void accept(size_t i, float* logits);
+};
+
+// Continuous batching: requests join the running batch between steps and leave it (freeing their KV slot) when
+// they finish or are cancelled. Every step is one Model::forward over the decode row of each running request plus
+// prompt chunks of the joining ones, so a long prompt never stalls the others for more than one chunk. Each request
+// keeps its own sampler: with a seed, its tokens do not depend on which other requests share its steps.
+// Not thread-safe: one thread drives add / cancel / step.
+class BatchEngine {
+ public:
+  enum class Finish { None, StopToken, Length };  // Length: max_new_tokens or the model's context reached
+  struct Event {
+    int64_t id;
+    int token;  // sampled this step
+    Finish finish;
+  };
+
+  // max_batch: requests held at once (each holds a KV slot); max_step_tokens: rows per forward (decode rows of
+  // running requests come first, joining prompts share the rest).
+  BatchEngine(Model& model, int max_batch, int max_step_tokens);
+  // Queues a request for the next step. Throws when the batch is full, the id is in use or the prompt is unusable.
+  void add(int64_t id, std::vector<int> prompt, int max_new_tokens, const SamplingParams& params,
+           std::vector<int> stop_token_ids);
+  bool cancel(int64_t id);  // false when the id is not running (already finished)
+  // One forward pass; returns the token each request sampled (requests still in prefill sample none).
+  std::vector<Event> step();
+  int active() const { return int(requests_.size()); }
+  int max_batch() const { return max_batch_; }
+
+ private:
+  struct Request {
+    int64_t id;
+    int slot;
+    std::vector<int> tokens;  // prompt, then generated tokens
+    size_t prompt_len, fed = 0;  // fed: tokens whose keys and values are in the cache
+    int max_new_tokens;
+    Sampler sampler;
+    std::vector<int> stop_ids;
+  };
+  Model& model_;
+  std::unique_ptr<KvCache> cache_;
+  int max_batch_, max_step_tokens_;
+  std::vector<Request> requests_;  // in arrival order
+  std::vector<int> free_slots_;
+  std::vector<float> logits_;
+
+  void finish(size_t index);
 };
 
 }  // namespace stb

@@ -14,6 +14,35 @@ from .stbfile import StbReader
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 
+class StopStringFilter:
+    """Cuts a stream of text at the first occurrence of any stop string (which is dropped), holding back a tail
+    that may be the start of one until the next piece shows whether it is."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.held = ""
+        self.stopped = False
+
+    def push(self, text: str, final: bool = False) -> str:
+        """The part of `text` that can be shown now; sets `stopped` when a stop string appeared."""
+        text = self.held + text
+        for s in self.stops:
+            cut = text.find(s)
+            if cut >= 0:
+                self.stopped = True
+                self.held = ""
+                return text[:cut]
+        keep = 0
+        if not final:
+            for k in range(min(self.longest - 1, len(text)), 0, -1):
+                if any(s.startswith(text[-k:]) for s in self.stops):
+                    keep = k
+                    break
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+
 class Model:
     """A structured-binary model loaded from a `.stb` file.
 
@@ -95,11 +124,13 @@ class Model:
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] | None = None, stream: bool = False, stop_token_ids: Sequence[int] | None = None):
+                 stop: Sequence[str] | None = None, stream: bool = False, stop_token_ids: Sequence[int] | None = None,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0):
         """Continue `prompt`: a string or a list of token ids; a list of those is a batch. Text prompts give text,
         token-id prompts give token ids (and need no tokenizer).
 
-        temperature 0 is greedy. Generation ends at an end-of-sequence token, at any of the `stop` strings (cut from
+        temperature 0 is greedy. frequency_penalty / presence_penalty (OpenAI's, 0 = off) lower the logits of tokens
+        by how often / whether they were generated so far. Generation ends at an end-of-sequence token, at any of the `stop` strings (cut from
         the text) or after `max_new_tokens`. The same seed gives the same text. Returns the new text or ids (a list of
         them for a batch); with stream=True an iterator of text pieces or ids ((index, item) pairs for a batch).
         """
@@ -120,7 +151,8 @@ class Model:
         stops = [s for s in (stop or []) if s]
         eos = list(stop_token_ids) if stop_token_ids is not None else self.tokenizer.eos_token_ids
         generator = _core.Generator(self._model, token_prompts, int(max_new_tokens), float(temperature), int(top_k),
-                                    float(top_p), float(min_p), float(repetition_penalty), int(seed), eos)
+                                    float(top_p), float(min_p), float(repetition_penalty), int(seed), eos,
+                                    float(frequency_penalty), float(presence_penalty))
         if not isinstance(prompts[0], str):  # token ids in, token ids out; no tokenizer needed
             if stops:
                 raise ValueError("stop strings need text prompts; with token ids use stop_token_ids")
@@ -153,40 +185,21 @@ class Model:
         """Drives the C++ generator and yields (sequence, text piece). Without streaming or stop strings the whole
         generation is one C++ call; otherwise one call per token so text can be shown or cut as it appears."""
         decoders = [IncrementalDecoder(self.tokenizer) for _ in range(n)]
-        stopped = [False] * n
-        held = [""] * n  # text that may be the start of a stop string: not shown until it is known not to be
+        filters = [StopStringFilter(stops) for _ in range(n)]
         steps = 1 if (stream or stops) else max(1, max_new_tokens)
-        longest_stop = max((len(s) for s in stops), default=0)
-
-        def emit(i: int, text: str, final: bool) -> str:
-            text = held[i] + text
-            for s in stops:
-                cut = text.find(s)
-                if cut >= 0:
-                    stopped[i] = True
-                    held[i] = ""
-                    return text[:cut]
-            keep = 0
-            if not final:
-                for k in range(min(longest_stop - 1, len(text)), 0, -1):
-                    if any(s.startswith(text[-k:]) for s in stops):
-                        keep = k
-                        break
-            held[i] = text[len(text) - keep:] if keep else ""
-            return text[:len(text) - keep]
 
         self.last_generated_tokens = 0
-        while not generator.done and not all(stopped):
+        while not generator.done and not all(f.stopped for f in filters):
             for i, ids in enumerate(generator.step(steps)):
                 self.last_generated_tokens += len(ids)
-                if ids and not stopped[i]:
-                    piece = emit(i, decoders[i].push(ids), final=False)
+                if ids and not filters[i].stopped:
+                    piece = filters[i].push(decoders[i].push(ids))
                     if piece:
                         yield i, piece
-            if any(stopped):
-                generator.stop([i for i in range(n) if stopped[i]])
+            if any(f.stopped for f in filters):
+                generator.stop([i for i in range(n) if filters[i].stopped])
         for i in range(n):
-            if not stopped[i]:
-                piece = emit(i, decoders[i].flush(), final=True)
+            if not filters[i].stopped:
+                piece = filters[i].push(decoders[i].flush(), final=True)
                 if piece:
                     yield i, piece
