@@ -99,6 +99,8 @@ class CpuBackend final : public Backend {
     if (m.codec != MatrixCodec::BinaryGroups)  // those report their decoded planes
       for (const auto& kv : w.components) m.bytes += kv.second.length;
     pack_matrix(m);
+    if (m.packed)  // the repacked form holds everything the kernels read
+      for (const auto& kv : w.components) release_pages(kv.second);
     if (planes) {
       if (m.packed)
         m.signs = m.mask = m.labels = m.salient = m.residual = nullptr;  // the repacked codes replace the planes

@@ -323,4 +323,11 @@ std::shared_ptr<const StbFile> StbFile::open(const std::string& path, bool verif
   return f;
 }
 
+void release_pages(const Component& c) {
+  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(c.data) + page - 1) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(c.data) + c.length) / page * page;
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // a hint: errors are moot
+}
+
 }  // namespace stb

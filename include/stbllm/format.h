@@ -54,6 +54,11 @@ struct TensorEntry {
   const Component& component(const std::string& key) const;  // throws FormatError when missing
 };
 
+// Tells the OS that the mapped pages inside c are not needed any more (a backend has copied or repacked them), so
+// they leave the resident set; touching them again re-reads the file. Loading a model this way never holds both a
+// matrix's file pages and its repacked form for every matrix at once.
+void release_pages(const Component& c);
+
 class StbFile {
  public:
   // Maps and validates the whole file; throws FormatError on any violation, std::runtime_error on I/O errors.
