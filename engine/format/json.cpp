@@ -11,6 +11,9 @@ namespace stb {
 
 namespace {
 constexpr int kMaxDepth = 64;
+// Each parsed value costs ~140 bytes however short its text ("0,"), so the value count is capped too: a header can
+// then never make the reader allocate more than ~150 MB, whatever its length (real headers hold ~10^4 values).
+constexpr size_t kMaxValues = 1 << 20;
 }
 
 class JsonParser {
@@ -28,6 +31,7 @@ class JsonParser {
   const char* p_;
   const char* begin_;
   const char* end_;
+  size_t values_ = 0;
 
   [[noreturn]] void fail(const std::string& what) {
     throw FormatError("invalid JSON header at byte " + std::to_string(p_ - begin_) + ": " + what);
@@ -45,6 +49,7 @@ class JsonParser {
 
   JsonValue parse_value(int depth) {
     if (depth > kMaxDepth) fail("nesting deeper than 64");
+    if (++values_ > kMaxValues) fail("more than " + std::to_string(kMaxValues) + " values");
     skip_ws();
     if (p_ >= end_) fail("unexpected end of input");
     JsonValue v;
