@@ -1,0 +1,251 @@
+"""Hostile and broken inputs (docs/security.md): each is a clear, typed error naming what is wrong, and nothing is
+lost — .stb fields at their extremes, broken model directories and GGUF files, a converter killed and resumed, a
+full disk, one runtime used from many threads."""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from stbllm_rt import FormatError, Model, StbReader, StbWriter, stbfile
+from test_format import _metadata, _rebuild, _split, rng, sample_file  # noqa: F401  (fixtures)
+
+
+def run_cli(args, capsys):
+    from stbllm_convert import cli
+    code = cli.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+# ---- .stb fields at their extremes (those tests/test_format.py does not cover) -------------------------------
+
+def _patch_fixed(path, offset, fmt, value, fix_crc=True):
+    raw = bytearray(path.read_bytes())
+    struct.pack_into(fmt, raw, offset, value)
+    if fix_crc:
+        struct.pack_into("<I", raw, 60, stbfile._core.crc32c(bytes(raw[:60])))
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("offset, fmt, value, match", [
+    (24, "<Q", 0, "JSON header length"),
+    (24, "<Q", 1, "JSON header length"),
+    (24, "<Q", 2 ** 64 - 1, "JSON header length"),
+    (24, "<Q", (256 << 20) + 1, "JSON header length"),
+    (32, "<Q", 0, "data offset"),
+    (32, "<Q", 2 ** 64 - 64, "data offset"),
+    (40, "<Q", 2 ** 64 - 1, "file size"),
+    (40, "<Q", 0, "file size"),
+    (48, "<I", 0, "JSON header checksum"),
+    (52, "<I", 1, "reserved"),
+    (56, "<I", 2 ** 32 - 1, "reserved"),
+])
+def test_fixed_header_extremes(sample_file, offset, fmt, value, match):
+    _patch_fixed(sample_file, offset, fmt, value)
+    with pytest.raises(FormatError, match=match):
+        StbReader(sample_file)
+
+
+def _mutated(path, mutate):
+    raw, header, data_offset = _split(path)
+    mutate(header)
+    _rebuild(path, header, raw[data_offset:])
+
+
+def _tensor(h, name="blk.0.attn_q.weight"):
+    return h["tensors"][name]
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda h: _tensor(h)["params"].update(nm=[0, 8]), "nm N"),
+    (lambda h: _tensor(h)["params"].update(nm=[4, 65]), "nm M"),
+    (lambda h: _tensor(h)["params"].update(nm=[4]), r"\[N, M\]"),
+    (lambda h: _tensor(h)["params"].update(nm=[4, 2 ** 63]), "64-bit range|nm M"),
+    (lambda h: _tensor(h)["params"].update(block=0), "block"),
+    (lambda h: _tensor(h)["params"].update(block=-(2 ** 63)), "block"),
+    (lambda h: _tensor(h)["params"].update(block="128"), "block must be a number"),
+    (lambda h: _tensor(h)["params"].update(extra=None), "unknown param 'extra'"),
+    (lambda h: _tensor(h).update(shape=[6, 2 ** 31 - 1]), "need"),
+    (lambda h: _tensor(h).update(shape=[2 ** 20, 2 ** 20]), "need"),
+    (lambda h: _tensor(h).update(shape=[True, 576]), "dimension must be a number"),
+    (lambda h: _tensor(h).update(shape=[6.0, 576]), "integer"),
+    (lambda h: _tensor(h).update(shape=[]), "1 to 4"),
+    (lambda h: _tensor(h).update(codec=""), "unknown codec"),
+    (lambda h: _tensor(h).update(codec=5), "codec must be a string"),
+    (lambda h: _tensor(h).update(note="x"), "unknown field 'note'"),
+    (lambda h: _tensor(h)["components"]["signs"].update(length=0), "length"),
+    (lambda h: _tensor(h)["components"]["signs"].update(length=2 ** 62 + 1), "length"),
+    (lambda h: _tensor(h)["components"]["signs"].update(crc32c=-1), "crc32c"),
+    (lambda h: _tensor(h)["components"]["signs"].update(extra=0), "offset, length and crc32c"),
+    (lambda h: _tensor(h)["components"].update(bogus=_tensor(h)["components"]["signs"]), "components"),
+    (lambda h: _tensor(h)["components"]["signs"].update(offset=2 ** 64), "64-bit range"),
+    (lambda h: h["tensors"].update({"x" * 257: h["tensors"].pop("output_norm.weight")}), "tensor name"),
+    (lambda h: h["tensors"].update({"": h["tensors"].pop("output_norm.weight")}), "tensor name"),
+    (lambda h: h["tensors"].update({"caf\u00e9": h["tensors"].pop("output_norm.weight")}), "tensor name"),
+    # Two tensors naming the same bytes: the overlap is found whatever the order of the table.
+    (lambda h: _tensor(h, "output_norm.weight").update(
+        components={"data": dict(_tensor(h, "output_norm.weight")["components"]["data"],
+                                 offset=_tensor(h, "token_embd.weight")["components"]["data"]["offset"])}),
+     "overlaps|hole"),
+    (lambda h: h.update(tensors=[]), "tensors must be an object"),
+    (lambda h: h["metadata"].update(blob="x" * (1 << 20)), None),  # a large header is fine
+])
+def test_table_extremes(sample_file, mutate, match):
+    _mutated(sample_file, mutate)
+    if match is None:
+        assert StbReader(sample_file).metadata["blob"] == "x" * (1 << 20)
+        return
+    with pytest.raises(FormatError, match=match):
+        StbReader(sample_file)
+
+
+def test_header_with_too_many_values_is_refused(tmp_path):
+    """~140 bytes per parsed value: a 4 MB header of zeros would take ~300 MB. The value count is capped."""
+    text = b'{"metadata":{"a":[' + b"0," * (1 << 20) + b'0]},"tensors":{}}'
+    path = tmp_path / "many.stb"
+    data_offset = stbfile._align(stbfile.FIXED_HEADER_SIZE + len(text))
+    body = text + b"\0" * (data_offset - stbfile.FIXED_HEADER_SIZE - len(text))
+    path.write_bytes(stbfile.fixed_header(0, text, stbfile.FIXED_HEADER_SIZE + len(body)) + body)
+    with pytest.raises(FormatError, match="more than 1048576 values"):
+        StbReader(path)
+
+
+def test_tensor_table_order_does_not_matter(sample_file):
+    """Components tile the data section by offset; the order of the JSON table is free (it is an object)."""
+    raw, header, data_offset = _split(sample_file)
+    header["tensors"] = dict(reversed(list(header["tensors"].items())))
+    _rebuild(sample_file, header, raw[data_offset:])
+    r = StbReader(sample_file)
+    assert set(r.tensor_names()) == set(header["tensors"])
+
+
+# ---- broken model inputs to the converter: a one-line error, exit status 2, an existing output untouched -----------
+
+def _safetensors_parts(path):
+    raw = path.read_bytes()
+    (n,) = struct.unpack_from("<Q", raw, 0)
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _write_safetensors(path, header, data):
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def _model_copy(src, dst, skip=()):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name not in skip:
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def _lying_header(folder):
+    header, data = _safetensors_parts(folder / "model.safetensors")
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [2 ** 40, 2 ** 20]  # the offsets still say a few KB
+    _write_safetensors(folder / "model.safetensors", header, data)
+
+
+def _offsets_past_end(folder):
+    header, data = _safetensors_parts(folder / "model.safetensors")
+    name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin, end + 2 ** 40]
+    _write_safetensors(folder / "model.safetensors", header, data)
+
+
+def _truncated_data(folder):
+    raw = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(raw[: len(raw) * 2 // 3])
+
+
+def _sharded(folder, weight_map):
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _index_names_missing_shard(folder):
+    header, _ = _safetensors_parts(folder / "model.safetensors")
+    names = [k for k in header if k != "__metadata__"]
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    _sharded(folder, {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)})
+
+
+def _index_escapes_the_directory(folder):
+    header, _ = _safetensors_parts(folder / "model.safetensors")
+    _sharded(folder, {n: "../../model.safetensors" for n in header if n != "__metadata__"})
+
+
+def _index_not_an_object(folder):
+    _sharded(folder, ["model.safetensors"])
+
+
+def _corrupt(name, data):
+    def corrupt(folder):
+        (folder / name).write_bytes(data)
+    return corrupt
+
+
+@pytest.mark.parametrize("arch, breaks, message", [
+    ("llama", _lying_header, "cannot read"),
+    ("llama", _offsets_past_end, "cannot read"),
+    ("llama", _truncated_data, "cannot read"),
+    ("llama", _index_names_missing_shard, "model-00002-of-00002.safetensors is missing"),
+    ("llama", _index_escapes_the_directory, "not a file name in the model directory"),
+    ("llama", _index_not_an_object, "weight_map"),
+    ("llama", _corrupt("tokenizer.json", b'{"model": {"type": "BPE", "vocab": 3}}'), "not a valid tokenizer.json"),
+    ("llama", _corrupt("tokenizer.json", b"\xff\xfe"), "tokenizer.json"),
+    ("llama", _corrupt("tokenizer_config.json", b"{"), "cannot read"),
+    ("mistral", _corrupt("tokenizer.model", b"\x0a\x03abc" * 10), "not a valid sentencepiece model"),
+    ("llama", _corrupt("config.json", b'{"model_type": "mamba", "architectures": ["MambaForCausalLM"]}'),
+     "unsupported architecture"),
+    ("llama", _corrupt("config.json", b"[1, 2]"), "not a JSON object"),
+])
+def test_broken_model_directories(tiny_hf_models, tmp_path, capsys, arch, breaks, message):
+    folder = _model_copy(tiny_hf_models[arch], tmp_path / "model")
+    breaks(folder)
+    out = tmp_path / "out.stb"
+    out.write_bytes(b"previous output")
+    code, err = run_cli([folder, "-o", out, "--method", "sign", "-q"], capsys)
+    assert code == 2 and message in err, err
+    assert err.startswith("stbllm-convert: error:") and len(err.strip().splitlines()) == 1, err
+    assert out.read_bytes() == b"previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.stb"]
+
+
+def _tiny_gguf(path):
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(8)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(8)
+    w.add_head_count(2)
+    w.add_tensor("token_embd.weight", np.ones((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    raw = bytearray(path.read_bytes())
+    return raw, raw.find(b"token_embd.weight") + len(b"token_embd.weight")  # n_dims (u32), then dims (u64 each)
+
+
+@pytest.mark.parametrize("patch", [
+    lambda raw, at: struct.pack_into("<QQ", raw, at + 4, 2 ** 40, 2 ** 30),  # 2^70 elements
+    lambda raw, at: struct.pack_into("<QQ", raw, at + 4, 2 ** 64 - 1, 2 ** 64 - 1),
+    lambda raw, at: struct.pack_into("<I", raw, at, 2 ** 31 - 1),  # n_dims
+    lambda raw, at: struct.pack_into("<Q", raw, 8, 2 ** 62),  # tensor count
+])
+def test_gguf_with_absurd_dims(tmp_path, capsys, patch):
+    import resource
+    raw, dims_at = _tiny_gguf(tmp_path / "m.gguf")
+    patch(raw, dims_at)
+    (tmp_path / "m.gguf").write_bytes(bytes(raw))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, err = run_cli([tmp_path / "m.gguf", "-o", tmp_path / "out.stb", "-q"], capsys)
+    assert code == 2 and "cannot load" in err and len(err.strip().splitlines()) == 1, err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 512 * 1024  # KiB: no huge allocation
+    assert not (tmp_path / "out.stb").exists()
