@@ -122,6 +122,42 @@ def test_tensor_table_order_does_not_matter(sample_file):
     assert set(r.tensor_names()) == set(header["tensors"])
 
 
+def _set_tokenizer(spec):
+    return lambda h: h["metadata"].update(tokenizer=spec(h["metadata"]["tokenizer"]))
+
+
+@pytest.mark.parametrize("mutate", [
+    _set_tokenizer(lambda t: 5),
+    _set_tokenizer(lambda t: {**t, "kind": "bpe"}),
+    _set_tokenizer(lambda t: {k: v for k, v in t.items() if k != "blob"}),
+    _set_tokenizer(lambda t: {**t, "blob": "output_norm.weight"}),
+    _set_tokenizer(lambda t: {**t, "eos_token_ids": "2"}),
+    _set_tokenizer(lambda t: {**t, "eos_token_ids": [2.5]}),
+    _set_tokenizer(lambda t: {**t, "bos_token_id": "1"}),
+    _set_tokenizer(lambda t: {**t, "chat_template": ["x"]}),
+    _set_tokenizer(lambda t: {**t, "kind": "sentencepiece"}),  # a tokenizer.json blob read as sentencepiece
+])
+def test_unusable_tokenizer_metadata_is_a_format_error(tiny_stb, tmp_path, mutate):
+    path = tmp_path / "m.stb"
+    shutil.copy(tiny_stb("llama"), path)
+    _mutated(path, mutate)
+    with pytest.raises(FormatError, match="metadata.tokenizer"):
+        Model(path, threads=1)
+
+
+def test_corrupt_tokenizer_blob_is_a_format_error(tiny_stb, tmp_path):
+    path = tmp_path / "m.stb"
+    shutil.copy(tiny_stb("llama"), path)
+    raw, header, data_offset = _split(path)
+    blob = header["tensors"]["tokenizer.data"]["components"]["data"]
+    data = bytearray(raw[data_offset:])
+    data[blob["offset"]:blob["offset"] + blob["length"]] = b"{" * blob["length"]
+    blob["crc32c"] = stbfile._core.crc32c(bytes(data[blob["offset"]:blob["offset"] + blob["length"]]))
+    _rebuild(path, header, bytes(data))
+    with pytest.raises(FormatError, match="metadata.tokenizer is unusable"):
+        Model(path, threads=1)
+
+
 # ---- broken model inputs to the converter: a one-line error, exit status 2, an existing output untouched -----------
 
 def _safetensors_parts(path):
@@ -249,3 +285,139 @@ def test_gguf_with_absurd_dims(tmp_path, capsys, patch):
     assert code == 2 and "cannot load" in err and len(err.strip().splitlines()) == 1, err
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 512 * 1024  # KiB: no huge allocation
     assert not (tmp_path / "out.stb").exists()
+
+
+# ---- property-based: the Python reader and the converter's own readers on mutated inputs ---------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=60, derandomize=True, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def seed_files(tmp_path_factory):
+    """The fuzzer's seeds (fuzz/make_seeds.py): one small file per codec and tiny models, as bytes."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("make_seeds", Path(__file__).parent.parent / "fuzz" / "make_seeds.py")
+    make_seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_seeds)
+    out = tmp_path_factory.mktemp("seeds")
+    rng = np.random.default_rng(0)
+    make_seeds.codec_files(out, rng)
+    make_seeds.model_files(out)
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def _repaired(raw: bytearray) -> bytes:
+    """Fixed header made consistent with the mutated bytes (as the C++ fuzz target does), so that mutations reach
+    the table and the codecs instead of stopping at a checksum."""
+    struct.pack_into("<Q", raw, 40, len(raw))
+    (json_length,) = struct.unpack_from("<Q", raw, 24)
+    if json_length <= len(raw) - 64:
+        struct.pack_into("<Q", raw, 32, stbfile._align(64 + json_length))
+        struct.pack_into("<I", raw, 48, stbfile._core.crc32c(bytes(raw[64:64 + json_length])))
+    struct.pack_into("<I", raw, 60, stbfile._core.crc32c(bytes(raw[:60])))
+    return bytes(raw)
+
+
+def _use_everything(path):
+    """Reads a file with every Python API; a problem must surface as a FormatError (a ValueError)."""
+    try:
+        r = StbReader(path, verify_checksums=False)
+        for name in r.tensor_names():
+            if r.tensor_info(name)["codec"] == stbfile.CODEC_BYTES:
+                r.blob(name)
+            else:
+                r.dequantize(name)
+        model = Model(path, threads=1, verify_checksums=False)
+        model.info()
+        model.generate([0], max_new_tokens=2, temperature=0.7, seed=1)
+    except FormatError:
+        pass
+    except ValueError as e:  # the runtime's own ValueErrors: a prompt the mutated model cannot take
+        assert "context" in str(e), e
+
+
+@PROPERTY
+@given(data=st.data())
+def test_python_reader_on_flipped_bytes(seed_files, tmp_path, data):
+    """Bytes of the data section changed (the JSON header has its own test below, the fixed header the tests
+    above): the codecs' streams hold what their lengths cannot express (mask codes, label bytes, padding)."""
+    raw = bytearray(seed_files[data.draw(st.sampled_from(sorted(seed_files)))])
+    (data_offset,) = struct.unpack_from("<Q", raw, 32)
+    for _ in range(data.draw(st.integers(1, 6))):
+        raw[data.draw(st.integers(data_offset, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
+    path = tmp_path / "mutated.stb"
+    path.write_bytes(_repaired(raw))
+    _use_everything(path)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64) | st.floats(allow_nan=False)
+                           | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        yield from _paths(child, prefix + (key,))
+
+
+@PROPERTY
+@given(data=st.data())
+def test_python_reader_on_replaced_json_values(seed_files, tmp_path, data):
+    """Any value of the JSON header (a field, a shape, the tokenizer spec, a whole tensor entry) replaced by any
+    JSON value: the file is refused with a FormatError or works."""
+    path = tmp_path / "seed.stb"
+    path.write_bytes(seed_files[data.draw(st.sampled_from(sorted(seed_files)))])
+    raw, header, data_offset = _split(path)
+    where = data.draw(st.sampled_from(list(_paths(header))[1:]))
+    parent = header
+    for key in where[:-1]:
+        parent = parent[key]
+    parent[where[-1]] = data.draw(json_values)
+    _rebuild(path, header, raw[data_offset:])
+    _use_everything(path)
+
+
+@PROPERTY
+@given(header_value=json_values, where=st.sampled_from(["shape", "dtype", "data_offsets", "entry", "metadata"]))
+def test_safetensors_header_values(tiny_hf_models, tmp_path, header_value, where):
+    """A safetensors header with any value in any field: HFDirSource reads the tensors or raises ConvertError."""
+    from stbllm_convert.errors import ConvertError
+    from stbllm_convert.source import HFDirSource
+
+    folder = tmp_path / "model"
+    shutil.rmtree(folder, ignore_errors=True)
+    _model_copy(tiny_hf_models["llama"], folder)
+    header, data = _safetensors_parts(folder / "model.safetensors")
+    name = sorted(k for k in header if k != "__metadata__")[0]
+    if where == "entry":
+        header[name] = header_value
+    elif where == "metadata":
+        header["__metadata__"] = header_value
+    else:
+        header[name][where] = header_value
+    _write_safetensors(folder / "model.safetensors", header, data)
+    try:
+        with HFDirSource(folder) as src:
+            for n in src.names():
+                src.tensor(n)
+    except ConvertError:
+        pass
+
+
+@settings(PROPERTY, max_examples=25)
+@given(data=st.data())
+def test_gguf_flipped_bytes(tmp_path, capsys, data):
+    """A mutated GGUF file converts or fails with the one-line error; nothing else escapes the converter."""
+    raw, _ = _tiny_gguf(tmp_path / "m.gguf")
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
+    (tmp_path / "m.gguf").write_bytes(bytes(raw))
+    code, err = run_cli([tmp_path / "m.gguf", "-o", tmp_path / "out.stb", "-q"], capsys)
+    assert code == 2 and err.startswith("stbllm-convert: error:") and len(err.strip().splitlines()) == 1, err

@@ -38,9 +38,7 @@ class Model:
         self._reader = StbReader(path, verify_checksums=False)
         self.metadata = self._reader.metadata
         self.config = self.metadata["config"]
-        spec = self.metadata.get("tokenizer") or {"kind": "none"}
-        blob = self._reader.blob(spec["blob"]) if spec.get("kind", "none") != "none" else None
-        self.tokenizer = Tokenizer(spec, blob)
+        self.tokenizer = Tokenizer.from_file(self._reader)
         self.last_generated_tokens = 0  # tokens the last generate() produced, for throughput reports
 
     # ---- tokens -------------------------------------------------------------------------------------------------
