@@ -421,3 +421,168 @@ def test_gguf_flipped_bytes(tmp_path, capsys, data):
     (tmp_path / "m.gguf").write_bytes(bytes(raw))
     code, err = run_cli([tmp_path / "m.gguf", "-o", tmp_path / "out.stb", "-q"], capsys)
     assert code == 2 and err.startswith("stbllm-convert: error:") and len(err.strip().splitlines()) == 1, err
+
+
+# ---- conversions killed and resumed, full disks, reproducible files ---------------------------------------------
+
+EPOCH = "1700000000"
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory, tiny_tokenizer_dir):
+    """A 3-layer LLaMA small enough (hidden 64) that a calibrated conversion takes well under a second, and its
+    calibration text."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    folder = tmp_path_factory.mktemp("small-llama")
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(folder / "model"))
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, folder / "model" / f.name)
+    from conftest import CORPUS
+    (folder / "calib.txt").write_text("\n".join(CORPUS * 3))
+    return folder
+
+
+def _calibrated_args(small_llama, out, work):
+    return [small_llama / "model", "-o", out, "--method", "stbllm", "--nm", "6:8", "--calib", small_llama / "calib.txt",
+            "--calib-samples", "4", "--calib-seqlen", "32", "--seed", "3", "--work-dir", work, "-q"]
+
+
+@pytest.fixture(scope="module")
+def reference_stb(small_llama, tmp_path_factory):
+    """An uninterrupted reproducible conversion (SOURCE_DATE_EPOCH), the bytes every resumed run must match."""
+    import os
+    from stbllm_convert import cli
+    out = tmp_path_factory.mktemp("reference") / "ref.stb"
+    os.environ["SOURCE_DATE_EPOCH"] = EPOCH
+    try:
+        assert cli.main([str(a) for a in _calibrated_args(small_llama, out, out.parent / "work")]) == 0
+    finally:
+        del os.environ["SOURCE_DATE_EPOCH"]
+    return out.read_bytes()
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL in-process: no handler catches it, nothing is cleaned up."""
+
+
+@pytest.mark.parametrize("dies_at_save", [1, 2, 6])
+def test_resume_after_death_at_every_checkpoint(small_llama, reference_stb, tmp_path, monkeypatch, capsys,
+                                                dies_at_save):
+    """The conversion dies while writing its n-th checkpoint file (half of it on disk: 1 = layer 0's results, 2 =
+    layer 1's inputs), or once the .stb is written but not yet renamed (6, after the 3 layers' 6 checkpoint files):
+    --resume completes it with exactly the reference bytes."""
+    import torch
+    real_save, saves = torch.save, []
+
+    def dying_save(payload, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == dies_at_save + 1:
+            open(path, "wb").write(b"half a checkpoint")
+            raise Killed
+        return real_save(payload, path, *args, **kwargs)
+
+    real_fsync = stbfile.os.fsync
+
+    def dying_fsync(fd):  # after the 6 checkpoints of 3 layers: the .stb is written, about to be renamed
+        if dies_at_save == 6:
+            raise Killed
+        real_fsync(fd)
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
+    monkeypatch.setattr(torch, "save", dying_save)
+    monkeypatch.setattr(stbfile.os, "fsync", dying_fsync)
+    out, work = tmp_path / "out.stb", tmp_path / "work"
+    with pytest.raises(Killed):
+        run_cli(_calibrated_args(small_llama, out, work), capsys)
+    assert not out.exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(stbfile.os, "fsync", real_fsync)
+    code, err = run_cli(_calibrated_args(small_llama, out, work) + ["--resume"], capsys)
+    assert code == 0, err
+    assert out.read_bytes() == reference_stb
+
+
+def test_sigkill_at_a_random_point_then_resume(small_llama, reference_stb, tmp_path, capsys):
+    """A real SIGKILL at a (seeded) random moment of the calibration: no .stb or temporary file at the output path,
+    and --resume gives the reference bytes."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    rng = random.Random(9)
+    out, work = tmp_path / "out" / "model.stb", tmp_path / "work"
+    out.parent.mkdir()
+    env = dict(os.environ, SOURCE_DATE_EPOCH=EPOCH, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "stbllm_convert", *map(str, _calibrated_args(small_llama, out, work))],
+                            env=env, stderr=subprocess.PIPE)
+    trigger = work / f"layer-{rng.randrange(2):04d}.pt"
+    deadline = time.monotonic() + 120
+    while not trigger.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(rng.uniform(0, 0.05))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the conversion finished before the kill"
+    assert list(out.parent.iterdir()) == []
+    os.environ["SOURCE_DATE_EPOCH"] = EPOCH
+    try:
+        code, err = run_cli(_calibrated_args(small_llama, out, work) + ["--resume"], capsys)
+    finally:
+        del os.environ["SOURCE_DATE_EPOCH"]
+    assert code == 0, err
+    assert out.read_bytes() == reference_stb
+
+
+def test_same_seed_same_bytes_and_generations(small_llama, reference_stb, tmp_path, capsys, monkeypatch):
+    """Two reproducible conversions (no work directory) give the reference bytes; without SOURCE_DATE_EPOCH only
+    the provenance's date and timings differ. The same seed gives the same generation."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
+    args = _calibrated_args(small_llama, tmp_path / "a.stb", tmp_path / "w")[:-3] + ["-q"]  # no --work-dir
+    assert run_cli(args, capsys)[0] == 0
+    assert (tmp_path / "a.stb").read_bytes() == reference_stb
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    args[2] = tmp_path / "b.stb"
+    assert run_cli(args, capsys)[0] == 0
+    a, b = StbReader(tmp_path / "a.stb"), StbReader(tmp_path / "b.stb")
+    for name in a.tensor_names():
+        np.testing.assert_array_equal(a.component(name, next(iter(a.tensor_info(name)["components"]))),
+                                      b.component(name, next(iter(b.tensor_info(name)["components"]))))
+    assert "seconds" in b.metadata["provenance"] and "seconds" not in a.metadata["provenance"]
+    assert a.metadata["provenance"]["date"] == "2023-11-14T22:13:20+00:00"
+    model_a, model_b = Model(tmp_path / "a.stb", threads=1), Model(tmp_path / "b.stb", threads=2)
+    prompt = "The capital of France is"
+    assert model_a.generate(prompt, max_new_tokens=12, seed=5) == model_b.generate(prompt, max_new_tokens=12, seed=5)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "SOURCE_DATE_EPOCH" in err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 384 KiB tmpfs (needs root; skipped elsewhere)."""
+    import os
+    import subprocess
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (mount -t tmpfs); the full-disk case is not run here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_previous_output(small_llama, small_disk, capsys):
+    out = small_disk / "model.stb"
+    previous = b"previous output" * 10000  # 150 KB: the new file (~190 KB) does not fit beside it
+    out.write_bytes(previous)
+    code, err = run_cli([small_llama / "model", "-o", out, "--method", "fp16", "-q"], capsys)
+    assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1, err
+    assert out.read_bytes() == previous
+    assert sorted(p.name for p in small_disk.iterdir()) == ["model.stb"]
