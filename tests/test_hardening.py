@@ -586,3 +586,75 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_output(small_llama, s
     assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1, err
     assert out.read_bytes() == previous
     assert sorted(p.name for p in small_disk.iterdir()) == ["model.stb"]
+
+
+# ---- one runtime under load: many threads, many models, a model closed while in use -------------------------------
+
+@pytest.fixture(scope="module")
+def runtime_files(tmp_path_factory):
+    import test_runtime
+    d = tmp_path_factory.mktemp("load")
+    return {codec: test_runtime.write_model(d / f"{codec}.stb", codec) for codec in ("f16", "sign-nm")}
+
+
+PROMPT = [5, 17, 33, 2, 90, 41, 7]
+
+
+def _tasks(model):
+    """Calls of every kind, each with a fixed answer: logits, sampled and greedy generation, a batch, a stream."""
+    return [lambda: model.logits(PROMPT).tobytes(),
+            *[lambda s=s: model.generate(PROMPT, max_new_tokens=8, temperature=0.9, seed=s) for s in range(3)],
+            lambda: model.generate([PROMPT, PROMPT[:3]], max_new_tokens=6, temperature=0),
+            lambda: list(model.generate(PROMPT, max_new_tokens=6, stream=True, seed=11))]
+
+
+def test_one_model_shared_by_many_threads(runtime_files):
+    from concurrent.futures import ThreadPoolExecutor
+    model = Model(runtime_files["sign-nm"], threads=2)
+    tasks = _tasks(model)
+    expected = [t() for t in tasks]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda i: tasks[i % len(tasks)](), range(4 * len(tasks))))
+    assert got == expected * 4
+
+
+def test_several_models_in_one_process(runtime_files):
+    from concurrent.futures import ThreadPoolExecutor
+    models = [Model(path, threads=1) for path in runtime_files.values() for _ in range(2)]
+    expected = [m.logits(PROMPT).tobytes() for m in models]
+    assert expected[0] == expected[1] and expected[2] == expected[3] and expected[0] != expected[2]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda m: m.logits(PROMPT).tobytes(), models * 3)) == expected * 3
+
+
+def test_model_closed_while_another_thread_uses_it(runtime_files):
+    """Calls running when the model is closed finish with the right answer (they hold the weights); calls made
+    after it raise ValueError. Nothing crashes and nothing returns garbage."""
+    import threading
+    model = Model(runtime_files["f16"], threads=1)
+    expected_logits = model.logits(PROMPT)
+    expected_stream = list(model.generate(PROMPT, max_new_tokens=30, stream=True, seed=4))
+    stream = model.generate(PROMPT, max_new_tokens=30, stream=True, seed=4)
+    first = next(stream)  # a generation in flight
+    outcomes, started = [], threading.Event()
+
+    def hammer():  # logits in a loop until the close is seen
+        started.set()
+        while not outcomes or outcomes[-1] != "closed":
+            try:
+                outcomes.append(np.array_equal(model.logits(PROMPT), expected_logits))
+            except ValueError as e:
+                outcomes.append("closed" if "closed" in str(e) else e)
+    worker = threading.Thread(target=hammer)
+    worker.start()
+    started.wait()
+    model.close()
+    rest = list(stream)
+    worker.join()
+    assert [first, *rest] == expected_stream
+    assert outcomes[-1] == "closed" and all(o is True for o in outcomes[:-1])
+    for call in (lambda: model.logits(PROMPT), lambda: model.generate(PROMPT), model.info):
+        with pytest.raises(ValueError, match="closed"):
+            call()
+    with Model(runtime_files["f16"], threads=1) as again:
+        assert np.array_equal(again.logits(PROMPT), expected_logits)
