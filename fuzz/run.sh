@@ -3,6 +3,7 @@
 #
 #   fuzz/run.sh [-t SECONDS | -n EXECUTIONS] [-j JOBS] [-- extra libFuzzer flags]
 #   fuzz/run.sh --replay [PATHS...]   # replay files/directories once (default: tests/corpus), gcc or clang
+#   fuzz/run.sh --coverage            # line coverage of the engine by the corpus (clang, llvm-cov)
 #
 # Needs clang with its sanitizer and libFuzzer runtimes (Debian: apt-get install -y clang) and the stbllm package
 # installed (the seed generator writes files with StbWriter). The working corpus lives in build/fuzz-corpus and
@@ -11,15 +12,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seconds=60 runs="" jobs=1 replay=0 extra=()
+seconds=60 runs="" jobs=1 replay=0 coverage=0 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -t) seconds="$2"; shift 2 ;;
     -n) runs="$2"; shift 2 ;;
     -j) jobs="$2"; shift 2 ;;
     --replay) replay=1; shift; break ;;
+    --coverage) coverage=1; shift ;;
     --) shift; extra=("$@"); break ;;
-    *) echo "usage: fuzz/run.sh [-t SECONDS | -n EXECUTIONS] [-j JOBS] [-- libFuzzer flags] | --replay [PATHS]" >&2
+    *) echo "usage: fuzz/run.sh [-t SECONDS | -n EXECUTIONS] [-j JOBS] [-- FLAGS] | --replay [PATHS] | --coverage" >&2
        exit 2 ;;
   esac
 done
@@ -42,9 +44,18 @@ if [[ $replay == 1 ]]; then
 fi
 
 command -v clang++ >/dev/null || { echo "fuzz/run.sh: needs clang++ (apt-get install -y clang)" >&2; exit 2; }
-build build/fuzz -DCMAKE_CXX_COMPILER=clang++
+corpora=(build/fuzz-corpus build/fuzz-seeds tests/corpus)
 [[ -d build/fuzz-seeds ]] || python3 fuzz/make_seeds.py build/fuzz-seeds
 mkdir -p build/fuzz-corpus build/fuzz-findings
+
+if [[ $coverage == 1 ]]; then
+  build build/fuzz-coverage -DCMAKE_CXX_COMPILER=clang++ -DSTBLLM_FUZZ_COVERAGE=ON
+  LLVM_PROFILE_FILE=build/fuzz-coverage/replay.profraw build/fuzz-coverage/stb_loader_replay "${corpora[@]}"
+  llvm-profdata merge -o build/fuzz-coverage/replay.profdata build/fuzz-coverage/replay.profraw
+  exec llvm-cov report build/fuzz-coverage/stb_loader_replay -instr-profile=build/fuzz-coverage/replay.profdata \
+    engine/format/*.cpp engine/model/config.cpp engine/model/model.cpp engine/model/generate.cpp
+fi
+build build/fuzz -DCMAKE_CXX_COMPILER=clang++
 budget=(-max_total_time="$seconds")
 [[ -n "$runs" ]] && budget=(-runs="$runs")
 # 2 GB RSS and 10 s per input: a file of at most 64 KiB must load well within both. Seeds and earlier findings
@@ -52,4 +63,4 @@ budget=(-max_total_time="$seconds")
 flags=(-rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=10 -max_len=65536 -print_final_stats=1
        -artifact_prefix=build/fuzz-findings/ "${budget[@]}")
 if [[ $jobs -gt 1 ]]; then flags+=(-jobs="$jobs" -workers="$jobs"); fi
-exec build/fuzz/stb_loader_fuzz "${flags[@]}" "${extra[@]}" build/fuzz-corpus build/fuzz-seeds tests/corpus
+exec build/fuzz/stb_loader_fuzz "${flags[@]}" "${extra[@]}" "${corpora[@]}"

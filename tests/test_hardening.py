@@ -3,15 +3,28 @@ lost — .stb fields at their extremes, broken model directories and GGUF files,
 full disk, one runtime used from many threads."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import random
+import resource
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from stbllm_rt import FormatError, Model, StbReader, StbWriter, stbfile
-from test_format import _metadata, _rebuild, _split, rng, sample_file  # noqa: F401  (fixtures)
+from stbllm_rt import FormatError, Model, StbReader, stbfile
+from test_corpus import repaired, use_everything
+from test_format import _rebuild, _split, rng, sample_file  # noqa: F401  (fixtures)
 
 
 def run_cli(args, capsys):
@@ -276,7 +289,6 @@ def _tiny_gguf(path):
     lambda raw, at: struct.pack_into("<Q", raw, 8, 2 ** 62),  # tensor count
 ])
 def test_gguf_with_absurd_dims(tmp_path, capsys, patch):
-    import resource
     raw, dims_at = _tiny_gguf(tmp_path / "m.gguf")
     patch(raw, dims_at)
     (tmp_path / "m.gguf").write_bytes(bytes(raw))
@@ -289,9 +301,6 @@ def test_gguf_with_absurd_dims(tmp_path, capsys, patch):
 
 # ---- property-based: the Python reader and the converter's own readers on mutated inputs ---------------------------
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-
 PROPERTY = settings(max_examples=60, derandomize=True, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -299,9 +308,8 @@ PROPERTY = settings(max_examples=60, derandomize=True, deadline=None, database=N
 @pytest.fixture(scope="module")
 def seed_files(tmp_path_factory):
     """The fuzzer's seeds (fuzz/make_seeds.py): one small file per codec and tiny models, as bytes."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("make_seeds", Path(__file__).parent.parent / "fuzz" / "make_seeds.py")
+    path = Path(__file__).parent.parent / "fuzz" / "make_seeds.py"
+    spec = importlib.util.spec_from_file_location("make_seeds", path)
     make_seeds = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_seeds)
     out = tmp_path_factory.mktemp("seeds")
@@ -309,36 +317,6 @@ def seed_files(tmp_path_factory):
     make_seeds.codec_files(out, rng)
     make_seeds.model_files(out)
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-
-
-def _repaired(raw: bytearray) -> bytes:
-    """Fixed header made consistent with the mutated bytes (as the C++ fuzz target does), so that mutations reach
-    the table and the codecs instead of stopping at a checksum."""
-    struct.pack_into("<Q", raw, 40, len(raw))
-    (json_length,) = struct.unpack_from("<Q", raw, 24)
-    if json_length <= len(raw) - 64:
-        struct.pack_into("<Q", raw, 32, stbfile._align(64 + json_length))
-        struct.pack_into("<I", raw, 48, stbfile._core.crc32c(bytes(raw[64:64 + json_length])))
-    struct.pack_into("<I", raw, 60, stbfile._core.crc32c(bytes(raw[:60])))
-    return bytes(raw)
-
-
-def _use_everything(path):
-    """Reads a file with every Python API; a problem must surface as a FormatError (a ValueError)."""
-    try:
-        r = StbReader(path, verify_checksums=False)
-        for name in r.tensor_names():
-            if r.tensor_info(name)["codec"] == stbfile.CODEC_BYTES:
-                r.blob(name)
-            else:
-                r.dequantize(name)
-        model = Model(path, threads=1, verify_checksums=False)
-        model.info()
-        model.generate([0], max_new_tokens=2, temperature=0.7, seed=1)
-    except FormatError:
-        pass
-    except ValueError as e:  # the runtime's own ValueErrors: a prompt the mutated model cannot take
-        assert "context" in str(e), e
 
 
 @PROPERTY
@@ -351,8 +329,8 @@ def test_python_reader_on_flipped_bytes(seed_files, tmp_path, data):
     for _ in range(data.draw(st.integers(1, 6))):
         raw[data.draw(st.integers(data_offset, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
     path = tmp_path / "mutated.stb"
-    path.write_bytes(_repaired(raw))
-    _use_everything(path)
+    path.write_bytes(repaired(raw))
+    use_everything(path)
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64) | st.floats(allow_nan=False)
@@ -381,7 +359,7 @@ def test_python_reader_on_replaced_json_values(seed_files, tmp_path, data):
         parent = parent[key]
     parent[where[-1]] = data.draw(json_values)
     _rebuild(path, header, raw[data_offset:])
-    _use_everything(path)
+    use_everything(path)
 
 
 @PROPERTY
@@ -434,6 +412,7 @@ def small_llama(tmp_path_factory, tiny_tokenizer_dir):
     calibration text."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    torch.set_num_threads(1)  # as test_convert does: 2-core CI machines, and results must not depend on it
     folder = tmp_path_factory.mktemp("small-llama")
     config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64,
@@ -455,7 +434,6 @@ def _calibrated_args(small_llama, out, work):
 @pytest.fixture(scope="module")
 def reference_stb(small_llama, tmp_path_factory):
     """An uninterrupted reproducible conversion (SOURCE_DATE_EPOCH), the bytes every resumed run must match."""
-    import os
     from stbllm_convert import cli
     out = tmp_path_factory.mktemp("reference") / "ref.stb"
     os.environ["SOURCE_DATE_EPOCH"] = EPOCH
@@ -510,18 +488,12 @@ def test_resume_after_death_at_every_checkpoint(small_llama, reference_stb, tmp_
 def test_sigkill_at_a_random_point_then_resume(small_llama, reference_stb, tmp_path, capsys):
     """A real SIGKILL at a (seeded) random moment of the calibration: no .stb or temporary file at the output path,
     and --resume gives the reference bytes."""
-    import os
-    import random
-    import signal
-    import subprocess
-    import sys
-    import time
     rng = random.Random(9)
     out, work = tmp_path / "out" / "model.stb", tmp_path / "work"
     out.parent.mkdir()
     env = dict(os.environ, SOURCE_DATE_EPOCH=EPOCH, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "stbllm_convert", *map(str, _calibrated_args(small_llama, out, work))],
-                            env=env, stderr=subprocess.PIPE)
+    command = [sys.executable, "-m", "stbllm_convert", *map(str, _calibrated_args(small_llama, out, work))]
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
     trigger = work / f"layer-{rng.randrange(2):04d}.pt"
     deadline = time.monotonic() + 120
     while not trigger.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -567,8 +539,6 @@ def test_same_seed_same_bytes_and_generations(small_llama, reference_stb, tmp_pa
 @pytest.fixture
 def small_disk(tmp_path):
     """A 384 KiB tmpfs (needs root; skipped elsewhere)."""
-    import os
-    import subprocess
     mount = tmp_path / "disk"
     mount.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(mount)],
@@ -609,7 +579,6 @@ def _tasks(model):
 
 
 def test_one_model_shared_by_many_threads(runtime_files):
-    from concurrent.futures import ThreadPoolExecutor
     model = Model(runtime_files["sign-nm"], threads=2)
     tasks = _tasks(model)
     expected = [t() for t in tasks]
@@ -619,7 +588,6 @@ def test_one_model_shared_by_many_threads(runtime_files):
 
 
 def test_several_models_in_one_process(runtime_files):
-    from concurrent.futures import ThreadPoolExecutor
     models = [Model(path, threads=1) for path in runtime_files.values() for _ in range(2)]
     expected = [m.logits(PROMPT).tobytes() for m in models]
     assert expected[0] == expected[1] and expected[2] == expected[3] and expected[0] != expected[2]
@@ -630,7 +598,6 @@ def test_several_models_in_one_process(runtime_files):
 def test_model_closed_while_another_thread_uses_it(runtime_files):
     """Calls running when the model is closed finish with the right answer (they hold the weights); calls made
     after it raise ValueError. Nothing crashes and nothing returns garbage."""
-    import threading
     model = Model(runtime_files["f16"], threads=1)
     expected_logits = model.logits(PROMPT)
     expected_stream = list(model.generate(PROMPT, max_new_tokens=30, stream=True, seed=4))
