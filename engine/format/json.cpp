@@ -11,6 +11,10 @@ namespace stb {
 
 namespace {
 constexpr int kMaxDepth = 64;
+// A parsed value costs ~270 bytes of memory at peak however short its text ("0," is 2 bytes), so the value count is
+// capped too: a header can never make the reader allocate more than ~70 MB. SmolLM2's header (30 layers) holds 4,178
+// values; a 70B model's, with the calibration record, about 15,000.
+constexpr size_t kMaxValues = 1 << 18;
 }
 
 class JsonParser {
@@ -28,6 +32,7 @@ class JsonParser {
   const char* p_;
   const char* begin_;
   const char* end_;
+  size_t values_ = 0;
 
   [[noreturn]] void fail(const std::string& what) {
     throw FormatError("invalid JSON header at byte " + std::to_string(p_ - begin_) + ": " + what);
@@ -45,6 +50,7 @@ class JsonParser {
 
   JsonValue parse_value(int depth) {
     if (depth > kMaxDepth) fail("nesting deeper than 64");
+    if (++values_ > kMaxValues) fail("more than " + std::to_string(kMaxValues) + " values");
     skip_ws();
     if (p_ >= end_) fail("unexpected end of input");
     JsonValue v;

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from ._core import FormatError
+
 CODEC = "stb.binary-groups.v2"
 
 # BINOMIAL[n, k] = C(n, k) for n, k <= 64, as uint64 (C(64, 32) < 2**63).
@@ -80,8 +82,15 @@ def _pack(bits: np.ndarray) -> np.ndarray:
     return np.packbits(np.asarray(bits, dtype=bool).reshape(-1), bitorder="little")
 
 
-def _unpack(stream: np.ndarray, count: int) -> np.ndarray:
-    return np.unpackbits(np.asarray(stream, dtype=np.uint8), bitorder="little")[:count].astype(bool)
+def _unpack(stream: np.ndarray, count: int, what: str) -> np.ndarray:
+    """The first `count` bits of a stream, which must hold exactly those and zero padding (the C++ decoder's
+    rules, so that the Python reader accepts exactly what the runtime accepts)."""
+    bits = np.unpackbits(np.asarray(stream, dtype=np.uint8), bitorder="little")
+    if bits.size < count:
+        raise FormatError(f"{what} stream ends before the weights it describes")
+    if bits[count:].any():
+        raise FormatError(f"{what} stream has non-zero padding bits")
+    return bits[:count].astype(bool)
 
 
 def encode_mask(keep: np.ndarray, n: int, m: int) -> np.ndarray:
@@ -104,14 +113,18 @@ def encode_mask(keep: np.ndarray, n: int, m: int) -> np.ndarray:
 def decode_mask(stream: np.ndarray, rows: int, cols: int, n: int, m: int) -> np.ndarray:
     full, tail, tail_kept = mask_layout(cols, n, m)
     width, tail_width = rank_width(m, n), (rank_width(tail, tail_kept) if tail else 0)
-    bits = _unpack(stream, rows * mask_bits_per_row(cols, n, m)).reshape(rows, -1)
+    bits = _unpack(stream, rows * mask_bits_per_row(cols, n, m), "mask").reshape(rows, -1)
     keep = np.zeros((rows, cols), dtype=bool)
-    def ranks(field, count, w):  # a width-0 code is the only subset: rank 0
-        return _values_lsb_first(field, w) if w else np.zeros((rows, count), np.uint64)
+    def ranks(field, count, w, group, kept):  # a width-0 code is the only subset: rank 0
+        r = _values_lsb_first(field, w) if w else np.zeros((rows, count), np.uint64)
+        if (r >= np.uint64(math.comb(group, kept))).any():
+            raise FormatError(f"an N:M mask code is out of range (>= C({group}, {kept}))")
+        return r
 
-    keep[:, :full * m] = _colex_unrank(ranks(bits[:, :full * width], full, width), m, n).reshape(rows, -1)
+    keep[:, :full * m] = _colex_unrank(ranks(bits[:, :full * width], full, width, m, n), m, n).reshape(rows, -1)
     if tail:
-        keep[:, full * m:] = _colex_unrank(ranks(bits[:, full * width:], 1, tail_width)[:, 0], tail, tail_kept)
+        keep[:, full * m:] = _colex_unrank(ranks(bits[:, full * width:], 1, tail_width, tail, tail_kept)[:, 0],
+                                           tail, tail_kept)
     return keep
 
 
@@ -127,9 +140,16 @@ def encode_labels(labels: np.ndarray, regions: int) -> np.ndarray:
 
 def decode_labels(stream: np.ndarray, count: int, regions: int) -> np.ndarray:
     if regions == 2:
-        return _unpack(stream, count).astype(np.uint8)
-    byte = np.asarray(stream, dtype=np.uint8)[:, None].astype(np.uint16)
-    return ((byte // np.array([1, 3, 9, 27, 81], np.uint16)) % 3).astype(np.uint8).reshape(-1)[:count]
+        return _unpack(stream, count, "labels").astype(np.uint8)
+    stream = np.asarray(stream, dtype=np.uint8)
+    if stream.size * 5 < count:
+        raise FormatError("labels stream ends before the weights it describes")
+    if (stream >= 243).any():
+        raise FormatError("a label byte is >= 243 (not 5 base-3 digits)")
+    digits = ((stream[:, None].astype(np.uint16) // np.array([1, 3, 9, 27, 81], np.uint16)) % 3).reshape(-1)
+    if digits[count:].any():
+        raise FormatError("labels stream has non-zero padding digits")
+    return digits[:count].astype(np.uint8)
 
 
 def label_stream_bytes(count: int, regions: int) -> int:
@@ -197,17 +217,18 @@ def dequantize(component, shape, p: dict) -> np.ndarray:
         keep = np.ones((rows, cols), dtype=bool)
     else:
         keep = decode_mask(component("mask"), rows, cols, *p["nm"])
-    salient = _unpack(component("salient"), cols)
+    salient = _unpack(component("salient"), cols, "salient")
     kept_salient = keep & salient[None, :]
     kept_plain = keep & ~salient[None, :]
     s = np.zeros((rows, cols), dtype=bool)
-    s[keep] = _unpack(component("signs"), int(keep.sum()))
+    s[keep] = _unpack(component("signs"), int(keep.sum()), "signs")
     labels = np.zeros((rows, cols), dtype=np.int64)
     if regions > 1:
         labels[kept_plain] = decode_labels(component("labels"), int(kept_plain.sum()), regions)
     t = np.zeros((rows, cols), dtype=bool)
-    if p["kept_salient"]:
-        t[kept_salient] = _unpack(component("residual"), p["kept_salient"])
+    if int(kept_salient.sum()) != p["kept_salient"]:
+        raise FormatError(f"{int(kept_salient.sum())} kept salient weights, params say {p['kept_salient']}")
+    t[kept_salient] = _unpack(component("residual"), p["kept_salient"], "residual")
 
     def pm(bits):
         return np.where(bits, np.float32(1), np.float32(-1))

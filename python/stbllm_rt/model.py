@@ -67,10 +67,29 @@ class Model:
         self._reader = StbReader(path, verify_checksums=False)
         self.metadata = self._reader.metadata
         self.config = self.metadata["config"]
-        spec = self.metadata.get("tokenizer") or {"kind": "none"}
-        blob = self._reader.blob(spec["blob"]) if spec.get("kind", "none") != "none" else None
-        self.tokenizer = Tokenizer(spec, blob)
+        self.tokenizer = Tokenizer.from_file(self._reader)
         self.last_generated_tokens = 0  # tokens the last generate() produced, for throughput reports
+
+    # ---- lifetime -----------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Releases the weights and the file mapping as soon as no call is using them: calls already running (other
+        threads, open streams) finish normally; later calls raise ValueError. `del model` does the same."""
+        self._model = None
+        self._reader = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _live(self):
+        """(C++ model, reader); a call holds them until it returns, whatever close() does meanwhile."""
+        model, reader = self._model, self._reader
+        if model is None or reader is None:
+            raise ValueError(f"this Model ({self.path}) is closed")
+        return model, reader
 
     # ---- tokens -------------------------------------------------------------------------------------------------
 
@@ -97,25 +116,26 @@ class Model:
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits [T, vocab] (float32) of one fresh sequence: row t predicts token t+1."""
-        return self._model.logits([int(t) for t in token_ids])
+        return self._live()[0].logits([int(t) for t in token_ids])
 
     def info(self) -> dict:
         """Config, codecs, honest bits, and the bytes of weights and KV cache."""
+        core, reader = self._live()
         provenance = self.metadata.get("provenance", {})
-        codecs = Counter(self._reader.tensor_info(n)["codec"] for n in self._reader.tensor_names())
+        codecs = Counter(reader.tensor_info(n)["codec"] for n in reader.tensor_names())
         return {
             "path": self.path,
             "architecture": self.metadata.get("architecture"),
             "config": self.config,
             "device": self.device,
-            "threads": self._model.threads,
-            "kernels": self._model.simd,
+            "threads": core.threads,
+            "kernels": core.simd,
             "codecs": dict(codecs),
             "method": provenance.get("method"),
             "bits": provenance.get("bits"),
-            "file_bytes": self._reader.file_size,
-            "weight_bytes": self._model.weight_bytes,
-            "kv_cache_bytes_per_token": self._model.kv_bytes_per_token,
+            "file_bytes": reader.file_size,
+            "weight_bytes": core.weight_bytes,
+            "kv_cache_bytes_per_token": core.kv_bytes_per_token,
             "tokenizer": self.tokenizer.kind,
             "provenance": provenance,
         }
@@ -150,7 +170,7 @@ class Model:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         stops = [s for s in (stop or []) if s]
         eos = list(stop_token_ids) if stop_token_ids is not None else self.tokenizer.eos_token_ids
-        generator = _core.Generator(self._model, token_prompts, int(max_new_tokens), float(temperature), int(top_k),
+        generator = _core.Generator(self._live()[0], token_prompts, int(max_new_tokens), float(temperature), int(top_k),
                                     float(top_p), float(min_p), float(repetition_penalty), int(seed), eos,
                                     float(frequency_penalty), float(presence_penalty))
         if not isinstance(prompts[0], str):  # token ids in, token ids out; no tokenizer needed

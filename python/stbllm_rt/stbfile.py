@@ -355,5 +355,8 @@ class StbReader:
         if codec == CODEC_BINARY_GROUPS:
             def stream(key):  # an empty stream is absent from the file
                 return self.component(name, key) if key in info["components"] else np.zeros(0, np.uint8)
-            return binary_groups.dequantize(stream, info["shape"], info["params"])
+            try:
+                return binary_groups.dequantize(stream, info["shape"], info["params"])
+            except FormatError as e:
+                raise FormatError(f"tensor {name!r}: {e}") from None
         raise FormatError(f"tensor {name!r} has codec {codec}, which has no numeric value")

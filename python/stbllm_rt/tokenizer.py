@@ -6,13 +6,23 @@ class NoTokenizerError(RuntimeError):
     """The file carries no tokenizer: use the token-id APIs, or reconvert with --tokenizer."""
 
 
+def _optional(spec: dict, key: str, kind):
+    value = spec.get(key)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is int):
+        raise ValueError(f"tokenizer.{key} must be {kind.__name__} or null, not {value!r:.40}")
+    return value
+
+
 class Tokenizer:
     def __init__(self, spec: dict, blob: bytes | None):
         self.kind = spec.get("kind", "none")
-        self.bos_token_id = spec.get("bos_token_id")
-        self.eos_token_ids = [int(t) for t in spec.get("eos_token_ids") or []]
+        self.bos_token_id = _optional(spec, "bos_token_id", int)
+        eos = _optional(spec, "eos_token_ids", list) or []
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+            raise ValueError("tokenizer.eos_token_ids must be a list of token ids")
+        self.eos_token_ids = eos
         self.add_bos_token = bool(spec.get("add_bos_token", False))
-        self.chat_template = spec.get("chat_template")
+        self.chat_template = _optional(spec, "chat_template", str)
         if self.kind == "hf-tokenizer-json":
             from tokenizers import Tokenizer as HFTokenizer
             self._hf = HFTokenizer.from_str(blob.decode("utf-8"))
@@ -21,6 +31,20 @@ class Tokenizer:
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=blob)
         elif self.kind != "none":
             raise ValueError(f"unknown tokenizer kind {self.kind!r} in the file's metadata")
+
+    @classmethod
+    def from_file(cls, reader) -> "Tokenizer":
+        """The tokenizer an .stb file embeds (metadata.tokenizer and its blob); FormatError when it is unusable."""
+        from ._core import FormatError
+
+        spec = reader.metadata.get("tokenizer") or {"kind": "none"}
+        try:
+            if not isinstance(spec, dict):
+                raise ValueError("must be an object")
+            blob = reader.blob(spec.get("blob")) if spec.get("kind", "none") != "none" else None
+            return cls(spec, blob)
+        except Exception as e:  # noqa: BLE001 - the tokenizer libraries raise bare Exceptions for a corrupt blob
+            raise FormatError(f"metadata.tokenizer is unusable: {e}") from None
 
     def _require(self):
         if self.kind == "none":

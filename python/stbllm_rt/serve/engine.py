@@ -94,7 +94,7 @@ class ServingEngine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics or ServerMetrics()
-        self._batch = _core.BatchEngine(model._model, max_batch, max(max_step_tokens, max_batch))
+        self._batch = _core.BatchEngine(model._live()[0], max_batch, max(max_step_tokens, max_batch))
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._waiting: collections.deque[GenerationRequest] = collections.deque()

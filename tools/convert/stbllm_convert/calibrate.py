@@ -193,33 +193,33 @@ class Calibrator:
                 raise ConvertError(f"--resume: {self.work_dir} holds no checkpoints of this conversion (different "
                                    "model, method or calibration options)")
         else:
-            for old in [*self.work_dir.glob("layer-*.pt"), self.work_dir / "inputs.pt",
-                        self.work_dir / "allocation.json"]:
+            for old in [*self.work_dir.glob("layer-*.pt"), *self.work_dir.glob("inputs-*.pt"),
+                        *self.work_dir.glob("*.partial"), self.work_dir / "allocation.json"]:
                 old.unlink(missing_ok=True)
-            stamp.write_text(json.dumps({"key": self.key}))
+            _replace_file(stamp, lambda partial: partial.write_text(json.dumps({"key": self.key})))
 
     def _checkpoint_path(self, i: int) -> Path:
         return self.work_dir / f"layer-{i:04d}.pt"
 
+    def _inputs_path(self, i: int) -> Path:
+        return self.work_dir / f"inputs-{i:04d}.pt"
+
     def _save_checkpoint(self, i: int, tensors: list, log: dict):
-        """Layer i's packed results, then the inputs of layer i+1 (each file replaced atomically). A crash between
-        the two leaves inputs.pt one layer behind, which resume detects."""
+        """The inputs of layer i+1, then layer i's packed results (each file replaced atomically), then layer i's
+        inputs are dropped: wherever the process dies, the first layer without a checkpoint has its inputs saved."""
         import torch
 
-        for path, payload in ((self._checkpoint_path(i), {"tensors": tensors, "log": log}),
-                              (self.work_dir / "inputs.pt", {"next_layer": i + 1, "inputs": self.inputs})):
-            partial = path.with_name(path.name + ".partial")
-            torch.save(payload, partial)
-            os.replace(partial, path)
+        _replace_file(self._inputs_path(i + 1), lambda partial: torch.save(self.inputs, partial))
+        _replace_file(self._checkpoint_path(i), lambda partial: torch.save({"tensors": tensors, "log": log}, partial))
+        self._inputs_path(i).unlink(missing_ok=True)
 
     def _load_inputs(self, i: int):
         import torch
 
-        path = self.work_dir / "inputs.pt"
-        saved = torch.load(path, weights_only=False) if path.is_file() else {}
-        if saved.get("next_layer") != i:
+        path = self._inputs_path(i)
+        if not path.is_file():
             raise ConvertError(f"--resume: {self.work_dir} has no saved inputs for layer {i}; start without --resume")
-        return saved["inputs"]
+        return torch.load(path, weights_only=False)
 
     # ---- layer-wise N:M allocation ---------------------------------------------------------------------------
 
@@ -257,7 +257,8 @@ class Calibrator:
         self.outlier_ratios = [round(r, 6) for r in ratios]
         result = [(k, nm[1]) for k in kept]
         if self.work_dir is not None:
-            (self.work_dir / "allocation.json").write_text(json.dumps({"nm": result, "ratios": self.outlier_ratios}))
+            _replace_file(self.work_dir / "allocation.json", lambda partial: partial.write_text(
+                json.dumps({"nm": result, "ratios": self.outlier_ratios})))
         return result
 
     def _bar(self, iterable, desc):
@@ -332,6 +333,14 @@ class Calibrator:
         if self.outlier_ratios:
             out["outlier_ratios"] = self.outlier_ratios
         return out
+
+
+def _replace_file(path: Path, write) -> None:
+    """write(partial) fills a temporary file, which then replaces `path` at once: a reader sees the old or the new
+    file, never half of one, whenever the process dies."""
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)
 
 
 def _to_cpu(result):

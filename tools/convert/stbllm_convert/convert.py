@@ -23,6 +23,23 @@ def _progress(iterable, enabled, **kw):
     return tqdm(iterable, disable=None if enabled is None else False, **kw)
 
 
+# Provenance values that differ from run to run: left out of reproducible files (SOURCE_DATE_EPOCH).
+RUN_MEASUREMENTS = ("seconds", "calibration_seconds", "peak_rss_mib")
+
+
+def conversion_date() -> tuple[str, bool]:
+    """(ISO date for provenance, reproducible). SOURCE_DATE_EPOCH (the reproducible-builds convention) fixes the date
+    and asks for a file that depends only on the inputs: the same inputs and seed give the same bytes."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None:
+        return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), False
+    try:
+        when = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise ConvertError(f"SOURCE_DATE_EPOCH={epoch!r}: expected seconds since 1970 (an integer)") from None
+    return when.isoformat(timespec="seconds"), True
+
+
 def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokenizer=None,
             progress: bool | None = None, head_bits: int = 16, calibration: CalibrationOptions | None = None,
             **method_options) -> dict:
@@ -36,6 +53,7 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
     Returns {"path", "bits", "seconds", "file_size", "architecture", "tensors"}.
     Raises ConvertError for user errors; nothing is written unless the whole conversion succeeds."""
     start = time.monotonic()
+    date, reproducible = conversion_date()
     if isinstance(nm, str):
         nm = parse_nm(nm)
     elif nm is not None:
@@ -72,7 +90,7 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
             "method": quantizer.name,
             **quantizer.params(),
             "head_bits": head_bits,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": date,
         }
         writer = StbWriter({"architecture": arch, "config": config, "tokenizer": tok_spec,
                             "provenance": provenance})
@@ -124,8 +142,16 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
 
         if calibrator is not None:
             writer.metadata["provenance"].update(calibrator.provenance())
-        writer.metadata["provenance"]["seconds"] = round(time.monotonic() - start, 2)
-        report = writer.write(out)
+        provenance = writer.metadata["provenance"]
+        provenance["seconds"] = round(time.monotonic() - start, 2)
+        if reproducible:
+            for entry in [provenance, *provenance.get("layers", [])]:
+                for key in RUN_MEASUREMENTS:
+                    entry.pop(key, None)
+        try:
+            report = writer.write(out)
+        except OSError as e:  # e.g. a full disk: the writer has removed its temporary file, OUT is untouched
+            raise ConvertError(f"cannot write {out}: {e.strerror or e}") from None
     return {"path": str(out), "bits": report, "seconds": round(time.monotonic() - start, 2),
             "file_size": os.path.getsize(out), "architecture": arch,
             "tensors": sum(1 for _ in plan.all()) + (tok_blob is not None)}

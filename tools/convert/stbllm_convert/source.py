@@ -95,10 +95,10 @@ class HFDirSource(Source):
 
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map") or {}
-            if not weight_map:
-                raise ConvertError(f"{index} has an empty weight_map")
-            self._files = {name: path / shard for name, shard in weight_map.items()}
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ConvertError(f"{index}: weight_map must be a non-empty object (tensor name -> shard file)")
+            self._files = {name: self._shard_path(index, shard) for name, shard in weight_map.items()}
         else:
             shards = sorted(path.glob("*.safetensors"))
             if not shards:
@@ -121,6 +121,12 @@ class HFDirSource(Source):
                 raise ConvertError(f"safetensors shard {shard} is missing")
         self._stack = contextlib.ExitStack()
         self._handles = {}
+
+    def _shard_path(self, index: Path, shard) -> Path:
+        """A shard the index names: a plain file name in the model directory, never a path leading out of it."""
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+            raise ConvertError(f"{index} names shard {shard!r}, which is not a file name in the model directory")
+        return self.path / shard
 
     def names(self):
         return self._files.keys()

@@ -1,0 +1,118 @@
+"""Seed corpus for fuzz/stb_loader_fuzz.cpp: small valid files of every codec (binary-groups with 1, 2 and 3
+regions, with and without N:M and salient columns), tiny complete models (f16, sign, sign with 4:8 masks, int8
+head, tied head, sliding window), and the malformed files of tests/test_format.py.
+
+usage: python fuzz/make_seeds.py OUT_DIR   (needs the stbllm package installed)
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from stbllm_rt import StbWriter
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+import test_format  # noqa: E402  (its sample file and malformed-file cases)
+import test_runtime  # noqa: E402  (its tiny model writer)
+
+# A model small enough for the fuzzer to mutate quickly: 1 layer, hidden 64, 16 tokens.
+TINY_MODEL = dict(vocab_size=16, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32, max_position_embeddings=8)
+METADATA = {"architecture": "llama", "config": {"sliding_window": None}, "tokenizer": {"kind": "none"},
+            "provenance": {}}
+
+
+def exact_nm_mask(rng, rows: int, cols: int, n: int, m: int) -> np.ndarray:
+    """A random keep-mask with exactly n of every m (ceil(n*g/m) of a ragged last group of g), as the format wants."""
+    keep = np.zeros((rows, cols), dtype=bool)
+    for start in range(0, cols, m):
+        width = min(m, cols - start)
+        kept = -(-n * width // m)
+        chosen = np.argsort(rng.random((rows, width)), axis=1)[:, :kept]
+        keep[np.arange(rows)[:, None], start + chosen] = True
+    return keep
+
+
+def binary_groups_file(path: Path, rng, rows: int, cols: int, regions: int, nm, salient_fraction: float,
+                       block: int = 64) -> None:
+    w = StbWriter(METADATA)
+    mask = None if nm is None else exact_nm_mask(rng, rows, cols, *nm)
+    w.add_binary_groups("blk.0.attn_q.weight", signs=rng.random((rows, cols)) < 0.5,
+                        labels=rng.integers(0, regions, (rows, cols)).astype(np.uint8),
+                        salient=rng.random(cols) < salient_fraction, residual=rng.random((rows, cols)) < 0.5,
+                        params=rng.standard_normal((rows, -(-cols // block), 2 * regions + 4)), regions=regions,
+                        block=block, mask=mask, nm=nm)
+    w.write(path)
+
+
+def codec_files(out: Path, rng) -> None:
+    w = StbWriter(METADATA)
+    w.add_f32("a.weight", rng.standard_normal(7))
+    w.add_f16("b.weight", rng.standard_normal((3, 5)))
+    w.add_bytes("tokenizer.data", b"{}")
+    w.add_int8_group("c.weight", rng.standard_normal((3, 70)))
+    w.write(out / "dense-codecs.stb")
+    w = StbWriter(METADATA)
+    w.add_sign_block("s.weight", rng.random((3, 130)) < 0.5, rng.random((3, 3)), block=64)
+    w.add_sign_block("m.weight", rng.random((2, 72)) < 0.5, rng.random((2, 2)),
+                     mask=exact_nm_mask(rng, 2, 72, 4, 8), block=64, nm=(4, 8))
+    w.write(out / "sign-block.stb")
+    for regions in (1, 2, 3):
+        for nm in (None, (6, 8), (2, 5)):
+            for salient in (0.0, 0.2):
+                tag = f"r{regions}-" + (f"{nm[0]}of{nm[1]}" if nm else "dense") + f"-s{int(salient * 100)}"
+                binary_groups_file(out / f"binary-groups-{tag}.stb", rng, rows=3, cols=77, regions=regions, nm=nm,
+                                   salient_fraction=salient)
+
+
+def model_files(out: Path) -> None:
+    for codec in ("f16", "sign", "sign-nm"):
+        test_runtime.write_model(out / f"model-{codec}.stb", codec, config=TINY_MODEL)
+    test_runtime.write_model(out / "model-tied-window.stb", "sign",
+                             config=dict(TINY_MODEL, tie_word_embeddings=True, sliding_window=4),
+                             drop=["output.weight"], architecture="mistral")
+
+
+def malformed_files(out: Path, rng) -> None:
+    """Each mutation of test_format's malformed-table cases applied to its sample file, and its malformed JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = test_format.sample_file.__wrapped__(Path(tmp), rng)
+        raw, header, data_offset = test_format._split(sample)
+        cases = test_format.test_malformed_table.pytestmark[0].args[1]
+        for i, (mutate, _match) in enumerate(cases):
+            _, header, _ = test_format._split(sample)
+            mutate(header)
+            bad = Path(tmp) / "bad.stb"
+            bad.write_bytes(raw)
+            test_format._rebuild(bad, header, raw[data_offset:])
+            (out / f"malformed-table-{i:02d}.stb").write_bytes(bad.read_bytes())
+        (out / "sample.stb").write_bytes(raw)
+    for i, (text, _match) in enumerate(test_format.test_malformed_json.pytestmark[0].args[1]):
+        data_offset = test_format.stbfile._align(test_format.FIXED_HEADER_SIZE + len(text))
+        body = text + b"\0" * (data_offset - test_format.FIXED_HEADER_SIZE - len(text))
+        header = test_format.fixed_header(0, text, test_format.FIXED_HEADER_SIZE + len(body))
+        (out / f"malformed-json-{i:02d}.stb").write_bytes(header + body)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    codec_files(out, rng)
+    model_files(out)
+    malformed_files(out, rng)
+    files = sorted(out.iterdir())
+    print(f"{len(files)} seeds, {sum(f.stat().st_size for f in files)} bytes in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
