@@ -30,12 +30,14 @@ inline void unroll_each(F&& f, std::integer_sequence<int, I...>) {
 }
 
 // Activations of a pass: step s of its first activation row at steps + s·step_stride, salient chunk c at
-// salient + c·chunk_stride, the next activation rows 64 (8) floats further.
+// salient + c·chunk_stride, the next activation rows 64 (8) floats further; and room for a row group's salient
+// codebooks (kPassRows × blocks × 8 floats, with salient chunks).
 struct GroupsPassInput {
   const float* steps;
   int64_t step_stride;
   const float* salient;
   int64_t chunk_stride;
+  float* salient_books;
 };
 
 // Rows [row, row + R) against NT activation rows: each activation load feeds R rows' FMAs, so the activations'
@@ -55,9 +57,8 @@ void groups_row_group(const BinaryGroupsCodes& g, const typename Isa::Consts& co
     salient_codes[i] = g.salient_codes.data() + (row + i) * g.salient_slots() / 2;
     params[i] = g.params.data() + (row + i) * g.blocks * g.params_per_block;
   }
-  thread_local std::vector<float> salient_books;  // [R][blocks][8]
+  float* salient_books = x.salient_books;  // [R][blocks][8]
   if constexpr (Isa::kSalientChunks) {
-    salient_books.resize(size_t(R * g.blocks * kGroupsChunk));
     for (int i = 0; i < R; ++i)
       for (int64_t b = 0; b < g.blocks; ++b)
         Isa::store_salient(params[i] + b * g.params_per_block, consts,
@@ -139,9 +140,10 @@ void groups_rows(const BinaryGroupsCodes& g, int64_t row0, int64_t row1, const f
                  int64_t out_stride) {
   const auto consts = Isa::consts(g.regions);
   const float* salient = x + n * g.padded_cols;
+  std::vector<float> salient_books(Isa::kSalientChunks ? size_t(Isa::kPassRows * g.blocks * kGroupsChunk) : 0);
   for (int t = 0; t < n;) {
     const GroupsPassInput pass{x + t * kGroupsStep, int64_t(n) * kGroupsStep, salient + t * kGroupsChunk,
-                               int64_t(n) * kGroupsChunk};
+                               int64_t(n) * kGroupsChunk, salient_books.data()};
     t += groups_rows_largest_pass<Isa>(g, consts, row0, row1, pass, n - t, out + t * out_stride, out_stride);
   }
 }
