@@ -123,7 +123,7 @@ class CpuBackend final : public Backend {
       m.packed = luts_.back().get();
       m.bytes = luts_.back()->bytes();
     } else if (m.codec == MatrixCodec::BinaryGroups && k_.groups) {
-      groups_.push_back(std::make_unique<cpu::BinaryGroupsCodes>(cpu::build_binary_groups_codes(m)));
+      groups_.push_back(std::make_unique<cpu::BinaryGroupsCodes>(cpu::build_binary_groups_codes(m, k_.groups->salient_chunks)));
       m.packed = groups_.back().get();
       m.bytes = groups_.back()->bytes();
     }
@@ -219,13 +219,13 @@ class CpuBackend final : public Backend {
   }
 
   // Binary-groups weights as codes (kernels_groups.h) against float activations in the kernels' step-major order
-  // (a single activation row already is, when it needs no padding).
+  // (a single activation row already is, when it needs no padding and no salient chunks).
   void linear_groups(const Matrix& w, const float* x, int n, float* out) {
     const auto& g = *static_cast<const cpu::BinaryGroupsCodes*>(w.packed);
-    const int64_t rows = w.rows, cols = w.cols;
-    if (n > 1 || g.padded_cols != cols) {
-      groups_x_.resize(size_t(n) * g.padded_cols);
-      cpu::groups_activations(x, cols, n, g.padded_cols, groups_x_.data());
+    const int64_t rows = w.rows;
+    if (g.activation_floats(n) != w.cols) {
+      groups_x_.resize(size_t(g.activation_floats(n)));
+      cpu::groups_activations(g, x, n, groups_x_.data());
       x = groups_x_.data();
     }
     pool_.run(n_chunks(rows), [&](int64_t c) {

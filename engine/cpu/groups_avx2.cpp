@@ -1,9 +1,12 @@
-// AVX2 binary-groups kernel (layout: kernels_groups.h): vpermps indexes only 8 entries, so the codebook is two
-// registers, entries 0–7 (pruned, regions) and 8–15 (salient); both are looked up and bit 3 of the code picks one.
+// AVX2 binary-groups kernel (layout: kernels_groups.h, with salient chunks): vpermps indexes only 8 entries, so
+// each (row, block) has two 8-entry codebooks, the regions' for the steps and the salient one for the salient
+// chunks; every 8 weights take one lookup.
 #include "cpu/kernels_groups.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+
+#include <cstring>
 
 #include "cpu/groups_rows.h"
 
@@ -14,12 +17,13 @@ namespace {
 struct GroupsAvx2 {
   using Vec = __m256;
   static constexpr int kLanes = 8, kPassTokens = 8, kPassRows = 1;
+  static constexpr bool kSalientChunks = true;
 
-  // Entries 0–7: α and μ of lane e's region and its sign (0 and a zero `low_active` lane for entries that are no
-  // region). Entries 8–11 are computed from the 4 salient params loaded on their own (lanes 0–3 of `salient`).
+  // Region entries 1–6: α and μ of lane e's region and its sign (0 and a zero `region_active` lane for entries that
+  // are no region).
   struct Consts {
     __m256i alpha, mu;
-    __m256 sign, low_active;
+    __m256 sign, region_active;
     int salient_at;  // index of α₁ in a block's params
   };
   static Consts consts(int regions) {
@@ -32,24 +36,24 @@ struct GroupsAvx2 {
             _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(active))), 2 * regions};
   }
 
-  struct Table {
-    __m256 low, high;
-  };
-  // α·s + μ with one rounding (α·s is exact), as the format's order of operations; salient entries add the
-  // second term's own rounded α₂·t + μ₂.
-  static Table table(const uint16_t* params, const Consts& c) {
-    auto load8 = [](const uint16_t* p) {
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    };
-    const __m256 p = load8(params), sal = load8(params + c.salient_at);  // sal: α₁ μ₁ α₂ μ₂ in lanes 0-3
-    const __m256 low = _mm256_and_ps(
-        c.low_active, _mm256_fmadd_ps(_mm256_permutevar8x32_ps(p, c.alpha), c.sign, _mm256_permutevar8x32_ps(p, c.mu)));
+  using Table = __m256;  // the region codebook
+  static __m256 load8(const uint16_t* params) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(params)));
+  }
+  // α·s + μ with one rounding (α·s is exact), as the format's order of operations.
+  static __m256 table(const uint16_t* params, const Consts& c) {
+    const __m256 p = load8(params);
+    return _mm256_and_ps(c.region_active, _mm256_fmadd_ps(_mm256_permutevar8x32_ps(p, c.alpha), c.sign,
+                                                          _mm256_permutevar8x32_ps(p, c.mu)));
+  }
+  // Entries 4 + 2s + t: (α₁·s + μ₁) + (α₂·t + μ₂), each term rounded on its own as in the format.
+  static void store_salient(const uint16_t* params, const Consts& c, float* book) {
+    const __m256 sal = load8(params + c.salient_at);  // α₁ μ₁ α₂ μ₂ in lanes 0-3
     auto lane = [&](int i) { return _mm256_permutevar8x32_ps(sal, _mm256_set1_epi32(i)); };
-    const __m256 s = _mm256_setr_ps(-1, -1, 1, 1, 0, 0, 0, 0), t = _mm256_setr_ps(-1, 1, -1, 1, 0, 0, 0, 0);
-    const __m256 salient_active = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0));
-    const __m256 high = _mm256_and_ps(
-        salient_active, _mm256_add_ps(_mm256_fmadd_ps(lane(0), s, lane(1)), _mm256_fmadd_ps(lane(2), t, lane(3))));
-    return {low, high};
+    const __m256 s = _mm256_setr_ps(0, 0, 0, 0, -1, -1, 1, 1), t = _mm256_setr_ps(0, 0, 0, 0, -1, 1, -1, 1);
+    const __m256 salient_active = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
+    _mm256_storeu_ps(book, _mm256_and_ps(salient_active, _mm256_add_ps(_mm256_fmadd_ps(lane(0), s, lane(1)),
+                                                                       _mm256_fmadd_ps(lane(2), t, lane(3)))));
   }
 
   struct Step {
@@ -61,14 +65,19 @@ struct GroupsAvx2 {
     };
     return {{widen(codes), widen(codes + 16)}};
   }
-  // Columns 8·Sub .. 8·Sub + 7 = 16k + 8h + i: nibble k of words 8h .. 8h + 7.
+  // Columns 8·Sub .. 8·Sub + 7 = 16k + 8h + i: nibble k of words 8h .. 8h + 7 (codes < 8: vpermps ignores the
+  // higher nibbles).
   template <int Sub>
   static __m256 weights(const Table& table, const Step& step) {
     constexpr int k = Sub / 2, h = Sub % 2;
-    const __m256i index = _mm256_srli_epi32(step.half[h], 4 * k);
-    const __m256 salient_bit = _mm256_castsi256_ps(_mm256_slli_epi32(step.half[h], 28 - 4 * k));  // bit 3 -> sign
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(table.low, index),
-                            _mm256_permutevar8x32_ps(table.high, index), salient_bit);
+    return _mm256_permutevar8x32_ps(table, _mm256_srli_epi32(step.half[h], 4 * k));
+  }
+  // Slot i of the chunk: nibble i of its 32-bit word.
+  static __m256 salient_weights(const float* book, const uint8_t* codes) {
+    int32_t word;
+    std::memcpy(&word, codes, sizeof word);
+    const __m256i nibble_shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    return _mm256_permutevar8x32_ps(_mm256_loadu_ps(book), _mm256_srlv_epi32(_mm256_set1_epi32(word), nibble_shifts));
   }
 
   static __m256 zero() { return _mm256_setzero_ps(); }
@@ -86,7 +95,7 @@ struct GroupsAvx2 {
 }  // namespace
 
 const GroupsKernels* avx2_groups() {
-  static const GroupsKernels k{groups_rows<GroupsAvx2>};
+  static const GroupsKernels k{true, groups_rows<GroupsAvx2>};
   return &k;
 }
 

@@ -16,6 +16,7 @@ struct GroupsAvx512 {
   using Table = __m512;
   using Step = __m512i;  // 16-bit code words widened to 32-bit lanes
   static constexpr int kLanes = 16, kPassTokens = 4, kPassRows = 4;
+  static constexpr bool kSalientChunks = false;
 
   // Lanes 1-6: the regions' α·s + μ; lanes 8-11: the salient first term α₁·s + μ₁, lanes 12-15 its second term
   // α₂·t + μ₂, each with one rounding (α·s is exact) as the format's order of operations. Per lane: which params
@@ -69,7 +70,7 @@ struct GroupsAvx512 {
 }  // namespace
 
 const GroupsKernels* avx512_groups() {
-  static const GroupsKernels k{groups_rows<GroupsAvx512>};
+  static const GroupsKernels k{false, groups_rows<GroupsAvx512>};
   return &k;
 }
 

@@ -66,17 +66,25 @@ float dot_binary_groups(const Matrix& m, int64_t row, const float* x) {
   return acc;
 }
 
-void groups_activations(const float* x, int64_t cols, int n, int64_t padded_cols, float* out) {
-  for (int64_t s = 0; s < padded_cols / kGroupsStep; ++s)
+void groups_activations(const BinaryGroupsCodes& g, const float* x, int n, float* out) {
+  const int64_t cols = g.cols;
+  for (int64_t s = 0; s < g.padded_cols / kGroupsStep; ++s)
     for (int t = 0; t < n; ++t) {
       float* dst = out + (s * n + t) * kGroupsStep;
       const int64_t j0 = s * kGroupsStep, count = std::min<int64_t>(kGroupsStep, cols - j0);
       std::copy(x + t * cols + j0, x + t * cols + j0 + count, dst);
       std::fill(dst + count, dst + kGroupsStep, 0.f);
     }
+  float* salient = out + n * g.padded_cols;
+  for (int64_t c = 0; c < g.salient_slots() / kGroupsChunk; ++c)
+    for (int t = 0; t < n; ++t)
+      for (int i = 0; i < kGroupsChunk; ++i) {
+        const int32_t j = g.salient_cols[c * kGroupsChunk + i];
+        salient[(c * n + t) * kGroupsChunk + i] = j < 0 ? 0.f : x[t * cols + j];
+      }
 }
 
-BinaryGroupsCodes build_binary_groups_codes(const Matrix& m) {
+BinaryGroupsCodes build_binary_groups_codes(const Matrix& m, bool salient_chunks) {
   BinaryGroupsCodes g;
   g.rows = m.rows, g.cols = m.cols, g.padded_cols = (m.cols + kGroupsStep - 1) / kGroupsStep * kGroupsStep;
   g.block = m.block, g.blocks = m.blocks_per_row, g.regions = m.regions, g.params_per_block = m.params_per_block;
@@ -84,23 +92,40 @@ BinaryGroupsCodes build_binary_groups_codes(const Matrix& m) {
   g.params.assign(n_params + kGroupsParamsPad, 0);
   std::copy(m.params, m.params + n_params, g.params.begin());
   g.codes.assign(size_t(m.rows * g.row_bytes()), 0);
-  // rank[j] = how many salient columns precede column j (its index among the row's residual bits).
-  std::vector<int64_t> rank(size_t(m.cols));
+  auto is_salient = [&](int64_t j) { return (m.salient[j >> 6] >> (j & 63)) & 1; };
+  // rank[j] = how many salient columns precede column j (its index among the row's residual bits); slot[j] = its
+  // salient chunk slot.
+  std::vector<int64_t> rank(size_t(m.cols)), slot(size_t(m.cols), -1);
   for (int64_t j = 0, seen = 0; j < m.cols; ++j) {
     rank[j] = seen;
-    seen += (m.salient[j >> 6] >> (j & 63)) & 1;
+    seen += is_salient(j);
+  }
+  if (salient_chunks) {
+    for (int64_t b = 0; b < g.blocks; ++b) {
+      for (int64_t j = b * m.block; j < std::min<int64_t>(m.cols, (b + 1) * m.block); ++j)
+        if (is_salient(j)) slot[j] = g.salient_slots(), g.salient_cols.push_back(int32_t(j));
+      while (g.salient_slots() % kGroupsChunk) g.salient_cols.push_back(-1);
+      g.chunk_block.resize(g.salient_slots() / kGroupsChunk, int32_t(b));
+    }
+    g.salient_codes.assign(size_t(m.rows * g.salient_slots() / 2), 0);
   }
   const int64_t words = m.words_per_row, plane = m.rows * words;
   for (int64_t r = 0; r < m.rows; ++r) {
     uint8_t* row_codes = g.codes.data() + r * g.row_bytes();
+    uint8_t* row_salient = g.salient_codes.data() + r * g.salient_slots() / 2;
     for (int64_t j = 0; j < m.cols; ++j) {
       const int64_t word = r * words + (j >> 6), bit = j & 63;
       if (m.mask && !((m.mask[word] >> bit) & 1)) continue;  // code 0
       const unsigned s = (m.signs[word] >> bit) & 1;
       unsigned code;
-      if ((m.salient[j >> 6] >> bit) & 1) {
+      if (is_salient(j)) {
         const int64_t i = r * m.salient_columns + rank[j];
-        code = 8 + 2 * s + ((m.residual[i >> 6] >> (i & 63)) & 1);
+        const unsigned st = 2 * s + ((m.residual[i >> 6] >> (i & 63)) & 1);
+        if (salient_chunks) {  // slot i of a chunk: nibble i of its little-endian 32-bit word
+          row_salient[slot[j] / 2] |= uint8_t((4 + st) << (4 * (slot[j] % 2)));
+          continue;  // code 0 in the steps
+        }
+        code = 8 + st;
       } else {
         unsigned label = 0;
         for (int p = 0; p < m.label_planes; ++p) label |= unsigned((m.labels[p * plane + word] >> bit) & 1) << p;

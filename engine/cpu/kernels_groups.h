@@ -11,6 +11,12 @@
 // Codes of a row come in steps of 64 columns (32 bytes, rows zero padded to whole steps): 16-bit word i of a step
 // holds in its nibble k the code of column 16k + i, so one zero-extension of the words to 32-bit lanes followed by
 // shifts by 4k gives the lookup indices of 16 consecutive columns (vpermps reads only an index's low bits).
+//
+// Salient chunks (kernels with 8-entry lookups, AVX2): a codebook of 8 holds either the pruned and region entries
+// (0–6) or the pruned and salient ones, not both. Salient columns are shared by all rows, so each block's salient
+// columns are also gathered into chunks of 8 slots (the last one zero padded), and their codes move there: code 0
+// in the steps, 4 + 2s + t (or 0 if pruned) in nibble i of its chunk's 32-bit word for slot i. The steps then need
+// one lookup per 8 weights and each salient chunk one more; the activations gain the gathered salient inputs.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -35,20 +41,35 @@ struct BinaryGroupsCodes {
   int block = 0, blocks = 0, regions = 0, params_per_block = 0;
   std::vector<uint8_t> codes;    // [rows][padded_cols / 2]
   std::vector<uint16_t> params;  // fp16 [rows][blocks][params_per_block], then kGroupsParamsPad zeros
+  // Salient chunks (empty without them), block by block: chunk_block[c] is chunk c's block, salient_cols[slot] the
+  // slot's column (-1: padding).
+  std::vector<int32_t> chunk_block;
+  std::vector<int32_t> salient_cols;
+  std::vector<uint8_t> salient_codes;  // [rows][salient slots / 2]
   int64_t row_bytes() const { return padded_cols / 2; }
-  uint64_t bytes() const { return codes.size() + params.size() * sizeof(uint16_t); }
+  int64_t salient_slots() const { return int64_t(salient_cols.size()); }
+  // Floats of the kernels' activations for n rows (groups_activations).
+  int64_t activation_floats(int n) const { return n * (padded_cols + salient_slots()); }
+  uint64_t bytes() const {
+    return codes.size() + salient_codes.size() + params.size() * sizeof(uint16_t) +
+           (chunk_block.size() + salient_cols.size()) * sizeof(int32_t);
+  }
 };
 
-// Builds the runtime layout from m's BinaryGroups planes (portable code; once per matrix at load). Throws
-// std::invalid_argument for a region label >= m.regions (its code would alias another entry).
-BinaryGroupsCodes build_binary_groups_codes(const Matrix& m);
+constexpr int kGroupsChunk = 8;  // slots per salient chunk
+
+// Builds the runtime layout from m's BinaryGroups planes (portable code; once per matrix at load), with salient
+// chunks if asked. Throws std::invalid_argument for a region label >= m.regions (its code would alias another
+// entry).
+BinaryGroupsCodes build_binary_groups_codes(const Matrix& m, bool salient_chunks);
 
 // Activations for the kernels, step-major: the 64 inputs of step s of activation row t at x[(s·n + t)·64], zero
 // past cols, so one pass reads its activation rows of a step from one contiguous run (for n = 1 this is the row
-// itself, zero padded).
-void groups_activations(const float* x, int64_t cols, int n, int64_t padded_cols, float* out);
+// itself, zero padded); then, with salient chunks, the 8 inputs of chunk c of row t at x[n·padded_cols + (c·n + t)·8].
+void groups_activations(const BinaryGroupsCodes& g, const float* x, int n, float* out);
 
 struct GroupsKernels {
+  bool salient_chunks;  // the layout this kernel reads
   // out[t · out_stride + r] = Σ_j w[r, j] · x_t[j] for rows [row0, row1) and t < n, x from groups_activations.
   void (*rows)(const BinaryGroupsCodes& g, int64_t row0, int64_t row1, const float* x, int n, float* out,
                int64_t out_stride);
