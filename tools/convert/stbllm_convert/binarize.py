@@ -76,59 +76,74 @@ def search_salient_columns(t: torch.Tensor, keep: torch.Tensor, limit: int = SAL
     try the top k (1 <= k < min(limit, n)) as the order-2 group and the rest as a second order-2 group, keep the k
     with the smallest error. Returns a bool [n] column selection (at least one column).
 
-    The errors come in closed form (_order2_sse_from_counts) from each row's sorted kept values and the few top
-    columns, instead of binarizing 49 candidate splits of the whole block element by element."""
+    The errors come in closed form (_order2_sse_from_counts) from running counts and sums over each row's sorted
+    values, so every threshold query is a binary search, instead of binarizing 49 candidate splits of the whole
+    block element by element. Tensors are [rows, candidates]."""
     rows, n = t.shape
     t = t.double()
-    neg_inf = torch.full((), float("-inf"), dtype=torch.float64, device=t.device)
     top = torch.argsort((t * keep).sum(0), descending=True, stable=True)[:min(limit, n)]
     ks = torch.arange(1, max(2, len(top)), device=t.device)
-    in_candidate = (torch.arange(len(top), device=t.device)[None] < ks[:, None])[:, None, :]  # [K, 1, L]
-    top_vals, top_keep = t[:, top], keep[:, top]
-    members = in_candidate & top_keep[None]  # [K, rows, L]
-    m = members.double()
-    sal_n, sal_s1, sal_s2 = m.sum(-1), (m * top_vals).sum(-1), (m * top_vals ** 2).sum(-1)
-
-    zero = torch.zeros((), dtype=torch.float64, device=t.device)
-
-    def sal_at_least(th):
-        hit = members & (top_vals[None] >= th[..., None])
-        return hit.sum(-1, dtype=torch.float64), torch.where(hit, top_vals[None], zero).sum(-1)
-
-    kept = torch.where(keep, t, neg_inf)
-    ordered = torch.sort(kept, dim=1).values
-    finite = torch.where(torch.isfinite(ordered), ordered, torch.zeros((), dtype=torch.float64, device=t.device))
-    prefix = torch.cat([torch.zeros((rows, 1), dtype=torch.float64, device=t.device), finite.cumsum(1)], 1)
-    all_n = keep.sum(1).double()[None]
-    all_s1, all_s2 = (finite.sum(1))[None], (finite * finite).sum(1)[None]
+    kept = _SortedSets(torch.where(keep, t, math.inf))
+    # Candidate k's salient set in a row: the kept values of the row's first k top columns.
+    top_sorted, by_rank = torch.sort(torch.where(keep[:, top], t[:, top], math.inf), dim=1)
+    by_rank[~torch.isfinite(top_sorted)] = len(top)  # pruned weights are in no candidate set
+    salient = _SortedSets(top_sorted, by_rank[:, None] < ks[:, None])
+    sal_s2 = torch.where(keep[:, top], t[:, top] ** 2, 0.0).cumsum(1)[:, ks - 1]
+    kept_s2 = (torch.where(keep, t, 0.0) ** 2).sum(1, keepdim=True)
 
     def rest_at_least(th):
-        idx = torch.searchsorted(ordered, th.t().contiguous()).t()  # [K, rows]: values below th
-        count = n - idx
-        total = prefix[:, -1][None] - prefix.t().gather(0, idx)
-        c_sal, s_sal = sal_at_least(th)
-        return count.double() - c_sal, total - s_sal
+        count, total = kept.at_least(th)
+        c_sal, s_sal = salient.at_least(th)
+        return count - c_sal, total - s_sal
 
-    errors = (_order2_sse_from_counts(sal_n, sal_s1, sal_s2, sal_at_least)
-              + _order2_sse_from_counts(all_n - sal_n, all_s1 - sal_s1, all_s2 - sal_s2, rest_at_least)).sum(1)
+    errors = (_order2_sse_from_counts(salient.n, salient.s1, sal_s2, salient.at_least)
+              + _order2_sse_from_counts(kept.n - salient.n, kept.s1 - salient.s1, kept_s2 - sal_s2,
+                                        rest_at_least)).sum(0)
     chosen = torch.zeros(n, dtype=torch.bool, device=t.device)
     chosen[top[:int(ks[int(torch.argmin(errors))])]] = True
     return chosen
 
 
-def _range_sse(sorted_vals, p1, p2, start, end):
-    """Order-1 binarization error of each row's sorted slice [start, end) (index tensors [rows, C]), from prefix
-    sums p1 (values) and p2 (squares): SSE = sum x^2 - n mu^2 - n alpha^2 with alpha = mean |x - mu|."""
-    n = (end - start).to(p1.dtype)
+class _SortedSets:
+    """Subsets of each row's values: their sizes n and sums s1, and at_least(th) -> (count, sum) of the members
+    >= th for thresholds th [rows, K], by one binary search in the row's sorted values and a look-up in the
+    members' running counts and sums.
+
+    values: float64 [rows, size], +inf for entries that are never members; unsorted unless `members` is given.
+    members: None (every finite value: one set per row, n and s1 [rows, 1]) or bool [rows, K, size] in the order
+    of the (then already sorted) values (K sets per row, n and s1 [rows, K])."""
+
+    def __init__(self, values: torch.Tensor, members: torch.Tensor | None = None):
+        self.sorted = values if members is not None else torch.sort(values, dim=1).values
+        finite = torch.isfinite(self.sorted)
+        members = finite[:, None] if members is None else members
+        # inclusive running count and sum along the row (bool * float and an int32 count: the fast kernels)
+        self.counts = members.cumsum(2, dtype=torch.int32)
+        self.sums = (members * torch.where(finite, self.sorted, 0.0)[:, None]).cumsum(2)
+        self.n, self.s1 = self.counts[..., -1].double(), self.sums[..., -1]
+
+    def at_least(self, th):
+        below = torch.searchsorted(self.sorted, th.contiguous())  # values < th (+inf never is)
+        last = (below - 1).clamp(min=0)[..., None]
+        shape = (*last.shape[:2], self.counts.shape[2])
+        count = self.counts.expand(shape).gather(2, last)[..., 0].double()
+        total = self.sums.expand(shape).gather(2, last)[..., 0]
+        some = below > 0
+        return self.n - torch.where(some, count, 0.0), self.s1 - torch.where(some, total, 0.0)
+
+
+def _range_sse(sorted_vals, p1, start, end):
+    """Order-1 binarization error of each row's sorted slice [start, end), given as (index [rows, C], prefix sum of
+    values, prefix sum of squares) at each end; p1 is the prefix-sum table of values [rows, size + 1].
+    SSE = sum x^2 - n mu^2 - n alpha^2 with alpha = mean |x - mu|."""
+    (i, v1, v2), (j, w1, w2) = start, end
+    n = (j - i).to(p1.dtype)
     safe = n.clamp(min=1)
-    s1 = p1.gather(1, end) - p1.gather(1, start)
-    s2 = p2.gather(1, end) - p2.gather(1, start)
-    mu = s1 / safe
-    split = torch.searchsorted(sorted_vals, mu).clamp(min=start, max=end)  # first index with x >= mu
-    upper = p1.gather(1, end) - p1.gather(1, split) - mu * (end - split)
-    lower = mu * (split - start) - (p1.gather(1, split) - p1.gather(1, start))
-    alpha = (upper + lower) / safe
-    return (s2 - n * mu * mu - n * alpha * alpha).clamp(min=0)
+    mu = (w1 - v1) / safe
+    split = torch.searchsorted(sorted_vals, mu).clamp(min=i, max=j)  # first index with x >= mu
+    at_split = p1.gather(1, split)
+    alpha = ((w1 - at_split - mu * (j - split)) + (mu * (split - i) - (at_split - v1))) / safe
+    return ((w2 - v2) - n * mu * mu - n * alpha * alpha).clamp(min=0)
 
 
 def search_break_points(t: torch.Tensor, region_mask: torch.Tensor, regions: int) -> tuple[float, float]:
@@ -137,41 +152,43 @@ def search_break_points(t: torch.Tensor, region_mask: torch.Tensor, regions: int
     region_mask (81 for two regions; 160 for three, skipping p2 above the 0.9 quantile); each region is binarized
     at order 1 and the candidate with the smallest total error wins. Returns (p1, p2): region 0 is t < p1,
     region 1 is p1 <= t < p2, region 2 is t >= p2 (p2 = inf for two regions). With no usable candidate (an
-    empty mask, or every quantile degenerate) one region holds everything: (inf, inf)."""
+    empty mask, or every quantile degenerate) one region holds everything: (inf, inf).
+
+    The errors of all candidates come at once from each row's sorted values and their prefix sums."""
     inf = float("inf")
     values = t[region_mask].double()
     if values.numel() == 0:
         return inf, inf
     quantiles = torch.linspace(0.1, 0.9, 81 if regions == 2 else 160, dtype=torch.float64, device=t.device)
-    cand = torch.quantile(values, quantiles)
-    if regions == 3:
-        cand = cand[2 * cand <= torch.quantile(values, 0.9)]
+    if regions == 3:  # the 0.9 quantile bounds p2, from the same sort
+        cand, limit = torch.quantile(values, torch.cat([quantiles, quantiles.new_tensor([0.9])])).split([160, 1])
+        cand = cand[2 * cand <= limit]
         if cand.numel() == 0:
             return inf, inf
+    else:
+        cand = torch.quantile(values, quantiles)
     rows = t.shape[0]
-    vals = torch.where(region_mask, t.double(), torch.full((), inf, dtype=torch.float64))
-    sorted_vals = torch.sort(vals, dim=1).values
-    count = region_mask.sum(1, keepdim=True)
-    finite = torch.where(torch.isfinite(sorted_vals), sorted_vals, torch.zeros((), dtype=torch.float64))
+    sorted_vals = torch.sort(torch.where(region_mask, t.double(), inf), dim=1).values
+    finite = torch.where(torch.isfinite(sorted_vals), sorted_vals, 0.0)
     zero = torch.zeros((rows, 1), dtype=torch.float64, device=t.device)
     p1 = torch.cat([zero, finite.cumsum(1)], 1)
     p2 = torch.cat([zero, (finite * finite).cumsum(1)], 1)
-    c = len(cand)
+    count = region_mask.sum(1, keepdim=True)
 
-    def index_of(threshold):  # per row, how many values are < threshold
-        return torch.searchsorted(sorted_vals, threshold.expand(rows, c).contiguous()).clamp(max=count)
+    def boundary(index):  # (index, prefix sums there) of a region boundary [rows, C]
+        return index, p1.gather(1, index), p2.gather(1, index)
 
-    begin = torch.zeros((rows, c), dtype=torch.long, device=t.device)
-    stop = count.expand(rows, c)
-    a = index_of(cand[None])
-    if regions == 2:
-        sse = _range_sse(sorted_vals, p1, p2, begin, a) + _range_sse(sorted_vals, p1, p2, a, stop)
-        return float(cand[int(torch.argmin(sse.sum(0)))]), inf
-    b = index_of(2 * cand[None])
-    sse = (_range_sse(sorted_vals, p1, p2, begin, a) + _range_sse(sorted_vals, p1, p2, a, b)
-           + _range_sse(sorted_vals, p1, p2, b, stop))
+    def below(threshold):  # per row, how many values are < threshold
+        return boundary(torch.searchsorted(sorted_vals, threshold.expand(rows, len(cand)).contiguous())
+                        .clamp(max=count))
+
+    edges = [boundary(torch.zeros((rows, len(cand)), dtype=torch.long, device=t.device)), below(cand[None])]
+    if regions == 3:
+        edges.append(below(2 * cand[None]))
+    edges.append(boundary(count.expand(rows, len(cand))))
+    sse = sum(_range_sse(sorted_vals, p1, lo, hi) for lo, hi in zip(edges, edges[1:]))
     best = float(cand[int(torch.argmin(sse.sum(0)))])
-    return best, 2 * best
+    return (best, 2 * best) if regions == 3 else (best, inf)
 
 
 # ---- importance, N:M masks, allocation ----------------------------------------------------------------------------
@@ -260,13 +277,14 @@ class GroupsResult:
     stats: dict
 
 
-def inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp*I)^-1 with damp = 1 % of mean diag H. Dead inputs (H_jj = 0) get
-    H_jj = 1 and their weight column zeroed (in place), as in GPTQ."""
+    H_jj = 1 and, when w is given, their weight column zeroed (in place), as in GPTQ."""
     h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
+    if w is not None:
+        w[:, dead] = 0
     h += torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * (PERCDAMP * torch.mean(torch.diag(h)))
     lower = torch.linalg.cholesky(h)
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)

@@ -125,9 +125,16 @@ class LayerRunner:
 
 def _collect_inputs(runner, layer, modules: dict, inputs: list, statistic):
     """Runs every window through `layer` with a forward hook on each module of `modules`; statistic(name, x2d)
-    accumulates whatever is needed. Returns the layer outputs."""
-    handles = [m.register_forward_hook(lambda mod, args, out, name=name: statistic(name, args[0].reshape(
-        -1, args[0].shape[-1]).float())) for name, m in modules.items()]
+    accumulates whatever is needed. Modules fed the same tensor (q/k/v, gate/up) get the same x2d object, so a
+    statistic can compute once per input. Returns the layer outputs."""
+    last = [None, None]  # the latest module input and its 2-D float view
+
+    def hook(module, args, output, name):
+        if args[0] is not last[0]:
+            last[:] = args[0], args[0].reshape(-1, args[0].shape[-1]).float()
+        statistic(name, last[1])
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: hook(mod, args, out, name))
+               for name, m in modules.items()]
     try:
         return [runner.forward(layer, h) for h in inputs]
     finally:
@@ -245,10 +252,12 @@ class Calibrator:
         for i in self._bar(range(layers), "outlier scan"):
             layer = self.runner.layers[i].to(self.device)
             modules = self._linear_modules(i)
-            sq = {}
+            sq, square = {}, [None, None]
 
             def statistic(name, x):
-                sq[name] = sq.get(name, 0) + (x * x).sum(0).double()
+                if x is not square[0]:
+                    square[:] = x, (x * x).sum(0).double()
+                sq[name] = sq.get(name, 0) + square[1]
             inputs = _collect_inputs(self.runner, layer, modules, inputs, statistic)
             scores = [importance(m.weight.float(), sq[name].float().sqrt(), "ria") for name, m in modules.items()]
             ratios.append(outlier_ratio(scores, self.method.hyper_m))
@@ -288,18 +297,25 @@ class Calibrator:
                            else [self.runner.embed(w[None]) for w in self._windows])
         started = time.monotonic()
         layer = self.runner.layers[i].to(self.device)
-        sums, tokens = {}, {}
+        # One Hessian (and one inverse factor) per distinct input: q/k/v share theirs, and so do gate/up.
+        sums, tokens, owner, latest = {}, {}, {}, [None, None]
 
         def statistic(name, x):
-            sums[name] = sums.get(name, 0) + x.t() @ x
-            tokens[name] = tokens.get(name, 0) + x.shape[0]
+            if x is not latest[0]:
+                latest[:] = x, name
+                sums[name] = sums.get(name, 0) + x.t() @ x
+                tokens[name] = tokens.get(name, 0) + x.shape[0]
+            owner[name] = latest[1]
         _collect_inputs(self.runner, layer, modules, self.inputs, statistic)
         nm = self.layer_nm[i]
-        saved, salient, columns, regions = [], 0, 0, []
+        saved, salient, columns, regions, factors = [], 0, 0, [], {}
         for name, module in modules.items():
             w = module.weight.detach().float().clone()
-            h = sums[name] * (2.0 / tokens[name])
-            u = inverse_hessian_factor(h, w)
+            h = sums[owner[name]] * (2.0 / tokens[owner[name]])
+            if owner[name] not in factors:
+                factors[owner[name]] = inverse_hessian_factor(h)
+            u = factors[owner[name]]
+            w[:, torch.diag(h) == 0] = 0  # inputs that are always zero (GPTQ's dead columns)
             keep = None
             if nm is not None:
                 score = importance(w, torch.diag(h).sqrt(), self.method.importance)
