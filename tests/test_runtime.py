@@ -19,9 +19,9 @@ LINEARS = {"attn_q": ("q", "h"), "attn_k": ("kv", "h"), "attn_v": ("kv", "h"), "
            "ffn_gate": ("i", "h"), "ffn_up": ("i", "h"), "ffn_down": ("h", "i")}
 
 
-def write_model(path, codec="f16", config=None, drop=(), reshape=None, architecture="llama", seed=0):
+def write_model(path, codec="f16", config=None, drop=(), reshape=None, architecture="llama", seed=0, edit=None):
     """A random LLaMA-shaped .stb. codec: f16 | sign | sign-nm (4:8 masks). drop: tensor names to leave out;
-    reshape: {name: shape} to write with a wrong shape."""
+    reshape: {name: shape} to write with a wrong shape; edit: {name: function} applied to a dense tensor's values."""
     cfg = dict(CONFIG, **(config or {}))
     rng = np.random.default_rng(seed)
     dims = {"h": cfg["hidden_size"], "q": cfg["num_attention_heads"] * cfg["head_dim"],
@@ -35,7 +35,8 @@ def write_model(path, codec="f16", config=None, drop=(), reshape=None, architect
         if kind == "norm":
             w.add_f32(name, 1 + 0.1 * rng.standard_normal(shape))
         elif kind == "dense" or codec == "f16":
-            w.add_f16(name, 0.08 * rng.standard_normal(shape))
+            values = 0.08 * rng.standard_normal(shape)
+            w.add_f16(name, (edit or {}).get(name, lambda v: v)(values))
         else:
             signs = rng.random(shape) < 0.5
             scales = 0.02 + 0.05 * rng.random((shape[0], -(-shape[1] // 128)))
@@ -70,6 +71,23 @@ def tiny(tmp_path_factory):
 
 
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
+
+
+def test_nan_logits_are_never_sampled_and_all_nan_is_an_error(tmp_path):
+    """A NaN logit (here: NaN head rows for the even tokens) must never be chosen, greedy or sampled; when every
+    logit is NaN, generation stops with an error instead of returning token 0."""
+    def nan_even_rows(v):
+        v[0::2] = np.nan
+        return v
+
+    m = Model(write_model(tmp_path / "half.stb", edit={"output.weight": nan_even_rows}))
+    assert np.isnan(m.logits(PROMPT)[-1][0::2]).all()
+    for temperature, top_k, top_p in [(0, 0, 1.0), (1.0, 0, 1.0), (1.5, 20, 0.9)]:
+        out = m.generate(PROMPT, max_new_tokens=24, temperature=temperature, top_k=top_k, top_p=top_p, seed=3)
+        assert out and all(t % 2 == 1 for t in out), out
+    broken = Model(write_model(tmp_path / "nan.stb", edit={"output.weight": lambda v: v * np.nan}))
+    with pytest.raises(RuntimeError, match="NaN"):
+        broken.generate(PROMPT, max_new_tokens=2, temperature=0)
 
 
 def test_logits_shape_and_prefix_consistency(tiny):

@@ -53,6 +53,17 @@ double Sampler::next_uniform() {
 }
 
 int Sampler::sample(float* logits, int vocab, const std::vector<int>& context, size_t generated_from) {
+  // A NaN would break the orderings below (and a +inf the softmax): NaN counts as impossible, +inf as a huge
+  // finite value. Nothing left to choose means the model's arithmetic broke down: say so rather than pick token 0.
+  bool any_possible = false;
+  for (int i = 0; i < vocab; ++i) {
+    float& l = logits[i];
+    if (std::isnan(l)) l = -std::numeric_limits<float>::infinity();
+    else if (l == std::numeric_limits<float>::infinity()) l = 1e30f;  // still finite after / temperature
+    any_possible |= l > -std::numeric_limits<float>::infinity();
+  }
+  if (!any_possible)
+    throw std::runtime_error("every logit is NaN or -inf: the model's arithmetic broke down (damaged weights?)");
   if (p_.repetition_penalty != 1.0f) {  // CTRL-style, once per distinct token already in the context
     std::unordered_set<int> seen(context.begin(), context.end());
     for (int t : seen) {
