@@ -57,6 +57,21 @@ class CpuKvCache final : public KvCache {
   std::unordered_map<int, Slot> slots_;
 };
 
+// stb.row-col-sign.v1 in the CPU backend's own terms: the main plane as a sign-block matrix (its lookup layout where
+// the kernel path has one) and the salient plane as one int8 sign per (row, salient column).
+struct RowColPacked {
+  std::unique_ptr<cpu::SignLut> lut;  // null on paths without the lookup kernel (they read the file's planes)
+  std::vector<float> col_scales;      // a_c [cols]
+  std::vector<int32_t> salient_cols;  // the salient columns, ascending
+  std::vector<float> salient_scales;  // b_c [S]
+  std::vector<int8_t> salient_signs;  // [rows, S]: +1 / -1, 0 for a pruned weight
+  std::vector<float> residual_row_scales;  // b_r [rows, blocks]
+  uint64_t bytes() const {
+    return (lut ? lut->bytes() : 0) + 4 * (col_scales.size() + salient_cols.size() + salient_scales.size() +
+                                           residual_row_scales.size()) + salient_signs.size();
+  }
+};
+
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(int threads)
@@ -91,15 +106,33 @@ class CpuBackend final : public Backend {
     } else if (w.codec == kCodecBinaryGroups) {
       planes = std::make_unique<BinaryGroupsPlanes>(decode_binary_groups(w));
       cpu::describe_binary_groups(w, *planes, m);
+    } else if (w.codec == kCodecRowColSign) {
+      m.codec = MatrixCodec::RowColSign;
+      m.block = w.block;
+      m.words_per_row = int((m.cols + 63) / 64);
+      m.blocks_per_row = int((m.cols + w.block - 1) / w.block);
+      m.signs = reinterpret_cast<const uint64_t*>(w.component("signs").data);
+      m.scales = reinterpret_cast<const uint16_t*>(w.component("row_scales").data);
+      m.col_scales = reinterpret_cast<const uint16_t*>(w.component("col_scales").data);
+      if (w.nm_m) m.mask = reinterpret_cast<const uint64_t*>(w.component("mask").data);
+      m.salient_columns = w.salient_columns;
+      if (w.salient_columns) {
+        m.salient = reinterpret_cast<const uint64_t*>(w.component("salient").data);
+        m.residual = reinterpret_cast<const uint64_t*>(w.component("residual").data);
+        m.residual_row_scales = reinterpret_cast<const uint16_t*>(w.component("residual_row_scales").data);
+        m.residual_col_scales = reinterpret_cast<const uint16_t*>(w.component("residual_col_scales").data);
+      }
     } else {
       throw FormatError("tensor '" + w.name + "' has codec " + w.codec +
-                        "; a weight matrix needs stb.f32.v1, stb.f16.v1, stb.sign-block.v1, stb.int8-group.v1 or "
-                        "stb.binary-groups.v2");
+                        "; a weight matrix needs stb.f32.v1, stb.f16.v1, stb.sign-block.v1, stb.int8-group.v1, "
+                        "stb.binary-groups.v2 or stb.row-col-sign.v1");
     }
     if (m.codec != MatrixCodec::BinaryGroups)  // those report their decoded planes
       for (const auto& kv : w.components) m.bytes += kv.second.length;
     pack_matrix(m);
-    if (m.packed)  // the repacked form holds everything the kernels read
+    const bool repacked = m.packed && (m.codec != MatrixCodec::RowColSign ||
+                                       static_cast<const RowColPacked*>(m.packed)->lut);
+    if (repacked)  // the repacked form holds everything the kernels read
       for (const auto& kv : w.components) release_pages(kv.second);
     if (planes) {
       if (m.packed)
@@ -122,11 +155,40 @@ class CpuBackend final : public Backend {
           cpu::build_sign_lut(m.signs, m.mask, m.scales, m.rows, m.cols, m.block)));
       m.packed = luts_.back().get();
       m.bytes = luts_.back()->bytes();
+    } else if (m.codec == MatrixCodec::RowColSign) {
+      rowcols_.push_back(pack_row_col(m));
+      m.packed = rowcols_.back().get();
+      m.bytes = rowcols_.back()->bytes() + (rowcols_.back()->lut ? 0 : m.bytes);
     } else if (m.codec == MatrixCodec::BinaryGroups && k_.groups) {
       groups_.push_back(std::make_unique<cpu::BinaryGroupsCodes>(cpu::build_binary_groups_codes(m, k_.groups->salient_chunks)));
       m.packed = groups_.back().get();
       m.bytes = groups_.back()->bytes();
     }
+  }
+
+  std::unique_ptr<RowColPacked> pack_row_col(const Matrix& m) {
+    auto p = std::make_unique<RowColPacked>();
+    if (k_.sign_lut) p->lut = std::make_unique<cpu::SignLut>(
+        cpu::build_sign_lut(m.signs, m.mask, m.scales, m.rows, m.cols, m.block));
+    p->col_scales.resize(size_t(m.cols));
+    for (int64_t j = 0; j < m.cols; ++j) p->col_scales[j] = cpu::half_to_float(m.col_scales[j]);
+    const int64_t s = m.salient_columns, residual_words = (s + 63) / 64;
+    for (int64_t j = 0; j < m.cols && s; ++j)
+      if ((m.salient[j / 64] >> (j % 64)) & 1) p->salient_cols.push_back(int32_t(j));
+    p->salient_scales.resize(size_t(s));
+    p->salient_signs.resize(size_t(m.rows * s));
+    p->residual_row_scales.resize(s ? size_t(m.rows * m.blocks_per_row) : 0);
+    for (int64_t k = 0; k < s; ++k) p->salient_scales[k] = cpu::half_to_float(m.residual_col_scales[k]);
+    for (size_t i = 0; i < p->residual_row_scales.size(); ++i)
+      p->residual_row_scales[i] = cpu::half_to_float(m.residual_row_scales[i]);
+    for (int64_t r = 0; r < m.rows && s; ++r)
+      for (int64_t k = 0; k < s; ++k) {
+        const int64_t j = p->salient_cols[k];
+        const bool kept = !m.mask || ((m.mask[r * m.words_per_row + j / 64] >> (j % 64)) & 1);
+        const bool plus = (m.residual[r * residual_words + k / 64] >> (k % 64)) & 1;
+        p->salient_signs[r * s + k] = int8_t(kept ? (plus ? 1 : -1) : 0);
+      }
+    return p;
   }
 
   const float* upload_vector(const TensorEntry& t) override {
@@ -168,7 +230,9 @@ class CpuBackend final : public Backend {
   }
 
   void linear(const Matrix& w, const float* x, int n, float* out) override {
-    if (w.codec == MatrixCodec::SignBlock || w.codec == MatrixCodec::Int8Group) return linear_q8(w, x, n, out);
+    if (w.codec == MatrixCodec::SignBlock || w.codec == MatrixCodec::Int8Group)
+      return linear_q8(w, x, n, out, static_cast<const cpu::SignLut*>(w.packed));
+    if (w.codec == MatrixCodec::RowColSign) return linear_row_col(w, x, n, out);
     if (w.codec == MatrixCodec::BinaryGroups && w.packed) return linear_groups(w, x, n, out);
     const int64_t rows = w.rows, cols = w.cols;
     pool_.run(n_chunks(rows), [&](int64_t c) {
@@ -191,20 +255,51 @@ class CpuBackend final : public Backend {
 
   // Binary and int8 weights against int8 activations (engine/cpu/kernels.h): quantize the n input rows once,
   // then each task runs its chunk of weight rows against all of them.
-  void linear_q8(const Matrix& w, const float* x, int n, float* out) {
+  // stb.row-col-sign.v1: Y = ((X ⊙ a_c) · (a_r ⊙ B1)ᵀ) on the sign-block kernels, plus the salient plane
+  // Σ_k b_r[r, block of column k] · B2[r, k] · (b_c[k] · x[column k]) in float.
+  void linear_row_col(const Matrix& w, const float* x, int n, float* out) {
+    const auto& p = *static_cast<const RowColPacked*>(w.packed);
+    const int64_t rows = w.rows, cols = w.cols, s = w.salient_columns;
+    row_col_x_.resize(size_t(n) * cols);
+    for (int t = 0; t < n; ++t)
+      for (int64_t j = 0; j < cols; ++j) row_col_x_[t * cols + j] = x[t * cols + j] * p.col_scales[j];
+    linear_q8(w, row_col_x_.data(), n, out, p.lut.get());
+    if (!s) return;
+    row_col_x_.resize(size_t(n) * s);  // the salient inputs, scaled by b_c
+    for (int t = 0; t < n; ++t)
+      for (int64_t k = 0; k < s; ++k) row_col_x_[t * s + k] = x[t * cols + p.salient_cols[k]] * p.salient_scales[k];
+    pool_.run(n_chunks(rows), [&](int64_t c) {
+      const int64_t r0 = c * chunk_rows(rows), r1 = std::min(rows, r0 + chunk_rows(rows));
+      for (int t = 0; t < n; ++t)
+        for (int64_t r = r0; r < r1; ++r) {
+          const int8_t* signs = p.salient_signs.data() + r * s;
+          const float* xs = row_col_x_.data() + t * s;
+          float acc = 0;
+          for (int64_t k = 0; k < s;) {  // one block's salient columns at a time, then its row scale
+            const int64_t block = p.salient_cols[k] / w.block;
+            float sum = 0;
+            for (; k < s && p.salient_cols[k] / w.block == block; ++k) sum += float(signs[k]) * xs[k];
+            acc += p.residual_row_scales[r * w.blocks_per_row + block] * sum;
+          }
+          out[t * rows + r] += acc;
+        }
+    });
+  }
+
+  void linear_q8(const Matrix& w, const float* x, int n, float* out, const cpu::SignLut* lut) {
     const int64_t rows = w.rows, cols = w.cols, groups = cpu::q8_groups(cols), padded = groups * cpu::kQ8Group;
     q8_values_.resize(size_t(n) * padded);
     q8_scales_.resize(size_t(n) * groups);
     pool_.run(n, [&](int64_t t) {
       k_.quantize_q8(x + t * cols, cols, q8_values_.data() + t * padded, q8_scales_.data() + t * groups);
     });
-    if (w.packed) return linear_sign_lut(w, n, out);
+    if (lut) return linear_sign_lut(w, *lut, n, out);
     pool_.run(n_chunks(rows), [&](int64_t c) {
       thread_local std::vector<int8_t> scratch;
       scratch.resize(padded);
       const int64_t r0 = c * chunk_rows(rows), r1 = std::min(rows, r0 + chunk_rows(rows));
       for (int64_t r = r0; r < r1; ++r) {
-        if (w.codec == MatrixCodec::SignBlock) {
+        if (w.codec != MatrixCodec::Int8Group) {  // sign-block planes (also the main plane of row-col-sign)
           k_.sign_row_q8(w.signs + r * w.words_per_row, w.mask ? w.mask + r * w.words_per_row : nullptr,
                          w.scales + r * w.blocks_per_row, w.block, cols, q8_values_.data(), q8_scales_.data(), n,
                          out + r, rows, scratch.data());
@@ -238,8 +333,7 @@ class CpuBackend final : public Backend {
   }
 
   // Sign-block weights in the lookup layout, activations already quantized into q8_values_ / q8_scales_.
-  void linear_sign_lut(const Matrix& w, int n, float* out) {
-    const auto& lut = *static_cast<const cpu::SignLut*>(w.packed);
+  void linear_sign_lut(const Matrix& w, const cpu::SignLut& lut, int n, float* out) {
     const int64_t rows = w.rows, groups = cpu::q8_groups(w.cols), table_bytes = cpu::sign_lut_table_bytes(w.cols);
     lut_tables_.resize(size_t(n) * table_bytes);
     pool_.run(n, [&](int64_t t) {
@@ -355,6 +449,8 @@ class CpuBackend final : public Backend {
   std::vector<std::unique_ptr<BinaryGroupsPlanes>> group_planes_;  // decoded binary-groups planes (portable path)
   std::vector<float> groups_x_;                      // activations in the binary-groups kernels' order
   std::vector<std::unique_ptr<cpu::BinaryGroupsCodes>> groups_;  // repacked binary-groups weights, likewise
+  std::vector<std::unique_ptr<RowColPacked>> rowcols_;            // row-col-sign weights, likewise
+  std::vector<float> row_col_x_;                                  // a row-col-sign matmul's scaled inputs
 };
 
 }  // namespace

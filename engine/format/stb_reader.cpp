@@ -76,6 +76,50 @@ void validate_binary_groups(const TensorEntry& t) {
                       std::to_string(t.salient_columns));
 }
 
+// The bit rules of stb.row-col-sign.v1 (docs/format.md), checked at open: the salient bitmap has exactly
+// salient_columns bits and none past the last column; sign and residual bits are clear for pruned weights and past
+// the last column of a row (a set bit there would be read as a weight by kernels that trust the planes).
+void validate_row_col_sign(const TensorEntry& t) {
+  const std::string what = "tensor '" + t.name + "'";
+  const int64_t rows = t.shape[0], cols = t.shape[1], words = (cols + 63) / 64;
+  const auto plane = [&](const char* key) { return reinterpret_cast<const uint64_t*>(t.component(key).data); };
+  const auto tail = [](int64_t width) { return width % 64 ? ~0ull << (width % 64) : 0ull; };
+  const uint64_t* signs = plane("signs");
+  const uint64_t* mask = t.nm_m ? plane("mask") : nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t* s = signs + r * words;
+    if ((s[words - 1] & tail(cols)) || (mask && (mask[r * words + words - 1] & tail(cols))))
+      throw FormatError(what + ": row " + std::to_string(r) + " has bits set past the last column");
+    if (mask)
+      for (int64_t w = 0; w < words; ++w)
+        if (s[w] & ~mask[r * words + w])
+          throw FormatError(what + ": a pruned weight in row " + std::to_string(r) + " has its sign bit set");
+  }
+  if (!t.salient_columns) return;
+  const uint64_t* salient = plane("salient");
+  std::vector<int64_t> columns;
+  for (int64_t j = 0; j < words * 64; ++j)
+    if ((salient[j / 64] >> (j % 64)) & 1) {
+      if (j >= cols) throw FormatError(what + ": salient bitmap has bits set past the last column");
+      columns.push_back(j);
+    }
+  if (int64_t(columns.size()) != t.salient_columns)
+    throw FormatError(what + ": salient bitmap has " + std::to_string(columns.size()) + " columns set, params say " +
+                      std::to_string(t.salient_columns));
+  const int64_t residual_words = (t.salient_columns + 63) / 64;
+  const uint64_t* residual = plane("residual");
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t* row = residual + r * residual_words;
+    if (row[residual_words - 1] & tail(t.salient_columns))
+      throw FormatError(what + ": residual row " + std::to_string(r) + " has bits set past its salient columns");
+    if (mask)
+      for (int64_t k = 0; k < t.salient_columns; ++k)
+        if (((row[k / 64] >> (k % 64)) & 1) && !((mask[r * words + columns[k] / 64] >> (columns[k] % 64)) & 1))
+          throw FormatError(what + ": a pruned weight in row " + std::to_string(r) +
+                            " has its residual sign bit set");
+  }
+}
+
 // Expected byte length of each component for a tensor's codec; throws on unknown codecs or bad params.
 std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonValue* params) {
   const std::string what = "tensor '" + t.name + "'";
@@ -91,8 +135,8 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
     if (t.shape.size() != 1) throw FormatError(what + ": stb.bytes.v1 needs a 1-D shape");
     return {{"data", n}};
   }
-  const bool groups = t.codec == kCodecBinaryGroups;
-  if (t.codec == kCodecSignBlock || groups) {
+  const bool groups = t.codec == kCodecBinaryGroups, rowcol = t.codec == kCodecRowColSign;
+  if (t.codec == kCodecSignBlock || groups || rowcol) {
     const std::string& codec = t.codec;
     if (t.shape.size() != 2) throw FormatError(what + ": " + codec + " needs a 2-D shape");
     if (!params) throw FormatError(what + ": " + codec + " needs params");
@@ -114,12 +158,30 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
                            .as_int(what + " kept_salient", 0, int64_t(std::min<uint64_t>(
                                                                   uint64_t(kMaxElements), rows * uint64_t(t.salient_columns))));
     }
+    if (rowcol)
+      t.salient_columns = params->at("salient_columns", what + " params")
+                              .as_int(what + " salient_columns", 0, int64_t(cols));
     for (const auto& kv : params->as_object(what + " params"))
       if (kv.first != "block" && kv.first != "nm" &&
-          !(groups && (kv.first == "regions" || kv.first == "salient_columns" || kv.first == "kept_salient")))
+          !(groups && (kv.first == "regions" || kv.first == "salient_columns" || kv.first == "kept_salient")) &&
+          !(rowcol && kv.first == "salient_columns"))
         throw FormatError(what + ": unknown param '" + kv.first + "'");
     const uint64_t words = (cols + 63) / 64;
     const uint64_t blocks = (cols + uint64_t(t.block) - 1) / uint64_t(t.block);
+    if (rowcol) {  // stb.row-col-sign.v1: sign-block planes plus fp16 column scales and the salient plane
+      const uint64_t plane = checked_mul(checked_mul(rows, words, what), 8, what);
+      const uint64_t row_scales = checked_mul(checked_mul(rows, blocks, what), 2, what);
+      std::map<std::string, uint64_t> out = {{"signs", plane}, {"row_scales", row_scales}, {"col_scales", cols * 2}};
+      if (t.nm_m) out["mask"] = plane;
+      if (t.salient_columns) {
+        const uint64_t s = uint64_t(t.salient_columns);
+        out["salient"] = words * 8;
+        out["residual"] = checked_mul(checked_mul(rows, (s + 63) / 64, what), 8, what);
+        out["residual_row_scales"] = row_scales;
+        out["residual_col_scales"] = s * 2;
+      }
+      return out;
+    }
     if (!groups) {
       const uint64_t plane = checked_mul(checked_mul(rows, words, what), 8, what);
       std::map<std::string, uint64_t> out = {{"signs", plane},
@@ -154,7 +216,8 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
             {"scales", checked_mul(checked_mul(rows, groups, what), 2, what)}};
   }
   throw FormatError(what + ": unknown codec '" + t.codec + "' (this reader knows stb.f32.v1, stb.f16.v1, "
-                    "stb.bytes.v1, stb.sign-block.v1, stb.int8-group.v1, stb.binary-groups.v2)");
+                    "stb.bytes.v1, stb.sign-block.v1, stb.int8-group.v1, stb.binary-groups.v2, "
+                    "stb.row-col-sign.v1)");
 }
 
 }  // namespace
@@ -320,6 +383,7 @@ std::shared_ptr<const StbFile> StbFile::open(const std::string& path, bool verif
                             "' (file is corrupt)");
   for (const TensorEntry& t : f->tensors_)
     if (t.codec == kCodecBinaryGroups) validate_binary_groups(t);
+    else if (t.codec == kCodecRowColSign) validate_row_col_sign(t);
   return f;
 }
 

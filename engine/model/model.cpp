@@ -72,11 +72,16 @@ Model::Model(const std::string& path, int threads, bool verify_checksums)
   };
 
   token_embd_ = matrix("token_embd", c.vocab_size, hidden, false);
-  if (token_embd_.codec == MatrixCodec::SignBlock)
+  // The embedding lookup reads plain rows: binary codecs are for linear layers only.
+  const auto lookup_table = [](const Matrix& m) {
+    return m.codec == MatrixCodec::F32 || m.codec == MatrixCodec::F16 || m.codec == MatrixCodec::Int8Group;
+  };
+  if (!lookup_table(token_embd_))
     throw FormatError("token_embd.weight must be stb.f16.v1, stb.f32.v1 or stb.int8-group.v1");
   if (!c.rope) {
     pos_embd_ = matrix("pos_embd", int64_t(c.max_positions) + c.position_offset, hidden, false);
-    if (pos_embd_.codec == MatrixCodec::SignBlock) throw FormatError("pos_embd.weight must be stb.f16.v1 or stb.f32.v1");
+    if (!lookup_table(pos_embd_))
+      throw FormatError("pos_embd.weight must be stb.f16.v1, stb.f32.v1 or stb.int8-group.v1");
   }
   layers_.resize(c.num_layers);
   for (int i = 0; i < c.num_layers; ++i) {

@@ -15,7 +15,7 @@
 
 namespace stb {
 
-enum class MatrixCodec { F32, F16, SignBlock, Int8Group, BinaryGroups };
+enum class MatrixCodec { F32, F16, SignBlock, Int8Group, BinaryGroups, RowColSign };
 
 // A weight matrix [rows = outputs, cols = inputs] with an optional bias, resident in backend memory.
 // For the CPU backend the pointers alias the read-only file mapping (zero copy).
@@ -37,6 +37,11 @@ struct Matrix {
   const uint16_t* params = nullptr;    // fp16 [rows, blocks_per_row, params_per_block]
   int regions = 0, label_planes = 0, params_per_block = 0;
   int64_t salient_columns = 0;
+  // RowColSign (stb.row-col-sign.v1): signs, mask, scales (= the row scales), block as SignBlock, plus
+  const uint16_t* col_scales = nullptr;           // fp16 [cols]
+  // and with salient_columns > 0 the salient bitmap (salient), residual = [rows, ceil(S / 64)] sign words and
+  const uint16_t* residual_row_scales = nullptr;  // fp16 [rows, blocks_per_row]
+  const uint16_t* residual_col_scales = nullptr;  // fp16 [salient_columns]
   const float* bias = nullptr;       // [rows] or null
   const void* packed = nullptr;      // backend-private repacked form of the weights (CPU: sign_lut.h), or null
   uint64_t bytes = 0;                // weight + bias bytes held for this matrix

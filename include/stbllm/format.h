@@ -28,6 +28,7 @@ constexpr char kCodecBytes[] = "stb.bytes.v1";
 constexpr char kCodecSignBlock[] = "stb.sign-block.v1";
 constexpr char kCodecInt8Group[] = "stb.int8-group.v1";
 constexpr char kCodecBinaryGroups[] = "stb.binary-groups.v2";
+constexpr char kCodecRowColSign[] = "stb.row-col-sign.v1";
 
 struct Component {
   const uint8_t* data = nullptr;  // points into the mapping; valid while the StbFile lives
@@ -46,6 +47,7 @@ struct TensorEntry {
   int nm_n = 0, nm_m = 0;
   int group = 0;  // stb.int8-group.v1 group size
   // stb.binary-groups.v2 only: non-salient regions (1-3), salient columns, kept weights in salient columns
+  // (salient_columns also for stb.row-col-sign.v1: the columns of its order-2 plane)
   int regions = 0;
   int64_t salient_columns = 0;
   int64_t kept_salient = 0;

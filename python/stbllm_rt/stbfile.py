@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _core, binary_groups
+from . import _core, binary_groups, rowcol
 from ._core import FormatError
 
 MAGIC = b"\x89STB\r\n\x1a\n"
@@ -31,6 +31,8 @@ CODEC_BYTES = "stb.bytes.v1"
 CODEC_SIGN_BLOCK = "stb.sign-block.v1"
 CODEC_INT8_GROUP = "stb.int8-group.v1"
 CODEC_BINARY_GROUPS = binary_groups.CODEC
+CODEC_ROW_COL_SIGN = rowcol.CODEC
+BINARY_CODECS = (CODEC_SIGN_BLOCK, CODEC_BINARY_GROUPS, CODEC_ROW_COL_SIGN)
 
 LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_o.weight",
                    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
@@ -64,7 +66,8 @@ def fixed_header(features: int, header_json: bytes, file_size: int) -> bytes:
 
 # Bit-report line of each component of the binary codecs.
 COMPONENT_GROUPS = {"signs": "signs", "mask": "masks", "labels": "labels", "salient": "salient_bitmap",
-                    "residual": "residual_signs", "scales": "scales", "params": "scales"}
+                    "residual": "residual_signs", "scales": "scales", "params": "scales", "row_scales": "scales",
+                    "col_scales": "scales", "residual_row_scales": "scales", "residual_col_scales": "scales"}
 BINARY_GROUPS = ("signs", "masks", "labels", "salient_bitmap", "residual_signs", "scales")
 
 
@@ -177,6 +180,18 @@ class StbWriter:
         rows, cols = np.shape(signs)
         self._add(name, CODEC_BINARY_GROUPS, (rows, cols), params_json, components, paper_bits)
 
+    def add_row_col_sign(self, name: str, signs, row_scales, col_scales, block: int, mask=None, nm=None,
+                         salient=None, residual=None, residual_row_scales=None, residual_col_scales=None) -> None:
+        """stb.row-col-sign.v1 (docs/format.md; arguments: stbllm_rt.rowcol.encode)."""
+        try:
+            params, components, paper_bits = rowcol.encode(signs, row_scales, col_scales, block, mask, nm, salient,
+                                                           residual, residual_row_scales, residual_col_scales)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if params["nm"] is not None:
+            self._features |= FEATURE_NM_MASK
+        self._add(name, CODEC_ROW_COL_SIGN, np.shape(signs), params, components, paper_bits)
+
     def add_int8_group(self, name: str, array, group: int = 64) -> None:
         """Symmetric 8-bit: per (row, group of 64 columns) scale = max|w| / 127, value = round(w / scale)."""
         if group != 64:
@@ -208,7 +223,7 @@ class StbWriter:
             n = int(np.prod(entry["shape"]))
             group = tensor_group(name)
             group_weights[group] = group_weights.get(group, 0) + n
-            if entry["codec"] in (CODEC_SIGN_BLOCK, CODEC_BINARY_GROUPS):
+            if entry["codec"] in BINARY_CODECS:
                 for key, buf in t["data"].items():
                     label = COMPONENT_GROUPS[key]
                     group_bytes[label] = group_bytes.get(label, 0) + buf.nbytes
@@ -352,11 +367,12 @@ class StbReader:
             values = self.component(name, "values").view(np.int8).reshape(rows, -1).astype(np.float32)
             scales = self.component(name, "scales").view("<f2").reshape(rows, -1).astype(np.float32)
             return (values * np.repeat(scales, info["params"]["group"], axis=1))[:, :cols]
-        if codec == CODEC_BINARY_GROUPS:
+        if codec in (CODEC_BINARY_GROUPS, CODEC_ROW_COL_SIGN):
             def stream(key):  # an empty stream is absent from the file
                 return self.component(name, key) if key in info["components"] else np.zeros(0, np.uint8)
+            decoder = binary_groups if codec == CODEC_BINARY_GROUPS else rowcol
             try:
-                return binary_groups.dequantize(stream, info["shape"], info["params"])
+                return decoder.dequantize(stream, info["shape"], info["params"])
             except FormatError as e:
                 raise FormatError(f"tensor {name!r}: {e}") from None
         raise FormatError(f"tensor {name!r} has codec {codec}, which has no numeric value")

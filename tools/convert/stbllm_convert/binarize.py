@@ -291,13 +291,18 @@ def inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor | None = None) -> to
 
 
 def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None, regions: int,
-                    block: int = 128, compensate: bool = True) -> GroupsResult:
+                    block: int = 128, compensate: bool = True, binarizer=None,
+                    h: torch.Tensor | None = None) -> GroupsResult:
     """Block-OBC binarization of w [rows, cols] (float32) with u, the upper Cholesky factor of the damped inverse
     Hessian. Per block of `block` columns, from the current (compensated) weights: saliency T = w^2 / u_jj^2;
     searched salient columns get order-2 residual binarization; the other kept weights are split by searched
     break points of T into `regions` groups, each binarized at order 1 with its own alpha/mu per row. Then the
     block's error is pushed into the later columns through u (no compensation inside a block, as in the
-    reference). keep=None is dense."""
+    reference). keep=None is dense.
+
+    binarizer(x, mask, order, gram) -> (q, alphas, mus, signs) replaces `binarize` (ARB: arb.arb_binarize); gram is
+    the block's slice of h (the layer's input Gram matrix, up to scale), or None when h is not given."""
+    binarizer = binarizer or (lambda x, mask, order, gram: binarize(x, mask, order))
     w = w.clone().float()
     rows, cols = w.shape
     keep_all = torch.ones_like(w, dtype=torch.bool) if keep is None else keep
@@ -316,7 +321,8 @@ def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
         t = w1 * w1 / (diag[s:e] ** 2)[None]
         cols_sel = search_salient_columns(t, k1)
         sal_mask = cols_sel[None] & k1
-        q1, a, mu, sg = binarize(w1, sal_mask, 2)
+        gram = None if h is None else h[s:e, s:e]
+        q1, a, mu, sg = binarizer(w1, sal_mask, 2, gram)
         params[:, b, 2 * regions:] = torch.stack([a[:, 0], mu[:, 0], a[:, 1], mu[:, 1]], 1)
         signs[:, s:e] |= sg[0]
         residual[:, s:e] = sg[1]
@@ -325,7 +331,7 @@ def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
         bounds = [0.0, p1, p2][:regions] + [float("inf")]
         for g in range(regions):
             region = rest & (t >= bounds[g]) & (t < bounds[g + 1])
-            qg, a, mu, sg = binarize(w1, region, 1)
+            qg, a, mu, sg = binarizer(w1, region, 1, gram)
             q1 = q1 + qg
             params[:, b, 2 * g] = a[:, 0]
             params[:, b, 2 * g + 1] = mu[:, 0]

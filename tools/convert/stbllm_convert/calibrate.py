@@ -320,7 +320,7 @@ class Calibrator:
             if nm is not None:
                 score = importance(w, torch.diag(h).sqrt(), self.method.importance)
                 keep = torch.from_numpy(nm_keep(score.cpu().numpy(), *nm)).to(w.device)
-            result = self.method.quantize(w, u, keep)
+            result = self.method.quantize(w, u, keep, h)
             module.weight.data.copy_(result.q.to(module.weight.dtype))
             result = _to_cpu(result)
             self.method.write(writer, name, result, nm)
@@ -360,7 +360,9 @@ def _replace_file(path: Path, write) -> None:
 
 
 def _to_cpu(result):
-    from dataclasses import replace
-    return replace(result, **{k: getattr(result, k).cpu() for k in ("q", "signs", "labels", "salient", "residual",
-                                                                     "params")},
-                   keep=None if result.keep is None else result.keep.cpu())
+    """A method's result (a dataclass) with every tensor field on the CPU."""
+    from dataclasses import fields, replace
+
+    import torch
+    return replace(result, **{f.name: getattr(result, f.name).cpu() for f in fields(result)
+                              if isinstance(getattr(result, f.name), torch.Tensor)})

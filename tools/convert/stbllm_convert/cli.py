@@ -34,6 +34,14 @@ methods:
          layer-wise N:M allocation (the mean N is exactly the requested one), salient columns at order 2, the
          other kept weights split in three regions (dense / intermediate / sparse). Pruned weights are exactly
          zero in the file. Stored as stb.binary-groups.v2.
+  arb-x  ARB-LLM's ARB-X (calibrated): BiLLM's structure, each part binarized by alternating refinement of its
+         mean, scales and signs (--arb-iters rounds, default 15), then of the mean and scales under the block's
+         input Gram matrix. Optional --nm N:M. Stored as stb.binary-groups.v2.
+  arb-rc ARB-LLM's ARB-RC (calibrated): per block W ~ diag(a_r) B diag(a_c) with no mean, a second row-column
+         plane on the salient columns, alternating refinement. Optional --nm N:M. Stored as stb.row-col-sign.v1.
+  onebit-svid  OneBit's sign-value-independent decomposition W ~ sign(W) (a b^T), a and b the rank-1 factors
+         of |W| (~1.01 bits per weight on large layers); --kd-steps K then distils the original model into it
+         on the calibration text. Stored as stb.row-col-sign.v1.
 
 calibrated methods run the model layer by layer over calibration text (default: the C4 sample, 128 windows of
 2048 tokens, seed 0; a 135M model on 2 CPU cores wants a smaller preset such as --calib-samples 32
@@ -71,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-bits", type=int, choices=(16, 8), default=16,
                    help="storage of the token embedding and the LM head: 16 = fp16 (default), 8 = int8 per group "
                         "of 64 (8.25 bits; halves the bytes a small model reads per token)")
-    cal = p.add_argument_group("calibrated methods (billm, stbllm)")
+    cal = p.add_argument_group("calibrated methods (billm, stbllm, arb-x, arb-rc; onebit-svid with --kd-steps)")
     cal.add_argument("--importance", choices=["si", "wanda", "magnitude", "ria"], default=None,
                      help="N:M pruning importance (default: si for stbllm, magnitude for billm)")
     cal.add_argument("--no-layerwise", action="store_true",
@@ -85,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--work-dir", metavar="DIR", default=None,
                      help="keep per-layer checkpoints in DIR (so an interrupted conversion can --resume)")
     cal.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work-dir")
+    arb = p.add_argument_group("arb-x, arb-rc, onebit-svid")
+    arb.add_argument("--arb-iters", type=int, default=None, help="alternating refinement rounds (default: 15)")
+    arb.add_argument("--svid", choices=["power", "nmf"], default=None,
+                     help="rank-1 factorization of |W| for onebit-svid: power iteration (default; the optimum) or "
+                          "multiplicative-update NMF as in OneBit's code")
+    arb.add_argument("--kd-steps", type=int, default=None,
+                     help="onebit-svid: knowledge-distillation steps on the calibration windows (default: 0)")
+    arb.add_argument("--kd-lr", type=float, default=None, help="onebit-svid: peak AdamW learning rate (1e-4)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
     return p
 
@@ -133,7 +149,8 @@ def main(argv=None) -> int:
         result = convert(args.model, args.output, method=args.method, nm=args.nm, block=args.block,
                          tokenizer=args.tokenizer, progress=False if args.quiet else None,
                          head_bits=args.head_bits, calibration=calibration_options(args),
-                         importance=args.importance, layerwise=False if args.no_layerwise else None)
+                         importance=args.importance, layerwise=False if args.no_layerwise else None,
+                         arb_iters=args.arb_iters, svid=args.svid, kd_steps=args.kd_steps, kd_lr=args.kd_lr)
     except ConvertError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

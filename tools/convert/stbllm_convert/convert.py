@@ -45,11 +45,12 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
             **method_options) -> dict:
     """Converts MODEL (HF directory, .gguf file or `smollm2-135m`) into the .stb file `out`.
 
-    method: a registered method name (fp16, sign, billm, stbllm); nm: "N:M" string or (N, M) or None; block: scale
+    method: a registered method name (fp16, sign, billm, stbllm, arb-x, arb-rc, onebit-svid); nm: "N:M" string or (N, M) or None; block: scale
     block size; tokenizer: optional path overriding the model's tokenizer; progress: True (always), None (when on
     a terminal), False (never); head_bits: 16 (fp16) or 8 (stb.int8-group.v1) for the token embedding and the LM
     head; calibration: CalibrationOptions for calibrated methods (default: 128 x 2048 tokens of the C4 sample,
-    seed 0, cpu); method_options: importance, layerwise, lamda, hyper_m (calibrated methods).
+    seed 0, cpu); method_options: importance, layerwise, lamda, hyper_m (calibrated methods), arb_iters
+    (arb-x, arb-rc), svid, kd_steps, kd_lr (onebit-svid).
     Returns {"path", "bits", "seconds", "file_size", "architecture", "tensors"}.
     Raises ConvertError for user errors; nothing is written unless the whole conversion succeeds."""
     start = time.monotonic()
@@ -59,8 +60,9 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
     elif nm is not None:
         nm = parse_nm(f"{nm[0]}:{nm[1]}")
     quantizer = make_method(method, nm=nm, block=block, **method_options)
-    if calibration is not None and not quantizer.calibrated:
-        raise ConvertError(f"calibration options need a calibrated method (billm, stbllm), not {quantizer.name}")
+    if calibration is not None and not (quantizer.calibrated or getattr(quantizer, "kd_steps", 0)):
+        raise ConvertError(f"calibration options need a calibrated method (billm, stbllm, arb-x, arb-rc) or "
+                           f"onebit-svid with --kd-steps, not {quantizer.name}")
     if head_bits not in (16, 8):
         raise ConvertError(f"--head-bits {head_bits}: must be 16 or 8")
     out = Path(out).expanduser()

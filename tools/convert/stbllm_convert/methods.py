@@ -1,7 +1,7 @@
 """Quantization methods. A method turns one decoder linear weight (name, float32 [rows, cols] matrix, `cols` along
 the input dimension) into writer calls; embeddings stay fp16 and the LM head too, unless a method overrides
 `add_head`. Plain methods get `add_layer` once per decoder layer with all of that layer's linear weights.
-Calibrated methods (`calibrated = True`: billm, stbllm) instead run inside the layer-by-layer calibration driver
+Calibrated methods (`calibrated = True`: billm, stbllm, arb-x, arb-rc) instead run inside the layer-by-layer calibration driver
 (calibrate.py), which hands each linear's weight, inverse-Hessian factor and keep-mask to `quantize` and the result
 to `write`.
 
@@ -104,8 +104,8 @@ class Method:
 
     def __init__(self, nm: tuple[int, int] | None = None, block: int = 128, **options):
         if options:
-            raise ConvertError(f"--{next(iter(options)).replace('_', '-')} needs a calibrated method "
-                               f"(--method stbllm or billm)")
+            raise ConvertError(f"--{next(iter(options)).replace('_', '-')} is not an option of --method "
+                               f"{self.name}")
         self.nm = nm
         self.block = check_block(block)
 
@@ -176,9 +176,9 @@ class CalibratedMethod(Method):
                 p.update(layerwise_lamda=self.lamda, layerwise_hyper_m=self.hyper_m)
         return p
 
-    def quantize(self, w, u, keep):
+    def quantize(self, w, u, keep, h=None):
         """w: float32 torch [rows, cols]; u: upper Cholesky factor of the damped inverse Hessian; keep: bool keep-mask
-        or None. Returns a binarize.GroupsResult."""
+        or None; h: the layer input's Hessian (2/N) sum x x^T, undamped. Returns a binarize.GroupsResult."""
         from .binarize import quantize_groups
 
         return quantize_groups(w, u, keep, self.regions, self.block)
@@ -215,6 +215,125 @@ class STBLLM(CalibratedMethod):
             raise ConvertError("--method stbllm needs --nm N:M (N kept of M, e.g. 6:8); for dense binarization "
                                "use --method billm")
         super().__init__(nm, block, **options)
+
+
+class ARBMethod(CalibratedMethod):
+    """ARB-LLM's methods: BiLLM's structure (searched salient columns at order 2, the rest split in two by a searched
+    break point), each part binarized by alternating refinement (arb.py); --arb-iters rounds (default 15)."""
+
+    default_importance = "magnitude"
+    default_layerwise = False
+
+    def __init__(self, nm=None, block=128, arb_iters=None, **options):
+        from .arb import ARB_ITERS
+
+        super().__init__(nm, block, **options)
+        self.arb_iters = ARB_ITERS if arb_iters is None else int(arb_iters)
+        if self.arb_iters < 0:
+            raise ConvertError(f"--arb-iters {self.arb_iters}: must be >= 0")
+
+    def params(self):
+        return {**super().params(), "arb_iters": self.arb_iters}
+
+
+@register("arb-x")
+class ARBX(ARBMethod):
+    """ARB-X: after the weight-space rounds, as many rounds refine each part's mean and scales under the block's
+    input Gram matrix S (the diagonal block of the Hessian the driver accumulates while it streams the calibration
+    inputs). Second order shares one mean: stored in stb.binary-groups.v2 as mu1 = mu, mu2 = 0."""
+
+    regions = 2
+
+    def quantize(self, w, u, keep, h=None):
+        from .arb import arb_binarize
+        from .binarize import quantize_groups
+
+        def binarizer(x, mask, order, gram):
+            return arb_binarize(x, mask, order, self.arb_iters, gram)
+        return quantize_groups(w, u, keep, self.regions, self.block, binarizer=binarizer, h=h)
+
+    def params(self):
+        return {**super().params(), "salient": "order-2 alternating refinement (shared mean), searched columns",
+                "refinement": "ARB-X (input Gram matrix per block)"}
+
+
+@register("arb-rc")
+class ARBRC(ARBMethod):
+    """ARB-RC: per block W ~ diag(a_r) B diag(a_c) on all kept weights plus a second row-column plane on the
+    searched salient columns (order 2), no mean, alternating refinement; stored as stb.row-col-sign.v1, which the
+    runtime multiplies by scaling the input by a_c and running the sign kernels."""
+
+    def quantize(self, w, u, keep, h=None):
+        from .arb import quantize_rowcol
+
+        return quantize_rowcol(w, u, keep, self.block, self.arb_iters)
+
+    def params(self):
+        p = {**super().params(), "salient": "order-2 row-column plane, searched columns", "regions": 1}
+        return p
+
+    def write(self, writer, name, result, nm):
+        arrays = {k: getattr(result, k).numpy() for k in ("row_scales", "col_scales", "residual_row_scales",
+                                                            "residual_col_scales")}
+        if not all(np.isfinite(a).all() for a in arrays.values()):
+            raise ConvertError(f"tensor {name}: a scale overflows float16")
+        salient = result.salient.numpy()
+        writer.add_row_col_sign(name, result.signs.numpy(), arrays["row_scales"].astype(np.float16),
+                                arrays["col_scales"].astype(np.float16), block=result.block,
+                                mask=None if result.keep is None else result.keep.numpy(), nm=nm,
+                                salient=salient, residual=result.residual.numpy()[:, salient],
+                                residual_row_scales=arrays["residual_row_scales"].astype(np.float16),
+                                residual_col_scales=arrays["residual_col_scales"][salient].astype(np.float16))
+
+
+@register("onebit-svid")
+class OneBitSVID(Method):
+    """OneBit's sign-value-independent decomposition: W ~ sign(W) * (a b^T) with a, b the rank-1 non-negative
+    factors of |W| (power iteration, or --svid nmf), stored as stb.row-col-sign.v1 (one sign bit per weight, a and
+    b in fp16). --kd-steps K > 0 then distils the original model into it on the calibration text."""
+
+    def __init__(self, nm=None, block=128, svid=None, kd_steps=None, kd_lr=None):
+        if nm is not None:
+            raise ConvertError("--method onebit-svid keeps every weight; --nm is not supported")
+        super().__init__(None, block)
+        self.svid = svid or "power"
+        if self.svid not in ("power", "nmf"):
+            raise ConvertError(f"--svid {self.svid}: choose power or nmf")
+        self.kd_steps = int(kd_steps or 0)
+        self.kd_lr = float(kd_lr) if kd_lr is not None else 1e-4
+        if self.kd_steps < 0:
+            raise ConvertError(f"--kd-steps {self.kd_steps}: must be >= 0")
+
+    def params(self):
+        p = {"nm": None, "block": None, "svid": self.svid, "kd_steps": self.kd_steps}
+        if self.kd_steps:
+            p["kd_lr"] = self.kd_lr
+        return p
+
+    def factors(self, w: np.ndarray):
+        """(signs bool, a [rows], b [cols]) float32, a and b rounded to fp16 as the file stores them."""
+        import torch
+
+        from .arb import rank1_nonnegative
+
+        t = torch.from_numpy(np.asarray(w, dtype=np.float32))
+        a, b = rank1_nonnegative(t.abs(), self.svid)
+        return w >= 0, to_f16("a", a.numpy()).astype(np.float32), to_f16("b", b.numpy()).astype(np.float32)
+
+    def add_factors(self, writer, name, signs, a, b):
+        cols = signs.shape[1]
+        block = rowcol_single_block(cols)
+        row_scales = np.repeat(a[:, None], -(-cols // block), axis=1)
+        writer.add_row_col_sign(name, signs, to_f16(name + " (a)", row_scales), to_f16(name + " (b)", b),
+                                block=block)
+
+    def add_linear(self, writer, name, w):
+        self.add_factors(writer, name, *self.factors(w))
+
+
+def rowcol_single_block(cols: int) -> int:
+    """The block that gives one row scale per row (up to 4096 columns; wider rows repeat it per block)."""
+    return min(4096, -(-cols // 64) * 64)
 
 
 def make_method(name: str, nm=None, block: int = 128, **options) -> Method:

@@ -65,6 +65,26 @@ def quantize_activations_q8(x):
     return (q * (amax / torch.tensor(127.0))).reshape(*x.shape[:-1], -1)[..., :cols].to(x.dtype)
 
 
+ROW_COL_CODEC = "stb.row-col-sign.v1"
+
+
+def _row_col_runtime(reader, name):
+    """A forward hook giving a stb.row-col-sign.v1 layer the runtime's output: the input scaled by the column
+    scales and quantized to int8 for the main sign plane, in float for the salient plane."""
+    import torch
+    from stbllm_rt import rowcol
+
+    info = reader.tensor_info(name)
+    main, col_scales, salient = (torch.from_numpy(a) for a in rowcol.runtime_parts(
+        lambda key: reader.component(name, key), info["shape"], info["params"]))
+
+    def hook(module, args, _output):
+        x = args[0]
+        y = quantize_activations_q8(x * col_scales.to(x.dtype)) @ main.to(x.dtype).t() + x @ salient.to(x.dtype).t()
+        return y if module.bias is None else y + module.bias
+    return hook
+
+
 def build_hf_model(stb_path, dtype=None, runtime_activations: bool = False):
     """transformers LlamaForCausalLM / MistralForCausalLM / OPTForCausalLM (float32, eval, eager attention) with
     the dequantized weights of the .stb file. runtime_activations=True also quantizes the inputs of the linear
@@ -106,6 +126,10 @@ def build_hf_model(stb_path, dtype=None, runtime_activations: bool = False):
             if isinstance(modules[name], torch.nn.Linear):  # an embedding lookup takes ids, not activations
                 modules[name].register_forward_pre_hook(
                     lambda _module, args: (quantize_activations_q8(args[0]),) + tuple(args[1:]))
+        for spec in tensor_plan(arch, c).all():
+            if reader.tensor_info(spec.name)["codec"] == ROW_COL_CODEC:
+                modules[spec.hf_name.removesuffix(".weight")].register_forward_hook(
+                    _row_col_runtime(reader, spec.name))
     if dtype is not None:
         model.to(dtype)
     return model

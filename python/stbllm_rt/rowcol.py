@@ -1,0 +1,138 @@
+"""stb.row-col-sign.v1 (docs/format.md): sign matrices with row and column scales, the form of ARB-RC and OneBit.
+
+w[r, j] = (a_r[r, j / block] * s) * a_c[j] for a kept weight, plus (b_r[r, j / block] * t) * b_c[k] when j is the
+k-th salient column; 0 for a pruned one. The runtime never builds w: it scales the input by a_c, runs the sign
+kernels with a_r as their per-(row, block) scales, and adds the small salient plane the same way.
+Pure numpy; the C++ reader (engine/format/stb_reader.cpp) checks the same rules.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._core import FormatError
+
+CODEC = "stb.row-col-sign.v1"
+
+
+def _pack(bits: np.ndarray) -> np.ndarray:
+    from .stbfile import pack_bits
+    return pack_bits(np.asarray(bits, dtype=bool))
+
+
+def _unpack(words: np.ndarray, cols: int) -> np.ndarray:
+    from .stbfile import unpack_bits
+    return unpack_bits(words, cols)
+
+
+def encode(signs, row_scales, col_scales, block: int, mask=None, nm=None, salient=None, residual=None,
+           residual_row_scales=None, residual_col_scales=None):
+    """signs: bool [rows, cols] (True = +1); row_scales: [rows, ceil(cols / block)]; col_scales: [cols];
+    mask: bool keep-mask or None, with nm (N, M); salient: bool [cols] or None; residual: bool [rows, S] (the
+    order-2 signs of the S salient columns, in column order) with residual_row_scales [rows, blocks] and
+    residual_col_scales [S]. Scales are stored as fp16. Returns (params, components, paper_bits)."""
+    signs = np.asarray(signs, dtype=bool)
+    if signs.ndim != 2:
+        raise ValueError("signs must be 2-D")
+    rows, cols = signs.shape
+    if block % 64 or not 64 <= block <= 4096:
+        raise ValueError(f"block must be a multiple of 64 in [64, 4096], got {block}")
+    blocks = -(-cols // block)
+    keep = np.ones_like(signs) if mask is None else np.asarray(mask, dtype=bool)
+    if keep.shape != signs.shape:
+        raise ValueError(f"mask shape {keep.shape} != signs shape {signs.shape}")
+    if (mask is None) != (nm is None):
+        raise ValueError("a mask and its nm pattern go together")
+    if nm is not None and not 1 <= int(nm[0]) <= int(nm[1]) <= 64:
+        raise ValueError(f"bad N:M {nm[0]}:{nm[1]}")
+
+    def scales(name, a, shape):
+        a = np.asarray(a, dtype="<f2")
+        if a.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+        return a
+
+    components = {"signs": _pack(signs & keep)}
+    if mask is not None:
+        components["mask"] = _pack(keep)
+    components["row_scales"] = scales("row_scales", row_scales, (rows, blocks))
+    components["col_scales"] = scales("col_scales", col_scales, (cols,))
+    sal = np.zeros(cols, dtype=bool) if salient is None else np.asarray(salient, dtype=bool)
+    if sal.shape != (cols,):
+        raise ValueError(f"salient must have shape {(cols,)}")
+    count = int(sal.sum())
+    paper_bits = int(keep.sum())
+    if count:
+        res = np.asarray(residual, dtype=bool)
+        if res.shape != (rows, count):
+            raise ValueError(f"residual must have shape {(rows, count)}, got {res.shape}")
+        components["salient"] = _pack(sal[None])[0]
+        components["residual"] = _pack(res & keep[:, sal])
+        components["residual_row_scales"] = scales("residual_row_scales", residual_row_scales, (rows, blocks))
+        components["residual_col_scales"] = scales("residual_col_scales", residual_col_scales, (count,))
+        paper_bits += int(keep[:, sal].sum())
+    params = {"block": int(block), "nm": None if nm is None else [int(nm[0]), int(nm[1])],
+              "salient_columns": count}
+    return params, components, paper_bits
+
+
+def decode(stream, shape, params) -> dict:
+    """The tensor's parts from stream(key) -> uint8 array, checking what the C++ reader checks: sign and residual
+    bits clear for pruned weights and past the last column, the salient bitmap's count and tail.
+    Returns keep, s, a_r (per column), a_c, salient (column indices), t, b_r (per salient column), b_c."""
+    rows, cols = shape
+    block, count = params["block"], params["salient_columns"]
+    blocks = -(-cols // block)
+
+    def plane(key, width):
+        words = stream(key).view("<u8").reshape(rows, -1)
+        if width % 64 and (words[:, -1] >> np.uint64(width % 64)).any():
+            raise FormatError(f"{key} has bits set past the last column")
+        return _unpack(words, width)
+
+    keep = plane("mask", cols) if params.get("nm") is not None else np.ones((rows, cols), dtype=bool)
+    s = plane("signs", cols)
+    if (s & ~keep).any():
+        raise FormatError("a pruned weight has its sign bit set")
+    column_block = np.arange(cols) // block
+    out = {"keep": keep, "s": s,
+           "a_r": stream("row_scales").view("<f2").reshape(rows, blocks).astype(np.float32)[:, column_block],
+           "a_c": stream("col_scales").view("<f2").astype(np.float32), "salient": np.zeros(0, dtype=np.int64)}
+    if count:
+        bitmap = _unpack(stream("salient").view("<u8")[None], cols)[0]
+        words = stream("salient").view("<u8")
+        if cols % 64 and words[-1] >> np.uint64(cols % 64):
+            raise FormatError("salient bitmap has bits set past the last column")
+        if int(bitmap.sum()) != count:
+            raise FormatError(f"salient bitmap has {int(bitmap.sum())} columns set, params say {count}")
+        salient = np.flatnonzero(bitmap)
+        t = plane("residual", count)
+        if (t & ~keep[:, salient]).any():
+            raise FormatError("a pruned weight has its residual sign bit set")
+        out.update(salient=salient, t=t, b_c=stream("residual_col_scales").view("<f2").astype(np.float32),
+                   b_r=stream("residual_row_scales").view("<f2").reshape(rows, blocks)
+                   .astype(np.float32)[:, column_block[salient]])
+    return out
+
+
+def dequantize(stream, shape, params) -> np.ndarray:
+    """float32 [rows, cols], with the format's order of operations."""
+    p = decode(stream, shape, params)
+    one = np.float32(1)
+    w = (p["a_r"] * np.where(p["s"], one, -one)) * p["a_c"][None]
+    if len(p["salient"]):
+        j = p["salient"]
+        w[:, j] = w[:, j] + (p["b_r"] * np.where(p["t"], one, -one)) * p["b_c"][None]
+    return np.where(p["keep"], w, np.float32(0))
+
+
+def runtime_parts(stream, shape, params):
+    """What the runtime multiplies: (main [rows, cols] = a_r * s on kept weights, a_c [cols], the salient plane
+    [rows, cols] dequantized). The runtime computes x -> q8(x * a_c) @ main^T + x @ salient^T."""
+    p = decode(stream, shape, params)
+    one = np.float32(1)
+    main = np.where(p["keep"], p["a_r"] * np.where(p["s"], one, -one), np.float32(0))
+    salient = np.zeros(shape, dtype=np.float32)
+    if len(p["salient"]):
+        j = p["salient"]
+        salient[:, j] = np.where(p["keep"][:, j], (p["b_r"] * np.where(p["t"], one, -one)) * p["b_c"][None], 0)
+    return main, p["a_c"], salient
