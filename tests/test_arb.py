@@ -307,3 +307,16 @@ def test_pruned_weight_with_a_sign_or_residual_bit_is_refused(tmp_path):
     path = _write(tmp_path / "rc2.stb", {"blk.0.attn_q.weight": t})
     with pytest.raises(FormatError, match="pruned weight in row 0 has its residual sign bit set"):
         StbReader(_tamper(path, "blk.0.attn_q.weight", _set_bit("residual", k)))
+
+
+def test_short_distillation_lowers_its_loss_and_the_file_matches_oracle(tiny_hf_models, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(CORPUS * 3))
+    out = tmp_path / "kd.stb"
+    convert(tiny_hf_models["llama"], out, method="onebit-svid", kd_steps=8, kd_lr=2e-3, progress=False,
+            calibration=CalibrationOptions(texts=[text], samples=1, seqlen=32))
+    prov = StbReader(out).metadata["provenance"]
+    assert prov["kd_steps"] == 8 and prov["kd"]["steps"] == 8
+    assert prov["kd"]["loss_last"] < 0.9 * prov["kd"]["loss_first"]  # one window, learned
+    ids = list(np.random.default_rng(2).integers(4, 300, size=24))
+    assert_logits_close(Model(out, threads=2).logits(ids), oracle_logits(out, ids), "sign")

@@ -75,6 +75,23 @@ def calibration_windows(tokenizer, texts, samples: int, seqlen: int, seed: int):
     return torch.tensor([ids[s:s + seqlen] for s in starts], dtype=torch.long), paths
 
 
+def source_model(src, arch: str, config: dict, plan):
+    """The source model as a float32 transformers model (eval mode, sdpa attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .oracle import hf_config
+
+    hf_cfg = hf_config(arch, config)
+    hf_cfg._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
+    state = {spec.hf_name: torch.from_numpy(np.ascontiguousarray(src.tensor(spec.hf_name))) for spec in plan.all()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) - {"lm_head.weight"} or unexpected:
+        raise ConvertError(f"cannot build the calibration model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 class LayerRunner:
     """Runs calibration windows through one decoder layer at a time, with explicit positions and masks."""
 
@@ -149,8 +166,6 @@ class Calibrator:
                  progress=None):
         import torch
 
-        from .oracle import hf_config
-
         options.check()
         if options.device != "cpu" and not torch.cuda.is_available():
             raise ConvertError(f"--device {options.device}: torch sees no CUDA device")
@@ -165,15 +180,7 @@ class Calibrator:
         self.calibration = {"text": [p.name for p in paths], "samples": options.samples,
                             "seqlen": options.seqlen, "seed": options.seed, "device": options.device}
 
-        hf_cfg = hf_config(arch, config)
-        hf_cfg._attn_implementation = "sdpa"
-        from transformers import AutoModelForCausalLM
-        self.model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
-        state = {spec.hf_name: torch.from_numpy(np.ascontiguousarray(src.tensor(spec.hf_name)))
-                 for spec in plan.all()}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if set(missing) - {"lm_head.weight"} or unexpected:
-            raise ConvertError(f"cannot build the calibration model: missing {missing}, unexpected {unexpected}")
+        self.model = source_model(src, arch, config, plan)
         self.runner = LayerRunner(self.model, arch, config, options.seqlen, self.device)
 
         self.work_dir = Path(options.work_dir).expanduser() if options.work_dir else None

@@ -6,6 +6,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 from . import __version__
 from .arch import canonical_config, tensor_plan
@@ -38,6 +39,14 @@ def conversion_date() -> tuple[str, bool]:
     except (ValueError, OverflowError, OSError):
         raise ConvertError(f"SOURCE_DATE_EPOCH={epoch!r}: expected seconds since 1970 (an integer)") from None
     return when.isoformat(timespec="seconds"), True
+
+
+def _calibration_tokenizer(spec, blob):
+    from stbllm_rt.tokenizer import Tokenizer
+
+    if spec.get("kind") == "none":
+        raise ConvertError("calibration needs the model's tokenizer; this model has none (pass --tokenizer)")
+    return Tokenizer(spec, blob)
 
 
 def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokenizer=None,
@@ -118,8 +127,7 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
 
         calibrator = None
         if quantizer.calibrated:
-            from stbllm_rt.tokenizer import Tokenizer
-            calibrator = Calibrator(quantizer, src, arch, config, plan, Tokenizer(tok_spec, tok_blob),
+            calibrator = Calibrator(quantizer, src, arch, config, plan, _calibration_tokenizer(tok_spec, tok_blob),
                                     calibration or CalibrationOptions(), progress)
         for spec in plan.pre:
             add_plain(spec, load(spec))
@@ -139,6 +147,9 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
             del linears
         for spec in plan.post:
             add_plain(spec, load(spec))
+        writer.metadata["provenance"].update(quantizer.finish(writer, SimpleNamespace(
+            src=src, arch=arch, config=config, plan=plan, tokenizer=lambda: _calibration_tokenizer(tok_spec, tok_blob),
+            calibration=calibration or CalibrationOptions(), progress=progress)))
         if tok_blob is not None:
             writer.add_bytes("tokenizer.data", tok_blob)
 

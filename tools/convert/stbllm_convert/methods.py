@@ -124,6 +124,11 @@ class Method:
     def add_head(self, writer, name: str, w: np.ndarray) -> None:
         writer.add_f16(name, to_f16(name, w))
 
+    def finish(self, writer, context) -> dict:
+        """Called once after every layer was added; context has src, arch, config, plan, tokenizer() (builds the
+        source's tokenizer), calibration (CalibrationOptions) and progress. Returns entries for the provenance."""
+        return {}
+
 
 @register("fp16")
 class FP16(Method):
@@ -301,6 +306,7 @@ class OneBitSVID(Method):
             raise ConvertError(f"--svid {self.svid}: choose power or nmf")
         self.kd_steps = int(kd_steps or 0)
         self.kd_lr = float(kd_lr) if kd_lr is not None else 1e-4
+        self.pending: dict = {}  # factors awaiting distillation
         if self.kd_steps < 0:
             raise ConvertError(f"--kd-steps {self.kd_steps}: must be >= 0")
 
@@ -328,7 +334,33 @@ class OneBitSVID(Method):
                                 block=block)
 
     def add_linear(self, writer, name, w):
-        self.add_factors(writer, name, *self.factors(w))
+        if self.kd_steps:  # written after the distillation (finish)
+            self.pending[name] = self.factors(w)
+        else:
+            self.add_factors(writer, name, *self.factors(w))
+
+    def finish(self, writer, context):
+        if not self.kd_steps:
+            return {}
+        import torch
+
+        from .calibrate import calibration_windows, source_model
+        from .kd import distill
+
+        options = context.calibration
+        options.check()
+        torch.manual_seed(options.seed)
+        windows, paths = calibration_windows(context.tokenizer(), options.texts, options.samples, options.seqlen,
+                                             options.seed)
+        teacher = source_model(context.src, context.arch, context.config, context.plan)
+        trained, log = distill(teacher, context.plan, self.pending, windows, self.kd_steps, self.kd_lr,
+                               context.progress)
+        for name, (signs, a, b) in trained.items():
+            self.add_factors(writer, name, signs, to_f16(name + " (a)", a).astype(np.float32),
+                             to_f16(name + " (b)", b).astype(np.float32))
+        self.pending.clear()
+        return {"kd": log, "calibration": {"text": [p.name for p in paths], "samples": options.samples,
+                                           "seqlen": options.seqlen, "seed": options.seed}}
 
 
 def rowcol_single_block(cols: int) -> int:
