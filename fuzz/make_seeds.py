@@ -1,5 +1,5 @@
 """Seed corpus for fuzz/stb_loader_fuzz.cpp: small valid files of every codec (binary-groups with 1, 2 and 3
-regions, with and without N:M and salient columns), tiny complete models (f16, sign, sign with 4:8 masks, int8
+regions, with and without N:M and salient columns; row-col-sign with and without N:M and salient columns), tiny complete models (f16, sign, sign with 4:8 masks, int8
 head, tied head, sliding window), and the malformed files of tests/test_format.py.
 
 usage: python fuzz/make_seeds.py OUT_DIR   (needs the stbllm package installed)
@@ -49,6 +49,18 @@ def binary_groups_file(path: Path, rng, rows: int, cols: int, regions: int, nm, 
     w.write(path)
 
 
+def row_col_sign_file(path: Path, rng, rows: int, cols: int, nm, salient_count: int, block: int = 64) -> None:
+    w = StbWriter(METADATA)
+    blocks = -(-cols // block)
+    salient = np.zeros(cols, dtype=bool)
+    salient[rng.choice(cols, salient_count, replace=False)] = True
+    w.add_row_col_sign("blk.0.attn_q.weight", rng.random((rows, cols)) < 0.5, rng.random((rows, blocks)),
+                       rng.random(cols), block=block, mask=None if nm is None else exact_nm_mask(rng, rows, cols, *nm),
+                       nm=nm, salient=salient, residual=rng.random((rows, salient_count)) < 0.5,
+                       residual_row_scales=rng.random((rows, blocks)), residual_col_scales=rng.random(salient_count))
+    w.write(path)
+
+
 def codec_files(out: Path, rng) -> None:
     w = StbWriter(METADATA)
     w.add_f32("a.weight", rng.standard_normal(7))
@@ -67,6 +79,10 @@ def codec_files(out: Path, rng) -> None:
                 tag = f"r{regions}-" + (f"{nm[0]}of{nm[1]}" if nm else "dense") + f"-s{int(salient * 100)}"
                 binary_groups_file(out / f"binary-groups-{tag}.stb", rng, rows=3, cols=77, regions=regions, nm=nm,
                                    salient_fraction=salient)
+    for nm in (None, (6, 8)):
+        for salient_count in (0, 5):
+            tag = (f"{nm[0]}of{nm[1]}" if nm else "dense") + f"-s{salient_count}"
+            row_col_sign_file(out / f"row-col-sign-{tag}.stb", rng, rows=3, cols=77, nm=nm, salient_count=salient_count)
 
 
 def model_files(out: Path) -> None:

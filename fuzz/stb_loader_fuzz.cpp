@@ -71,7 +71,7 @@ void repair_fixed_header(std::vector<uint8_t>& f) {
 
 bool is_matrix_codec(const std::string& codec) {
   return codec == stb::kCodecF32 || codec == stb::kCodecF16 || codec == stb::kCodecSignBlock ||
-         codec == stb::kCodecInt8Group || codec == stb::kCodecBinaryGroups;
+         codec == stb::kCodecInt8Group || codec == stb::kCodecBinaryGroups || codec == stb::kCodecRowColSign;
 }
 
 // Uses one accepted tensor the way the model would. Sums go to a volatile sink so nothing is optimized away.
