@@ -105,7 +105,7 @@ class Method:
     def __init__(self, nm: tuple[int, int] | None = None, block: int = 128, **options):
         if options:
             raise ConvertError(f"--{next(iter(options)).replace('_', '-')} is not an option of --method "
-                               f"{self.name}")
+                               f"{self.name} (see the calibrated method and onebit-svid options)")
         self.nm = nm
         self.block = check_block(block)
 
