@@ -276,6 +276,12 @@ class GroupsResult:
     block: int
     stats: dict
 
+    def cpu(self) -> "GroupsResult":
+        from dataclasses import replace
+        return replace(self, **{k: getattr(self, k).cpu() for k in ("q", "signs", "labels", "salient", "residual",
+                                                                     "params")},
+                       keep=None if self.keep is None else self.keep.cpu())
+
 
 def inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp*I)^-1 with damp = 1 % of mean diag H. Dead inputs (H_jj = 0) get
