@@ -13,11 +13,12 @@ namespace {
 template <int Bits, int NT>
 void qgroup_pass(const uint8_t* codes, const uint16_t* scales, int group, int64_t chunks, const int8_t* q,
                  int64_t q_stride, const float* d, int64_t d_stride, __m256 (&acc)[NT]) {
+  QGroupCursor cursor(group);
   int64_t c = 0;
-  for (; c + 2 <= chunks; c += 2) {
+  for (; c + 2 <= chunks; c += 2, cursor.advance(2)) {
     const __m256i w0 = qgroup_chunk_codes<Bits>(codes + c * 4 * Bits);
     const __m256i w1 = qgroup_chunk_codes<Bits>(codes + (c + 1) * 4 * Bits);
-    const int64_t g0 = c * kQGroupChunk / group, g1 = (c + 1) * kQGroupChunk / group;
+    const int64_t g0 = cursor.group, g1 = cursor.next_group();
     const float s0 = _cvtsh_ss(scales[g0]);
     for (int t = 0; t < NT; ++t) {
       const int8_t* qt = q + t * q_stride + c * kQGroupChunk;
@@ -33,7 +34,7 @@ void qgroup_pass(const uint8_t* codes, const uint16_t* scales, int group, int64_
   }
   if (c < chunks) {  // an odd last chunk
     const __m256i w = qgroup_chunk_codes<Bits>(codes + c * 4 * Bits);
-    const float s = _cvtsh_ss(scales[c * kQGroupChunk / group]);
+    const float s = _cvtsh_ss(scales[cursor.group]);
     for (int t = 0; t < NT; ++t) {
       const __m256i p = qgroup_chunk_dot(w, q + t * q_stride + c * kQGroupChunk);
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * d[t * d_stride + c / 2]), acc[t]);

@@ -42,10 +42,11 @@ void qgroup_pass(const uint8_t* codes, const uint16_t* scales, int group, int64_
   __m512 acc[NT];
   for (auto& a : acc) a = _mm512_setzero_ps();
   const __m512i ones = _mm512_set1_epi16(1);
+  QGroupCursor cursor(group);
   int64_t c = 0;
-  for (; c + 2 <= chunks; c += 2) {
+  for (; c + 2 <= chunks; c += 2, cursor.advance(2)) {
     const __m512i w = pair_codes<Bits>(codes + c * 4 * Bits);
-    const int64_t g0 = c * kQGroupChunk / group, g1 = (c + 1) * kQGroupChunk / group;
+    const int64_t g0 = cursor.group, g1 = cursor.next_group();
     const float s0 = _cvtsh_ss(scales[g0]);
     const __m512 s = g0 == g1 ? _mm512_set1_ps(s0)
                               : _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(_cvtsh_ss(scales[g1])), 1);
@@ -59,7 +60,7 @@ void qgroup_pass(const uint8_t* codes, const uint16_t* scales, int group, int64_
   for (int t = 0; t < NT; ++t) sums[t] = _mm512_reduce_add_ps(acc[t]);
   if (c < chunks) {  // an odd last chunk
     const __m256i w = qgroup_chunk_codes<Bits>(codes + c * 4 * Bits);
-    const float s = _cvtsh_ss(scales[c * kQGroupChunk / group]);
+    const float s = _cvtsh_ss(scales[cursor.group]);
     for (int t = 0; t < NT; ++t)
       sums[t] += s * d[t * d_stride + c / 2] *
                  qgroup_hsum(_mm256_cvtepi32_ps(qgroup_chunk_dot(w, q + t * q_stride + c * kQGroupChunk)));

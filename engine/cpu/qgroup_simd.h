@@ -35,6 +35,19 @@ inline __m256i qgroup_chunk_codes(const uint8_t* p) {
   }
 }
 
+// The weight group of each chunk as a row's chunks go by, without a division per chunk (the group is a runtime
+// value, and a 64-bit division costs more than the chunk's arithmetic).
+struct QGroupCursor {
+  int64_t group = 0;  // the current chunk's group
+  int64_t left;       // chunks of that group from the current one on
+  int64_t per_group;
+  explicit QGroupCursor(int group_cols) : left(group_cols / kQGroupChunk), per_group(group_cols / kQGroupChunk) {}
+  int64_t next_group() const { return left > 1 ? group : group + 1; }  // the following chunk's group
+  void advance(int chunks) {
+    for (left -= chunks; left <= 0; left += per_group) ++group;
+  }
+};
+
 // Σ codes · q over one chunk as 8 int32 lanes.
 inline __m256i qgroup_chunk_dot(__m256i codes, const int8_t* q) {
   const __m256i pairs = _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));

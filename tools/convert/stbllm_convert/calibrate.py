@@ -2,9 +2,10 @@
 
 The calibration windows are embedded once; then, for each decoder layer in turn (only that layer on the compute
 device): every linear's Hessian H = (2/N) sum x x^T (float32) is collected from the layer's inputs, each linear is
-quantized from H's damped inverse Cholesky factor (methods.CalibratedMethod), the quantized weights are put back into
-the layer, and the inputs are run through the QUANTIZED layer to become the next layer's inputs. Position
-embeddings and the causal (sliding-window) mask are built here and passed explicitly to each layer.
+quantized by its recipe's method (recipe.py; calibrated methods from H's damped inverse Cholesky factor, the others
+from the weight alone), the quantized weights are put back into the layer, and the inputs are run through the
+QUANTIZED layer to become the next layer's inputs. Position embeddings and the causal (sliding-window) mask are
+built here and passed explicitly to each layer.
 
 With N:M and layer-wise allocation, a first pass runs the windows through the unquantized layers to measure each
 layer's share of outlier weights (RIA importance), which sets that layer's N (mean exactly the requested N).

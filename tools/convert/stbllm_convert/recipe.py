@@ -84,17 +84,15 @@ def read_recipe_file(path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConvertError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    is_yaml = path.suffix in (".yaml", ".yml")
     try:
-        if path.suffix in (".yaml", ".yml"):
+        if is_yaml:
             import yaml
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    except ValueError as e:  # json.JSONDecodeError and yaml.YAMLError's subclasses
-        raise ConvertError(f"recipe {path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
-                           f"{e}") from None
-    except Exception as e:  # yaml.YAMLError is not a ValueError
-        raise ConvertError(f"recipe {path} is not valid YAML: {e}") from None
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        raise ConvertError(f"recipe {path} is not valid {'YAML' if is_yaml else 'JSON'}: {e}") from None
     if not isinstance(data, dict) or set(data) - set(RECIPE_KEYS):
         raise ConvertError(f"recipe {path}: expected an object with the keys {', '.join(RECIPE_KEYS)}")
     rules = data.get("rules", {})
