@@ -1,6 +1,7 @@
 """Seed corpus for fuzz/stb_loader_fuzz.cpp: small valid files of every codec (binary-groups with 1, 2 and 3
-regions, with and without N:M and salient columns; row-col-sign with and without N:M and salient columns), tiny complete models (f16, sign, sign with 4:8 masks, int8
-head, tied head, sliding window), and the malformed files of tests/test_format.py.
+regions, with and without N:M and salient columns; row-col-sign with and without N:M and salient columns; qgroup
+at 2, 3 and 4 bits with ragged chunks and groups), tiny complete models (f16, sign, sign with 4:8 masks, qgroup
+linears and embedding, int8 head, tied head, sliding window), and the malformed files of tests/test_format.py.
 
 usage: python fuzz/make_seeds.py OUT_DIR   (needs the stbllm package installed)
 """
@@ -85,8 +86,18 @@ def codec_files(out: Path, rng) -> None:
             row_col_sign_file(out / f"row-col-sign-{tag}.stb", rng, rows=3, cols=77, nm=nm, salient_count=salient_count)
 
 
+def qgroup_files(out: Path, rng) -> None:
+    for bits in (2, 3, 4):
+        w = StbWriter(METADATA)
+        for name, (rows, cols, group) in {"a.weight": (3, 77, 32), "b.weight": (2, 64, 96)}.items():
+            groups = -(-cols // group)
+            w.add_qgroup(name, rng.integers(0, 1 << bits, (rows, cols)), rng.random((rows, groups)),
+                         rng.standard_normal((rows, groups)), bits, group)
+        w.write(out / f"qgroup-{bits}bit.stb")
+
+
 def model_files(out: Path) -> None:
-    for codec in ("f16", "sign", "sign-nm"):
+    for codec in ("f16", "sign", "sign-nm", "qgroup"):
         test_runtime.write_model(out / f"model-{codec}.stb", codec, config=TINY_MODEL)
     test_runtime.write_model(out / "model-tied-window.stb", "sign",
                              config=dict(TINY_MODEL, tie_word_embeddings=True, sliding_window=4),
@@ -123,6 +134,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     codec_files(out, rng)
+    qgroup_files(out, rng)
     model_files(out)
     malformed_files(out, rng)
     files = sorted(out.iterdir())

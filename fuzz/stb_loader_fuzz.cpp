@@ -71,7 +71,8 @@ void repair_fixed_header(std::vector<uint8_t>& f) {
 
 bool is_matrix_codec(const std::string& codec) {
   return codec == stb::kCodecF32 || codec == stb::kCodecF16 || codec == stb::kCodecSignBlock ||
-         codec == stb::kCodecInt8Group || codec == stb::kCodecBinaryGroups || codec == stb::kCodecRowColSign;
+         codec == stb::kCodecInt8Group || codec == stb::kCodecBinaryGroups || codec == stb::kCodecRowColSign ||
+         codec == stb::kCodecQGroup;
 }
 
 // Uses one accepted tensor the way the model would. Sums go to a volatile sink so nothing is optimized away.
@@ -94,7 +95,7 @@ void use_tensor(stb::Backend& backend, const stb::TensorEntry& t) {
   backend.linear(m, x.data(), 1, y.data());
   g_sink = y[0] + y[y.size() - 1];
   if (m.codec == stb::MatrixCodec::F32 || m.codec == stb::MatrixCodec::F16 ||
-      m.codec == stb::MatrixCodec::Int8Group) {
+      m.codec == stb::MatrixCodec::Int8Group || m.codec == stb::MatrixCodec::QGroup) {
     const int ids[2] = {0, int(m.rows - 1)};
     std::vector<float> rows(size_t(2 * m.cols));
     backend.embed(m, ids, 2, rows.data(), false);

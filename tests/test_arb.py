@@ -248,7 +248,7 @@ def test_method_option_errors(tiny_hf_models, tmp_path):
         convert(tiny_hf_models["llama"], tmp_path / "x.stb", method="arb-x", arb_iters=-1, progress=False)
     with pytest.raises(ConvertError, match="--nm"):
         convert(tiny_hf_models["llama"], tmp_path / "x.stb", method="onebit-svid", nm="6:8", progress=False)
-    with pytest.raises(ConvertError, match="--kd-steps is not an option of --method sign"):
+    with pytest.raises(ConvertError, match="--kd-steps needs onebit-svid, not sign"):
         convert(tiny_hf_models["llama"], tmp_path / "x.stb", method="sign", kd_steps=3, progress=False)
 
 

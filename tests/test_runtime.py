@@ -20,8 +20,9 @@ LINEARS = {"attn_q": ("q", "h"), "attn_k": ("kv", "h"), "attn_v": ("kv", "h"), "
 
 
 def write_model(path, codec="f16", config=None, drop=(), reshape=None, architecture="llama", seed=0, edit=None):
-    """A random LLaMA-shaped .stb. codec: f16 | sign | sign-nm (4:8 masks). drop: tensor names to leave out;
-    reshape: {name: shape} to write with a wrong shape; edit: {name: function} applied to a dense tensor's values."""
+    """A random LLaMA-shaped .stb. codec: f16 | sign | sign-nm (4:8 masks) | qgroup (3-bit linears and embedding,
+    group 32). drop: tensor names to leave out; reshape: {name: shape} to write with a wrong shape; edit: {name:
+    function} applied to a dense tensor's values."""
     cfg = dict(CONFIG, **(config or {}))
     rng = np.random.default_rng(seed)
     dims = {"h": cfg["hidden_size"], "q": cfg["num_attention_heads"] * cfg["head_dim"],
@@ -34,6 +35,10 @@ def write_model(path, codec="f16", config=None, drop=(), reshape=None, architect
         shape = (reshape or {}).get(name, shape)
         if kind == "norm":
             w.add_f32(name, 1 + 0.1 * rng.standard_normal(shape))
+        elif codec == "qgroup" and name != "output.weight":
+            groups = (shape[0], -(-shape[1] // 32))
+            w.add_qgroup(name, rng.integers(0, 8, shape), 0.02 * rng.random(groups),
+                         -0.07 * rng.random(groups), 3, 32)
         elif kind == "dense" or codec == "f16":
             values = 0.08 * rng.standard_normal(shape)
             w.add_f16(name, (edit or {}).get(name, lambda v: v)(values))

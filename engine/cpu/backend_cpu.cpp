@@ -13,6 +13,7 @@
 #include "cpu/sign_lut.h"
 #include "cpu/thread_pool.h"
 #include "stbllm/backend.h"
+#include "stbllm/qgroup.h"
 
 namespace stb {
 
@@ -103,6 +104,14 @@ class CpuBackend final : public Backend {
       m.groups_per_row = int(cpu::q8_groups(m.cols));
       m.values = w.component("values").data;
       m.scales = reinterpret_cast<const uint16_t*>(w.component("scales").data);
+    } else if (w.codec == kCodecQGroup) {
+      m.codec = MatrixCodec::QGroup;
+      m.bits = w.bits;
+      m.block = w.group;
+      m.blocks_per_row = int((m.cols + w.group - 1) / w.group);
+      m.values = w.component("codes").data;
+      m.scales = reinterpret_cast<const uint16_t*>(w.component("scales").data);
+      m.offsets = reinterpret_cast<const uint16_t*>(w.component("offsets").data);
     } else if (w.codec == kCodecBinaryGroups) {
       planes = std::make_unique<BinaryGroupsPlanes>(decode_binary_groups(w));
       cpu::describe_binary_groups(w, *planes, m);
@@ -125,7 +134,7 @@ class CpuBackend final : public Backend {
     } else {
       throw FormatError("tensor '" + w.name + "' has codec " + w.codec +
                         "; a weight matrix needs stb.f32.v1, stb.f16.v1, stb.sign-block.v1, stb.int8-group.v1, "
-                        "stb.binary-groups.v2 or stb.row-col-sign.v1");
+                        "stb.binary-groups.v2, stb.row-col-sign.v1 or stb.qgroup.v1");
     }
     if (m.codec != MatrixCodec::BinaryGroups)  // those report their decoded planes
       for (const auto& kv : w.components) m.bytes += kv.second.length;
@@ -220,6 +229,11 @@ class CpuBackend final : public Backend {
         std::memcpy(row.data(), static_cast<const float*>(table.values) + ids[i] * dim, dim * sizeof(float));
       } else if (table.codec == MatrixCodec::F16) {
         k_.f16_to_f32(static_cast<const uint16_t*>(table.values) + ids[i] * dim, row.data(), dim);
+      } else if (table.codec == MatrixCodec::QGroup) {
+        const int64_t id = ids[i];
+        qgroup_dequantize_row(static_cast<const uint8_t*>(table.values) + id * qgroup_row_bytes(dim, table.bits),
+                              table.scales + id * table.blocks_per_row, table.offsets + id * table.blocks_per_row,
+                              table.bits, table.block, dim, row.data());
       } else {  // Int8Group (the model refuses binary embedding tables)
         const int8_t* q = static_cast<const int8_t*>(table.values) + int64_t(ids[i]) * table.groups_per_row * 64;
         const uint16_t* s = table.scales + int64_t(ids[i]) * table.groups_per_row;
@@ -230,8 +244,9 @@ class CpuBackend final : public Backend {
   }
 
   void linear(const Matrix& w, const float* x, int n, float* out) override {
-    if (w.codec == MatrixCodec::SignBlock || w.codec == MatrixCodec::Int8Group)
-      return linear_q8(w, x, n, out, static_cast<const cpu::SignLut*>(w.packed));
+    if (w.codec == MatrixCodec::SignBlock || w.codec == MatrixCodec::Int8Group || w.codec == MatrixCodec::QGroup)
+      return linear_q8(w, x, n, out, w.codec == MatrixCodec::SignBlock ? static_cast<const cpu::SignLut*>(w.packed)
+                                                                        : nullptr);
     if (w.codec == MatrixCodec::RowColSign) return linear_row_col(w, x, n, out);
     if (w.codec == MatrixCodec::BinaryGroups && w.packed) return linear_groups(w, x, n, out);
     const int64_t rows = w.rows, cols = w.cols;
@@ -294,15 +309,24 @@ class CpuBackend final : public Backend {
       k_.quantize_q8(x + t * cols, cols, q8_values_.data() + t * padded, q8_scales_.data() + t * groups);
     });
     if (lut) return linear_sign_lut(w, *lut, n, out);
+    if (w.codec == MatrixCodec::QGroup) {
+      q8_sums_.resize(size_t(n) * w.blocks_per_row);
+      cpu::qgroup_activation_sums(q8_values_.data(), q8_scales_.data(), cols, w.block, n, q8_sums_.data());
+    }
     pool_.run(n_chunks(rows), [&](int64_t c) {
       thread_local std::vector<int8_t> scratch;
       scratch.resize(padded);
       const int64_t r0 = c * chunk_rows(rows), r1 = std::min(rows, r0 + chunk_rows(rows));
       for (int64_t r = r0; r < r1; ++r) {
-        if (w.codec != MatrixCodec::Int8Group) {  // sign-block planes (also the main plane of row-col-sign)
+        if (w.codec == MatrixCodec::SignBlock || w.codec == MatrixCodec::RowColSign) {  // also row-col-sign's main plane
           k_.sign_row_q8(w.signs + r * w.words_per_row, w.mask ? w.mask + r * w.words_per_row : nullptr,
                          w.scales + r * w.blocks_per_row, w.block, cols, q8_values_.data(), q8_scales_.data(), n,
                          out + r, rows, scratch.data());
+        } else if (w.codec == MatrixCodec::QGroup) {
+          k_.qgroup_row_q8(static_cast<const uint8_t*>(w.values) + r * qgroup_row_bytes(cols, w.bits),
+                           w.scales + r * w.blocks_per_row, w.offsets + r * w.blocks_per_row, w.bits, w.block, cols,
+                           q8_values_.data(), q8_scales_.data(), q8_sums_.data(), n, out + r, rows,
+                           reinterpret_cast<uint8_t*>(scratch.data()));
         } else {
           k_.int8_row_q8(static_cast<const int8_t*>(w.values) + r * padded, w.scales + r * groups, cols,
                          q8_values_.data(), q8_scales_.data(), n, out + r, rows);
@@ -444,6 +468,7 @@ class CpuBackend final : public Backend {
   const cpu::Kernels& k_;
   std::vector<int8_t> q8_values_;  // quantized activations of the current sign-block matmul
   std::vector<float> q8_scales_;
+  std::vector<float> q8_sums_;                       // their group sums for a stb.qgroup.v1 matmul
   std::vector<uint8_t> lut_tables_;                  // lookup tables of those activations
   std::vector<std::unique_ptr<cpu::SignLut>> luts_;  // repacked sign-block weights, owned for the model's life
   std::vector<std::unique_ptr<BinaryGroupsPlanes>> group_planes_;  // decoded binary-groups planes (portable path)

@@ -33,13 +33,32 @@ struct Kernels {
   // activation rows: out[t · out_stride] = Σ_g ws_g · d_t[g] · Σ_j w_j · q_t[j].
   void (*int8_row_q8)(const int8_t* w, const uint16_t* ws, int64_t cols, const int8_t* q, const float* d, int n,
                       float* out, int64_t out_stride);
+  // One stb.qgroup.v1 weight row (codes: its qgroup_row_bytes(cols, bits) bytes; scales, offsets: fp16 per group of
+  // `group` columns) against n quantized activation rows, each with its group sums xsum (qgroup_activation_sums):
+  // out[t · out_stride] = Σ_j scale_g(j) · code_j · d_t[j / 64] · q_t[j] + Σ_g offset_g · xsum_t[g].
+  // scratch: qgroup_chunks(cols) · 32 bytes.
+  void (*qgroup_row_q8)(const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets, int bits, int group,
+                        int64_t cols, const int8_t* q, const float* d, const float* xsum, int n, float* out,
+                        int64_t out_stride, uint8_t* scratch);
   // Table-lookup sign-block matmul on repacked weights; null on paths without it (they use sign_row_q8).
   const SignLutKernels* sign_lut;
   // stb.binary-groups.v2 on repacked codes; null on paths without it (they use dot_binary_groups on the planes).
   const GroupsKernels* groups;
 };
 
+// xsum[t · groups + g] = Σ over the 32-column chunks c of group g of d_t[c / 2] · Σ_{j in c} q_t[j], for n quantized
+// activation rows of `cols` inputs (the offset term of stb.qgroup.v1; groups = ⌈cols / group⌉). Portable: it is a
+// small share of a matmul.
+void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int group, int n, float* xsum);
+
 const Kernels& scalar_kernels();
+// The stb.qgroup.v1 row kernels of the SIMD paths (qgroup_avx2.cpp, qgroup_avx512.cpp).
+void avx2_qgroup_row_q8(const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets, int bits, int group,
+                        int64_t cols, const int8_t* q, const float* d, const float* xsum, int n, float* out,
+                        int64_t out_stride, uint8_t* scratch);
+void avx512_qgroup_row_q8(const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets, int bits, int group,
+                          int64_t cols, const int8_t* q, const float* d, const float* xsum, int n, float* out,
+                          int64_t out_stride, uint8_t* scratch);
 const Kernels* avx2_kernels();    // null when the build has no AVX2 path
 const Kernels* avx512_kernels();  // null when the build has no AVX-512 path
 

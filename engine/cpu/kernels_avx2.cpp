@@ -108,7 +108,7 @@ const Kernels* avx2_kernels() {
   // Binary matrices always take the lookup kernel here (the backend repacks them); sign_row_q8 is the portable
   // one for completeness.
   static const Kernels k{"avx2", dot_f32, dot_f16, f16_to_f32, quantize_q8, scalar_kernels().sign_row_q8,
-                         int8_row_q8, avx2_sign_lut(), avx2_groups()};
+                         int8_row_q8, avx2_qgroup_row_q8, avx2_sign_lut(), avx2_groups()};
   return &k;
 }
 

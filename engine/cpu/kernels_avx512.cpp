@@ -74,7 +74,7 @@ const Kernels* avx512_kernels() {
   if (!base) return nullptr;
   static const SignLutKernels lut{sign_lut_tables, sign_lut_rows};
   static const Kernels k{"avx512", base->dot_f32, base->dot_f16, base->f16_to_f32, base->quantize_q8,
-                         base->sign_row_q8, base->int8_row_q8, &lut, avx512_groups()};
+                         base->sign_row_q8, base->int8_row_q8, avx512_qgroup_row_q8, &lut, avx512_groups()};
   return &k;
 }
 

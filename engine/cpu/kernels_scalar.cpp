@@ -4,7 +4,7 @@
 #include <cstring>
 
 #include "cpu/kernels.h"
-
+#include "stbllm/qgroup.h"
 
 namespace stb::cpu {
 
@@ -108,10 +108,43 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = half_to_float(src[j]);
 }
 
+// Unpacks the row's codes once, then reuses them for every activation row.
+void qgroup_row_q8(const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets, int bits, int group,
+                   int64_t cols, const int8_t* q, const float* d, const float* xsum, int n, float* out,
+                   int64_t out_stride, uint8_t* scratch) {
+  const int64_t chunks = qgroup_chunks(cols), q8 = q8_groups(cols), groups = (cols + group - 1) / group;
+  qgroup_unpack_codes(codes, bits, chunks, scratch);
+  for (int t = 0; t < n; ++t) {
+    const int8_t* qt = q + t * q8 * kQ8Group;
+    float acc = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      int32_t isum = 0;
+      for (int j = c * kQGroupChunk; j < (c + 1) * kQGroupChunk; ++j) isum += int32_t(scratch[j]) * qt[j];
+      acc += half_to_float(scales[c * kQGroupChunk / group]) * d[t * q8 + c / 2] * float(isum);
+    }
+    for (int64_t g = 0; g < groups; ++g) acc += half_to_float(offsets[g]) * xsum[t * groups + g];
+    out[t * out_stride] = acc;
+  }
+}
+
 }  // namespace
 
+void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int group, int n, float* xsum) {
+  const int64_t chunks = qgroup_chunks(cols), q8 = q8_groups(cols), groups = (cols + group - 1) / group;
+  for (int t = 0; t < n; ++t) {
+    float* xt = xsum + t * groups;
+    std::fill(xt, xt + groups, 0.f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      int32_t isum = 0;
+      for (int64_t j = c * kQGroupChunk; j < (c + 1) * kQGroupChunk; ++j) isum += q[t * q8 * kQ8Group + j];
+      xt[c * kQGroupChunk / group] += d[t * q8 + c / 2] * float(isum);
+    }
+  }
+}
+
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar", dot_f32, dot_f16, f16_to_f32, quantize_q8, sign_row_q8, int8_row_q8, nullptr, nullptr};
+  static const Kernels k{"scalar", dot_f32, dot_f16, f16_to_f32, quantize_q8, sign_row_q8, int8_row_q8,
+                         qgroup_row_q8, nullptr, nullptr};
   return k;
 }
 

@@ -12,6 +12,7 @@
 
 #include "stbllm/binary_groups.h"
 #include "stbllm/format.h"
+#include "stbllm/qgroup.h"
 
 namespace stb {
 namespace {
@@ -120,6 +121,27 @@ void validate_row_col_sign(const TensorEntry& t) {
   }
 }
 
+// The rules of stb.qgroup.v1 that lengths cannot express: every scale and offset is finite, and codes of the
+// padding columns of each row's last chunk are zero.
+void validate_qgroup(const TensorEntry& t) {
+  const std::string what = "tensor '" + t.name + "'";
+  for (const char* key : {"scales", "offsets"}) {
+    const Component& c = t.component(key);
+    for (uint64_t i = 0; i + 1 < c.length; i += 2)
+      if ((c.data[i + 1] & 0x7C) == 0x7C)  // fp16 exponent all ones: inf or NaN
+        throw FormatError(what + ": " + key + " hold a non-finite value (entry " + std::to_string(i / 2) + ")");
+  }
+  const int64_t rows = t.shape[0], cols = t.shape[1], chunks = qgroup_chunks(cols);
+  if (cols % kQGroupChunk == 0) return;
+  const uint8_t* codes = t.component("codes").data;
+  uint8_t last[kQGroupChunk];
+  for (int64_t r = 0; r < rows; ++r) {
+    qgroup_unpack_codes(codes + (r + 1) * qgroup_row_bytes(cols, t.bits) - 4 * t.bits, t.bits, 1, last);
+    for (int64_t j = cols % kQGroupChunk; j < kQGroupChunk; ++j)
+      if (last[j]) throw FormatError(what + ": row " + std::to_string(r) + " has a non-zero code past the last column");
+  }
+}
+
 // Expected byte length of each component for a tensor's codec; throws on unknown codecs or bad params.
 std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonValue* params) {
   const std::string what = "tensor '" + t.name + "'";
@@ -215,9 +237,23 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
     return {{"values", checked_mul(checked_mul(rows, groups, what), 64, what)},
             {"scales", checked_mul(checked_mul(rows, groups, what), 2, what)}};
   }
+  if (t.codec == kCodecQGroup) {
+    if (t.shape.size() != 2) throw FormatError(what + ": stb.qgroup.v1 needs a 2-D shape");
+    if (!params) throw FormatError(what + ": stb.qgroup.v1 needs params");
+    for (const auto& kv : params->as_object(what + " params"))
+      if (kv.first != "bits" && kv.first != "group") throw FormatError(what + ": unknown param '" + kv.first + "'");
+    t.bits = int(params->at("bits", what + " params").as_int(what + " bits", 2, 4));
+    t.group = int(params->at("group", what + " params").as_int(what + " group", kQGroupChunk, 4096));
+    if (t.group % kQGroupChunk) throw FormatError(what + ": group must be a multiple of 32");
+    const uint64_t rows = uint64_t(t.shape[0]), cols = uint64_t(t.shape[1]);
+    const uint64_t halves = checked_mul(rows, (cols + uint64_t(t.group) - 1) / uint64_t(t.group), what);
+    return {{"codes", checked_mul(rows, uint64_t(qgroup_row_bytes(int64_t(cols), t.bits)), what)},
+            {"scales", checked_mul(halves, 2, what)},
+            {"offsets", checked_mul(halves, 2, what)}};
+  }
   throw FormatError(what + ": unknown codec '" + t.codec + "' (this reader knows stb.f32.v1, stb.f16.v1, "
                     "stb.bytes.v1, stb.sign-block.v1, stb.int8-group.v1, stb.binary-groups.v2, "
-                    "stb.row-col-sign.v1)");
+                    "stb.row-col-sign.v1, stb.qgroup.v1)");
 }
 
 }  // namespace
@@ -384,6 +420,7 @@ std::shared_ptr<const StbFile> StbFile::open(const std::string& path, bool verif
   for (const TensorEntry& t : f->tensors_)
     if (t.codec == kCodecBinaryGroups) validate_binary_groups(t);
     else if (t.codec == kCodecRowColSign) validate_row_col_sign(t);
+    else if (t.codec == kCodecQGroup) validate_qgroup(t);
   return f;
 }
 

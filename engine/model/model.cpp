@@ -71,18 +71,16 @@ Model::Model(const std::string& path, int threads, bool verify_checksums)
     if (!c.rms_norm) *bias = vector(name + ".bias", hidden);
   };
 
-  token_embd_ = matrix("token_embd", c.vocab_size, hidden, false);
-  // The embedding lookup reads plain rows: binary codecs are for linear layers only.
-  const auto lookup_table = [](const Matrix& m) {
-    return m.codec == MatrixCodec::F32 || m.codec == MatrixCodec::F16 || m.codec == MatrixCodec::Int8Group;
+  // Embedding lookups decode single rows: only codecs with a row decoder (the binary ones have none).
+  auto embedding = [&](const std::string& name, int64_t rows) {
+    Matrix m = matrix(name, rows, hidden, false);
+    if (m.codec != MatrixCodec::F32 && m.codec != MatrixCodec::F16 && m.codec != MatrixCodec::Int8Group &&
+        m.codec != MatrixCodec::QGroup)
+      throw FormatError(name + ".weight must be stb.f16.v1, stb.f32.v1, stb.int8-group.v1 or stb.qgroup.v1");
+    return m;
   };
-  if (!lookup_table(token_embd_))
-    throw FormatError("token_embd.weight must be stb.f16.v1, stb.f32.v1 or stb.int8-group.v1");
-  if (!c.rope) {
-    pos_embd_ = matrix("pos_embd", int64_t(c.max_positions) + c.position_offset, hidden, false);
-    if (!lookup_table(pos_embd_))
-      throw FormatError("pos_embd.weight must be stb.f16.v1, stb.f32.v1 or stb.int8-group.v1");
-  }
+  token_embd_ = embedding("token_embd", c.vocab_size);
+  if (!c.rope) pos_embd_ = embedding("pos_embd", int64_t(c.max_positions) + c.position_offset);
   layers_.resize(c.num_layers);
   for (int i = 0; i < c.num_layers; ++i) {
     const std::string p = "blk." + std::to_string(i) + ".";

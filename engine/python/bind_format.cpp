@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "stbllm/format.h"
+#include "stbllm/qgroup.h"
 
 namespace py = pybind11;
 
@@ -66,5 +67,23 @@ void bind_format(py::module_& m) {
       .def_property_readonly("required_features", [](const FileHandle& h) { return h.file->required_features(); })
       .def_property_readonly("file_size", [](const FileHandle& h) { return h.file->file_size(); })
       .def("component", &component_array, py::arg("tensor"), py::arg("key"),
-           "Read-only uint8 view of one component's bytes (zero-copy from the mapping).");
+           "Read-only uint8 view of one component's bytes (zero-copy from the mapping).")
+      .def(
+          "dequantize_qgroup",
+          [](const FileHandle& h, const std::string& tensor) {
+            const stb::TensorEntry& t = h.file->get(tensor);
+            if (t.codec != stb::kCodecQGroup) throw stb::FormatError("tensor '" + tensor + "' is not stb.qgroup.v1");
+            const int64_t rows = t.shape[0], cols = t.shape[1], groups = (cols + t.group - 1) / t.group;
+            py::array_t<float> out({py::ssize_t(rows), py::ssize_t(cols)});
+            float* dst = out.mutable_data();
+            const auto* scales = reinterpret_cast<const uint16_t*>(t.component("scales").data);
+            const auto* offsets = reinterpret_cast<const uint16_t*>(t.component("offsets").data);
+            py::gil_scoped_release release;
+            for (int64_t r = 0; r < rows; ++r)
+              stb::qgroup_dequantize_row(t.component("codes").data + r * stb::qgroup_row_bytes(cols, t.bits),
+                                         scales + r * groups, offsets + r * groups, t.bits, t.group, cols,
+                                         dst + r * cols);
+            return out;
+          },
+          py::arg("tensor"), "A stb.qgroup.v1 tensor dequantized by the runtime's row decoder (float32).");
 }

@@ -7,6 +7,7 @@
 #include <chrono>
 
 #include "stbllm/backend.h"
+#include "stbllm/qgroup.h"
 
 namespace py = pybind11;
 
@@ -54,7 +55,8 @@ void bind_linear(py::module_& m) {
   py::class_<Linear>(m, "Linear")
       .def(py::init([](const std::string& codec, int64_t rows, int64_t cols, py::object values, py::object signs,
                        py::object mask, py::object scales, int block, py::object bias, int threads,
-                       py::object labels, py::object salient, py::object residual, py::object params, int regions) {
+                       py::object labels, py::object salient, py::object residual, py::object params, int regions,
+                       py::object offsets, int bits, int group) {
              auto l = std::make_unique<Linear>();
              stb::Matrix& mt = l->matrix;
              // Converts, checks the exact shape (the kernels trust it), and keeps the array alive.
@@ -103,8 +105,17 @@ void bind_linear(py::module_& m) {
                if (mt.salient_columns)
                  mt.residual = take(uint64_t{}, residual, "residual", {(rows * mt.salient_columns + 63) / 64});
                mt.params = take(uint16_t{}, params, "params", {rows, mt.blocks_per_row, mt.params_per_block});
+             } else if (codec == "qgroup") {  // the file's components (docs/format.md)
+               if (bits < 2 || bits > 4) throw py::value_error("bits must be 2, 3 or 4");
+               if (group % stb::kQGroupChunk || group < stb::kQGroupChunk || group > 4096)
+                 throw py::value_error("group must be a multiple of 32 in [32, 4096]");
+               mt.codec = stb::MatrixCodec::QGroup, mt.bits = bits, mt.block = group;
+               mt.blocks_per_row = int((cols + group - 1) / group);
+               mt.values = take(uint8_t{}, values, "values", {rows, stb::qgroup_row_bytes(cols, bits)});
+               mt.scales = take(uint16_t{}, scales, "scales", {rows, mt.blocks_per_row});
+               mt.offsets = take(uint16_t{}, offsets, "offsets", {rows, mt.blocks_per_row});
              } else {
-               throw py::value_error("codec must be f32, f16, sign-block, int8-group or binary-groups");
+               throw py::value_error("codec must be f32, f16, sign-block, int8-group, binary-groups or qgroup");
              }
              if (!bias.is_none()) mt.bias = take(float{}, bias, "bias", {rows});
              l->backend = stb::make_cpu_backend(threads);
@@ -115,7 +126,8 @@ void bind_linear(py::module_& m) {
            py::arg("signs") = py::none(), py::arg("mask") = py::none(), py::arg("scales") = py::none(),
            py::arg("block") = 128, py::arg("bias") = py::none(), py::arg("threads") = 0,
            py::arg("labels") = py::none(), py::arg("salient") = py::none(), py::arg("residual") = py::none(),
-           py::arg("params") = py::none(), py::arg("regions") = 3)
+           py::arg("params") = py::none(), py::arg("regions") = 3, py::arg("offsets") = py::none(),
+           py::arg("bits") = 4, py::arg("group") = 64)
       .def("forward", &Linear::forward, py::arg("x"))
       .def("time", &Linear::time, py::arg("x"), py::arg("iters") = 10, py::arg("repeats") = 3)
       .def_property_readonly("kernels", [](const Linear& l) { return l.backend->kernels(); })

@@ -15,7 +15,7 @@
 
 namespace stb {
 
-enum class MatrixCodec { F32, F16, SignBlock, Int8Group, BinaryGroups, RowColSign };
+enum class MatrixCodec { F32, F16, SignBlock, Int8Group, BinaryGroups, RowColSign, QGroup };
 
 // A weight matrix [rows = outputs, cols = inputs] with an optional bias, resident in backend memory.
 // For the CPU backend the pointers alias the read-only file mapping (zero copy).
@@ -25,9 +25,12 @@ struct Matrix {
   int64_t rows = 0, cols = 0;
   const void* values = nullptr;      // F32: float[rows*cols]; F16: uint16 halves[rows*cols];
                                      // Int8Group: int8 [rows, groups_per_row * 64] (zero padded)
+                                     // QGroup: the file's codes, qgroup_row_bytes(cols, bits) bytes per row
   const uint64_t* signs = nullptr;   // SignBlock: [rows, words_per_row], set bit = +1
   const uint64_t* mask = nullptr;    // SignBlock: optional keep-mask, same layout; null = dense
-  const uint16_t* scales = nullptr;  // SignBlock: fp16 [rows, blocks_per_row]; Int8Group: fp16 [rows, groups]
+  const uint16_t* scales = nullptr;  // SignBlock, QGroup: fp16 [rows, blocks_per_row]; Int8Group: fp16 [rows, groups]
+  const uint16_t* offsets = nullptr; // QGroup: fp16 [rows, blocks_per_row]
+  int bits = 0;                      // QGroup: code width; its `block` is the codec's group
   int block = 0, words_per_row = 0, blocks_per_row = 0;
   int groups_per_row = 0;            // Int8Group: ceil(cols / 64)
   // BinaryGroups (stb.binary-groups.v2, decoded at load) also uses signs, mask, block, words_per_row, blocks_per_row:

@@ -29,6 +29,7 @@ constexpr char kCodecSignBlock[] = "stb.sign-block.v1";
 constexpr char kCodecInt8Group[] = "stb.int8-group.v1";
 constexpr char kCodecBinaryGroups[] = "stb.binary-groups.v2";
 constexpr char kCodecRowColSign[] = "stb.row-col-sign.v1";
+constexpr char kCodecQGroup[] = "stb.qgroup.v1";
 
 struct Component {
   const uint8_t* data = nullptr;  // points into the mapping; valid while the StbFile lives
@@ -45,7 +46,8 @@ struct TensorEntry {
   // stb.sign-block.v1 / stb.binary-groups.v2 parameters (0 when not that codec / no mask)
   int block = 0;
   int nm_n = 0, nm_m = 0;
-  int group = 0;  // stb.int8-group.v1 group size
+  int group = 0;  // stb.int8-group.v1 / stb.qgroup.v1 group size
+  int bits = 0;   // stb.qgroup.v1 code width (2, 3 or 4)
   // stb.binary-groups.v2 only: non-salient regions (1-3), salient columns, kept weights in salient columns
   // (salient_columns also for stb.row-col-sign.v1: the columns of its order-2 plane)
   int regions = 0;

@@ -288,6 +288,19 @@ def binary_groups_linear(rng, rows: int, cols: int, nm, threads: int, block: int
     return lin, sum(a.nbytes for a in planes)
 
 
+def qgroup_linear(rng, rows: int, cols: int, bits: int, threads: int, group: int = 64):
+    """A random stb.qgroup.v1 matrix; returns the Linear and the bytes of its components (what it reads)."""
+    from . import _core, qgroup
+
+    groups = -(-cols // group)
+    codes = qgroup.pack_codes(rng.integers(0, 1 << bits, (rows, cols)).astype(np.uint8), bits)
+    scales = (rng.random((rows, groups)) * 0.01).astype(np.float16).view(np.uint16)
+    offsets = (rng.standard_normal((rows, groups)) * 0.01).astype(np.float16).view(np.uint16)
+    lin = _core.Linear("qgroup", rows, cols, values=codes, scales=scales, offsets=offsets, bits=bits, group=group,
+                       threads=threads)
+    return lin, codes.nbytes + scales.nbytes + offsets.nbytes
+
+
 def bench_kernels(rows: int, cols: int, nm, batch: int, threads: int) -> dict:
     from . import _core
 
@@ -305,6 +318,7 @@ def bench_kernels(rows: int, cols: int, nm, batch: int, threads: int) -> dict:
         "sign-block" + pattern:
             (_core.Linear("sign-block", rows, cols, signs=signs & mask if mask is not None else signs, mask=mask,
                           scales=scales, threads=threads), packed),
+        **{f"qgroup q{bits} g64": qgroup_linear(rng, rows, cols, bits, threads) for bits in (4, 3, 2)},
         "f16": (_core.Linear("f16", rows, cols, values=rng.standard_normal((rows, cols), dtype=np.float32)
                              .astype(np.float16).view(np.uint16), threads=threads), rows * cols * 2),
         "f32": (_core.Linear("f32", rows, cols, values=rng.standard_normal((rows, cols), dtype=np.float32),
@@ -375,9 +389,9 @@ def _print_model(r: dict, machine: dict) -> None:
 
 def kernels_main(argv) -> int:
     p = argparse.ArgumentParser(prog="stbllm-bench kernels",
-                                description="Time one matmul: the binary-groups (STBLLM / BiLLM) and sign-block "
-                                            "kernels vs the dense fp16 and fp32 kernels of the same engine, on "
-                                            "random data.")
+                                description="Time one matmul: the binary-groups (STBLLM / BiLLM), sign-block and "
+                                            "qgroup (q4/q3/q2, group 64) kernels vs the dense fp16 and fp32 kernels "
+                                            "of the same engine, on random data.")
     p.add_argument("--shape", default="4096x4096", help="ROWSxCOLS (outputs x inputs), default 4096x4096")
     p.add_argument("--nm", type=_nm, default=None, help="N:M keep-mask of the binary weights, e.g. 4:8")
     p.add_argument("--batch", type=int, default=1, help="activation rows (1 = GEMV)")

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import _core
-from .stbfile import StbReader
+from .stbfile import StbReader, class_report
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -133,6 +133,9 @@ class Model:
             "codecs": dict(codecs),
             "method": provenance.get("method"),
             "bits": provenance.get("bits"),
+            "classes": class_report((n, reader.tensor_info(n)["codec"], reader.tensor_info(n)["shape"],
+                                     sum(c["length"] for c in reader.tensor_info(n)["components"].values()))
+                                    for n in reader.tensor_names()),
             "file_bytes": reader.file_size,
             "weight_bytes": core.weight_bytes,
             "kv_cache_bytes_per_token": core.kv_bytes_per_token,

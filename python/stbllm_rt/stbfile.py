@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _core, binary_groups, rowcol
+from . import _core, binary_groups, qgroup, rowcol
 from ._core import FormatError
 
 MAGIC = b"\x89STB\r\n\x1a\n"
@@ -32,7 +32,7 @@ CODEC_SIGN_BLOCK = "stb.sign-block.v1"
 CODEC_INT8_GROUP = "stb.int8-group.v1"
 CODEC_BINARY_GROUPS = binary_groups.CODEC
 CODEC_ROW_COL_SIGN = rowcol.CODEC
-BINARY_CODECS = (CODEC_SIGN_BLOCK, CODEC_BINARY_GROUPS, CODEC_ROW_COL_SIGN)
+CODEC_QGROUP = qgroup.CODEC
 
 LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_o.weight",
                    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
@@ -67,8 +67,37 @@ def fixed_header(features: int, header_json: bytes, file_size: int) -> bytes:
 # Bit-report line of each component of the binary codecs.
 COMPONENT_GROUPS = {"signs": "signs", "mask": "masks", "labels": "labels", "salient": "salient_bitmap",
                     "residual": "residual_signs", "scales": "scales", "params": "scales", "row_scales": "scales",
-                    "col_scales": "scales", "residual_row_scales": "scales", "residual_col_scales": "scales"}
-BINARY_GROUPS = ("signs", "masks", "labels", "salient_bitmap", "residual_signs", "scales")
+                    "col_scales": "scales", "residual_row_scales": "scales", "residual_col_scales": "scales",
+                    "codes": "codes", "offsets": "scales"}
+BINARY_GROUPS = ("signs", "masks", "labels", "salient_bitmap", "residual_signs", "codes", "scales")
+# Linear codecs whose bytes the bit report splits by component (codes, signs, masks, scales, ...).
+COMPONENT_CODECS = (CODEC_SIGN_BLOCK, CODEC_BINARY_GROUPS, CODEC_ROW_COL_SIGN, CODEC_QGROUP)
+
+
+def tensor_class(name: str) -> str:
+    """The class a tensor's bytes are reported under per tensor kind: attn_q ... ffn_down, token_embd, pos_embd,
+    output, or norms_biases."""
+    if name in ("token_embd.weight", "pos_embd.weight", "output.weight"):
+        return name.removesuffix(".weight")
+    if name.endswith(LINEAR_SUFFIXES):
+        return name.rsplit(".", 2)[-2]
+    return "norms_biases"
+
+
+def class_report(tensors) -> dict:
+    """Bytes, weights, honest bits per weight and codecs of each tensor class; tensors: (name, codec, shape, bytes)
+    tuples (byte blobs are not weights and are left out)."""
+    out: dict[str, dict] = {}
+    for name, codec, shape, nbytes in tensors:
+        if codec == CODEC_BYTES:
+            continue
+        c = out.setdefault(tensor_class(name), {"bytes": 0, "weights": 0, "codecs": {}})
+        c["bytes"] += int(nbytes)
+        c["weights"] += int(np.prod(shape))
+        c["codecs"][codec] = c["codecs"].get(codec, 0) + 1
+    for c in out.values():
+        c["bits_per_weight"] = round(c["bytes"] * 8 / c["weights"], 4)
+    return out
 
 
 def tensor_group(name: str) -> str:
@@ -210,6 +239,32 @@ class StbWriter:
         self._add(name, CODEC_INT8_GROUP, (rows, cols), {"group": group},
                   {"values": values.reshape(rows, -1), "scales": scales})
 
+    def add_qgroup(self, name: str, codes, scales, offsets, bits: int, group: int) -> None:
+        """stb.qgroup.v1: codes uint8 [rows, cols] in [0, 2^bits); scales and offsets [rows, ceil(cols/group)], stored
+        as fp16 (finite); w = scale · code + offset."""
+        codes = np.asarray(codes)
+        try:
+            qgroup.check_params(bits, group)
+            if codes.ndim != 2:
+                raise ValueError("codes must be 2-D")
+            rows, cols = codes.shape
+            groups = -(-cols // group)
+            if codes.size and (codes.min() < 0 or codes.max() >= 1 << bits):
+                raise ValueError(f"codes must lie in [0, {1 << bits})")
+            halves = {}
+            for key, values in (("scales", scales), ("offsets", offsets)):
+                with np.errstate(over="ignore"):  # an overflow to inf is refused below
+                    values = np.asarray(values, dtype="<f2")
+                if values.shape != (rows, groups):
+                    raise ValueError(f"{key} must have shape {(rows, groups)}, got {values.shape}")
+                if not np.isfinite(values).all():
+                    raise ValueError(f"{key} must be finite fp16 values")
+                halves[key] = values
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        self._add(name, CODEC_QGROUP, (rows, cols), {"bits": int(bits), "group": int(group)},
+                  {"codes": qgroup.pack_codes(codes.astype(np.uint8), bits), **halves}, bits * rows * cols)
+
     def bit_report(self) -> dict:
         """Honest bits: bytes actually in the file for each group of tensors, over the weights they hold."""
         group_bytes: dict[str, int] = {}
@@ -223,7 +278,7 @@ class StbWriter:
             n = int(np.prod(entry["shape"]))
             group = tensor_group(name)
             group_weights[group] = group_weights.get(group, 0) + n
-            if entry["codec"] in BINARY_CODECS:
+            if group == "linear" and entry["codec"] in COMPONENT_CODECS:
                 for key, buf in t["data"].items():
                     label = COMPONENT_GROUPS[key]
                     group_bytes[label] = group_bytes.get(label, 0) + buf.nbytes
@@ -251,9 +306,12 @@ class StbWriter:
                                       if linear_weights else None),
             "file_weights": all_weights,
             "file_bits_per_weight": round(all_bytes * 8 / all_weights, 4) if all_weights else None,
+            "classes": class_report((name, t["entry"]["codec"], t["entry"]["shape"],
+                                     sum(buf.nbytes for buf in t["data"].values()))
+                                    for name, t in self._tensors.items()),
             "note": "linear groups are over all linear weights; embedding/head/norms over their own weights; "
-                    "paper bits count one bit per kept sign, two for kept salient weights (16 per dense fp16 "
-                    "weight), nothing else",
+                    "paper bits count one bit per kept sign, two for kept salient weights, k per k-bit code (16 "
+                    "per dense fp16 weight), nothing else; classes: each tensor kind over its own weights",
         }
 
     def write(self, path) -> dict:
@@ -367,6 +425,12 @@ class StbReader:
             values = self.component(name, "values").view(np.int8).reshape(rows, -1).astype(np.float32)
             scales = self.component(name, "scales").view("<f2").reshape(rows, -1).astype(np.float32)
             return (values * np.repeat(scales, info["params"]["group"], axis=1))[:, :cols]
+        if codec == CODEC_QGROUP:
+            try:
+                return qgroup.dequantize(*(self.component(name, k) for k in ("codes", "scales", "offsets")), shape,
+                                         info["params"])
+            except FormatError as e:
+                raise FormatError(f"tensor {name!r}: {e}") from None
         if codec in (CODEC_BINARY_GROUPS, CODEC_ROW_COL_SIGN):
             def stream(key):  # an empty stream is absent from the file
                 return self.component(name, key) if key in info["components"] else np.zeros(0, np.uint8)

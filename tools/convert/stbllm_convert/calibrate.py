@@ -2,9 +2,10 @@
 
 The calibration windows are embedded once; then, for each decoder layer in turn (only that layer on the compute
 device): every linear's Hessian H = (2/N) sum x x^T (float32) is collected from the layer's inputs, each linear is
-quantized from H's damped inverse Cholesky factor (methods.CalibratedMethod), the quantized weights are put back into
-the layer, and the inputs are run through the QUANTIZED layer to become the next layer's inputs. Position
-embeddings and the causal (sliding-window) mask are built here and passed explicitly to each layer.
+quantized by its recipe's method (recipe.py; calibrated methods from H's damped inverse Cholesky factor, the others
+from the weight alone), the quantized weights are put back into the layer, and the inputs are run through the
+QUANTIZED layer to become the next layer's inputs. Position embeddings and the causal (sliding-window) mask are
+built here and passed explicitly to each layer.
 
 With N:M and layer-wise allocation, a first pass runs the windows through the unquantized layers to measure each
 layer's share of outlier weights (RIA importance), which sets that layer's N (mean exactly the requested N).
@@ -162,7 +163,7 @@ def _collect_inputs(runner, layer, modules: dict, inputs: list, statistic):
 class Calibrator:
     """Drives a calibrated method over a model. Call `add_layer(writer, i)` for i = 0, 1, ... in order."""
 
-    def __init__(self, method, src, arch: str, config: dict, plan, tokenizer, options: CalibrationOptions,
+    def __init__(self, recipe, src, arch: str, config: dict, plan, tokenizer, options: CalibrationOptions,
                  progress=None):
         import torch
 
@@ -171,7 +172,7 @@ class Calibrator:
             raise ConvertError(f"--device {options.device}: torch sees no CUDA device")
         if tokenizer.kind == "none":
             raise ConvertError("calibration needs the model's tokenizer; this model has none (pass --tokenizer)")
-        self.method, self.plan, self.options, self.progress = method, plan, options, progress
+        self.recipe, self.plan, self.options, self.progress = recipe, plan, options, progress
         self.device = torch.device(options.device)
         self.start = time.monotonic()
         torch.manual_seed(options.seed)
@@ -184,8 +185,9 @@ class Calibrator:
         self.runner = LayerRunner(self.model, arch, config, options.seqlen, self.device)
 
         self.work_dir = Path(options.work_dir).expanduser() if options.work_dir else None
-        self.key = hashlib.sha256(json.dumps({"source": src.description, "method": method.name,
-                                              "params": method.params(), "calibration": self.calibration},
+        self.key = hashlib.sha256(json.dumps({"source": src.description, "recipe": recipe.describe(),
+                                              "params": [m.params() for m in recipe.methods()],
+                                              "calibration": self.calibration},
                                              sort_keys=True).encode()).hexdigest()[:16]
         self._prepare_work_dir()
         self.outlier_ratios = None
@@ -242,12 +244,11 @@ class Calibrator:
                 for spec in self.plan.layers[i] if spec.kind == "linear"}
 
     def _allocate(self, windows) -> list:
-        """Per-layer N (kept of M). Uniform unless the method asks for layer-wise allocation."""
-        nm, layers = self.method.nm, len(self.plan.layers)
-        if nm is None:
+        """Per-layer N (kept of M) when one binary method with layer-wise allocation quantizes every linear; else
+        None per layer (each linear's method uses its own N:M)."""
+        method, layers = self.recipe.default, len(self.plan.layers)
+        if not self.recipe.uniform or method.nm is None or not getattr(method, "layerwise", False):
             return [None] * layers
-        if not self.method.layerwise:
-            return [tuple(nm)] * layers
         if self.work_dir is not None and (self.work_dir / "allocation.json").is_file() and self.options.resume:
             saved = json.loads((self.work_dir / "allocation.json").read_text())
             self.outlier_ratios = saved["ratios"]
@@ -267,9 +268,10 @@ class Calibrator:
                 sq[name] = sq.get(name, 0) + square[1]
             inputs = _collect_inputs(self.runner, layer, modules, inputs, statistic)
             scores = [importance(m.weight.float(), sq[name].float().sqrt(), "ria") for name, m in modules.items()]
-            ratios.append(outlier_ratio(scores, self.method.hyper_m))
+            ratios.append(outlier_ratio(scores, method.hyper_m))
             layer.to("cpu")
-        kept = allocate_nm(ratios, nm[0], nm[1], self.method.lamda)
+        nm = method.nm
+        kept = allocate_nm(ratios, nm[0], nm[1], method.lamda)
         self.outlier_ratios = [round(r, 6) for r in ratios]
         result = [(k, nm[1]) for k in kept]
         if self.work_dir is not None:
@@ -296,7 +298,7 @@ class Calibrator:
         if resuming and self._checkpoint_path(i).is_file():
             saved = torch.load(self._checkpoint_path(i), weights_only=False)
             for name, result, nm in saved["tensors"]:
-                self.method.write(writer, name, result, nm)
+                self._method(i, name).write(writer, name, result, nm)
             self.layer_log.append(saved["log"])
             return
         if self.inputs is None:
@@ -314,35 +316,44 @@ class Calibrator:
                 tokens[name] = tokens.get(name, 0) + x.shape[0]
             owner[name] = latest[1]
         _collect_inputs(self.runner, layer, modules, self.inputs, statistic)
-        nm = self.layer_nm[i]
         saved, salient, columns, regions, factors = [], 0, 0, [], {}
         for name, module in modules.items():
+            method = self._method(i, name)
+            nm = self.layer_nm[i] or method.nm
             w = module.weight.detach().float().clone()
             h = sums[owner[name]] * (2.0 / tokens[owner[name]])
-            if owner[name] not in factors:
-                factors[owner[name]] = inverse_hessian_factor(h)
-            u = factors[owner[name]]
+            u = None
+            if method.calibrated:
+                if owner[name] not in factors:
+                    factors[owner[name]] = inverse_hessian_factor(h)
+                u = factors[owner[name]]
             w[:, torch.diag(h) == 0] = 0  # inputs that are always zero (GPTQ's dead columns)
             keep = None
-            if nm is not None:
-                score = importance(w, torch.diag(h).sqrt(), self.method.importance)
+            if nm is not None and method.calibrated:  # binary methods prune by their importance metric
+                score = importance(w, torch.diag(h).sqrt(), method.importance)
                 keep = torch.from_numpy(nm_keep(score.cpu().numpy(), *nm)).to(w.device)
-            result = self.method.quantize(w, u, keep, h)
+            result = method.quantize(w, u, keep, h)
             module.weight.data.copy_(result.q.to(module.weight.dtype))
             result = _to_cpu(result)
-            self.method.write(writer, name, result, nm)
+            method.write(writer, name, result, nm)
             saved.append((name, result, nm))
-            salient += result.stats["salient_columns"]
-            columns += w.shape[1]
-            regions.append(result.stats["region_fractions"])
+            if "salient_columns" in result.stats:
+                salient += result.stats["salient_columns"]
+                columns += w.shape[1]
+                regions.append(result.stats["region_fractions"])
         self.inputs = _collect_inputs(self.runner, layer, {}, self.inputs, None)
         layer.to("cpu")
-        log = {"layer": i, "nm": list(nm) if nm else None, "seconds": round(time.monotonic() - started, 2),
-               "salient_column_fraction": round(salient / columns, 4),
-               "region_fractions": [round(float(x), 4) for x in np.mean(regions, axis=0)]}
+        nm = self.layer_nm[i] or self.recipe.default.nm
+        log = {"layer": i, "nm": list(nm) if nm else None, "seconds": round(time.monotonic() - started, 2)}
+        if regions:  # binary methods' statistics
+            log.update(salient_column_fraction=round(salient / columns, 4),
+                       region_fractions=[round(float(x), 4) for x in np.mean(regions, axis=0)])
         self.layer_log.append(log)
         if self.work_dir is not None:
             self._save_checkpoint(i, saved, log)
+
+    def _method(self, layer: int, name: str):
+        return self.recipe.method_for(layer, name.split(".")[2])
 
     def provenance(self) -> dict:
         """What went into the file's provenance: calibration set, per-layer N:M and statistics, time, memory."""

@@ -42,6 +42,16 @@ methods:
   onebit-svid  OneBit's sign-value-independent decomposition W ~ sign(W) (a b^T), a and b the rank-1 factors
          of |W| (~1.01 bits per weight on large layers); --kd-steps K then distils the original model into it
          on the calibration text. Stored as stb.row-col-sign.v1.
+  q2 q3 q4  k-bit codes with an fp16 scale and offset per row and group of --group input columns (w = scale *
+         code + offset; k + 32/group bits per weight), quantized with GPTQ error compensation (calibrated).
+         q2-rtn, q3-rtn, q4-rtn: round to nearest, no calibration. Stored as stb.qgroup.v1.
+
+recipes: --set PATTERN=METHOD (repeatable) and --recipe FILE (JSON or YAML) give chosen linears another method
+than --method. PATTERN is [LAYERS.]KIND: KIND a glob over attn_q attn_k attn_v attn_o ffn_gate ffn_up ffn_down,
+LAYERS * or indices and ranges such as 0-3,29. METHOD is NAME[:N:M][:gGROUP], e.g. stbllm:6:8, sign:4:8,
+q3:g128. Rules must not overlap, and each must match some linear. A file holds {"method": ..., "rules":
+{PATTERN: METHOD}, "embed_bits": ..., "head_bits": ...}; command-line options win. One calibration pass serves
+every calibrated method of a recipe.
 
 calibrated methods run the model layer by layer over calibration text (default: the C4 sample, 128 windows of
 2048 tokens, seed 0; a 135M model on 2 CPU cores wants a smaller preset such as --calib-samples 32
@@ -55,6 +65,7 @@ examples:
   stbllm-convert model.gguf -o model.stb --method sign --block 64 --tokenizer ./tokenizer.json
   stbllm-convert smollm2-135m -o smollm2.stbllm68.stb --method stbllm --nm 6:8 --calib-samples 32 --calib-seqlen 512
   stbllm-convert ./Llama-2-7b-hf -o llama2.billm.stb --method billm --device cuda --work-dir ./work --resume
+  stbllm-convert smollm2-135m -o smollm2.q3mix.stb --method q3 --set ffn_down=q4 --set 0-1.*=q4 --head-bits 4
 
 exit status: 0 success, 2 bad input or options (one-line message on stderr), 130 interrupted (no file written;
 an existing OUT is left untouched).
@@ -68,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or 'smollm2-135m'")
     p.add_argument("-o", "--output", metavar="OUT.stb", required=True, help="the .stb file to write (atomically)")
-    p.add_argument("--method", choices=method_names(), default="fp16", help="quantization method (default: fp16)")
+    p.add_argument("--method", default=None,
+                   help=f"quantization method of the decoder linears: {', '.join(method_names())}, or a spec such "
+                        "as stbllm:6:8 (default: the recipe's, else fp16)")
     p.add_argument("--nm", metavar="N:M", default=None,
                    help="N:M sparsity along the input dimension for binarizing methods, e.g. 4:8, 5:8, 6:8")
     p.add_argument("--block", type=int, default=128,
@@ -76,10 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="tokenizer to embed instead of the model's: a directory, a tokenizer.json or a "
                         "tokenizer.model file")
-    p.add_argument("--head-bits", type=int, choices=(16, 8), default=16,
-                   help="storage of the token embedding and the LM head: 16 = fp16 (default), 8 = int8 per group "
-                        "of 64 (8.25 bits; halves the bytes a small model reads per token)")
-    cal = p.add_argument_group("calibrated methods (billm, stbllm, arb-x, arb-rc; onebit-svid with --kd-steps)")
+    p.add_argument("--group", type=int, default=None,
+                   help="input columns per scale and offset of q2/q3/q4 and of 2-4 bit tables: a multiple of 32 "
+                        "(default: 64)")
+    p.add_argument("--set", dest="rules", metavar="PATTERN=METHOD", action="append", default=[],
+                   help="give the linears PATTERN matches another method, e.g. ffn_down=q4 or 0-3.attn_*=q4:g32 "
+                        "(repeatable)")
+    p.add_argument("--recipe", metavar="FILE", default=None, help="a recipe file (JSON or YAML; see above)")
+    p.add_argument("--head-bits", type=int, choices=(16, 8, 4, 3, 2), default=None,
+                   help="storage of the LM head (and of the embedding unless --embed-bits): 16 = fp16 (default), "
+                        "8 = int8 per group of 64 (8.25 bits), 4/3/2 = k-bit groups of --group columns (rounded "
+                        "to nearest)")
+    p.add_argument("--embed-bits", type=int, choices=(16, 8, 4, 3, 2), default=None,
+                   help="storage of the token embedding (default: --head-bits; a tied table takes both)")
+    cal = p.add_argument_group("calibrated methods (billm, stbllm, arb-x, arb-rc, q2, q3, q4; "
+                                "onebit-svid with --kd-steps)")
     cal.add_argument("--importance", choices=["si", "wanda", "magnitude", "ria"], default=None,
                      help="N:M pruning importance (default: si for stbllm, magnitude for billm)")
     cal.add_argument("--no-layerwise", action="store_true",
@@ -133,6 +157,11 @@ def print_summary(result: dict, file=None) -> None:
     for group, g in bits["groups"].items():
         print(f"    {group:<13} {g['bytes'] / 2**20:10.2f} MiB  {_fmt_bits(g['bits_per_weight'])} bits/weight",
               file=file)
+    print("  per tensor class:", file=file)
+    for cls, c in bits.get("classes", {}).items():
+        codecs = ", ".join(f"{codec} x{n}" for codec, n in c["codecs"].items())
+        print(f"    {cls:<13} {c['bytes'] / 2**20:10.2f} MiB  {_fmt_bits(c['bits_per_weight'])} bits/weight  {codecs}",
+              file=file)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -148,7 +177,8 @@ def main(argv=None) -> int:
         from .convert import convert
         result = convert(args.model, args.output, method=args.method, nm=args.nm, block=args.block,
                          tokenizer=args.tokenizer, progress=False if args.quiet else None,
-                         head_bits=args.head_bits, calibration=calibration_options(args),
+                         head_bits=args.head_bits, embed_bits=args.embed_bits, group=args.group, rules=args.rules,
+                         recipe=args.recipe, calibration=calibration_options(args),
                          importance=args.importance, layerwise=False if args.no_layerwise else None,
                          arb_iters=args.arb_iters, svid=args.svid, kd_steps=args.kd_steps, kd_lr=args.kd_lr)
     except ConvertError as e:

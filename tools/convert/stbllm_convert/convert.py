@@ -49,31 +49,73 @@ def _calibration_tokenizer(spec, blob):
     return Tokenizer(spec, blob)
 
 
-def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokenizer=None,
-            progress: bool | None = None, head_bits: int = 16, calibration: CalibrationOptions | None = None,
-            **method_options) -> dict:
-    """Converts MODEL (HF directory, .gguf file or `smollm2-135m`) into the .stb file `out`.
+def add_table(writer, name: str, w, bits: int, group: int) -> None:
+    """An embedding table or LM head: fp16 (16), int8 per group of 64 (8) or k-bit groups rounded to nearest (4, 3,
+    2; stb.qgroup.v1 with `group` columns per scale)."""
+    if bits == 16:
+        writer.add_f16(name, to_f16(name, w))
+    elif bits == 8:
+        writer.add_int8_group(name, w)
+    else:
+        make_method(f"q{bits}-rtn", group=group).add_linear(writer, name, w)
 
-    method: a registered method name (fp16, sign, billm, stbllm, arb-x, arb-rc, onebit-svid); nm: "N:M" string or (N, M) or None; block: scale
-    block size; tokenizer: optional path overriding the model's tokenizer; progress: True (always), None (when on
-    a terminal), False (never); head_bits: 16 (fp16) or 8 (stb.int8-group.v1) for the token embedding and the LM
-    head; calibration: CalibrationOptions for calibrated methods (default: 128 x 2048 tokens of the C4 sample,
-    seed 0, cpu); method_options: importance, layerwise, lamda, hyper_m (calibrated methods), arb_iters
-    (arb-x, arb-rc), svid, kd_steps, kd_lr (onebit-svid).
-    Returns {"path", "bits", "seconds", "file_size", "architecture", "tensors"}.
-    Raises ConvertError for user errors; nothing is written unless the whole conversion succeeds."""
-    start = time.monotonic()
-    date, reproducible = conversion_date()
+
+def build_recipe(method=None, nm=None, block: int = 128, group=None, rules=(), recipe=None, **method_options):
+    """The Recipe and the (embed_bits, head_bits) a recipe file asks for (None when it does not). method: a method
+    name or spec (default: the recipe file's, else fp16); rules: PATTERN=METHOD strings, after the file's rules."""
+    from .recipe import Recipe, _split_rule, parse_method, read_recipe_file
+
+    spec = read_recipe_file(recipe) if recipe is not None else {}
+    method = method or spec.get("method") or "fp16"
     if isinstance(nm, str):
         nm = parse_nm(nm)
     elif nm is not None:
         nm = parse_nm(f"{nm[0]}:{nm[1]}")
-    quantizer = make_method(method, nm=nm, block=block, **method_options)
-    if calibration is not None and not (quantizer.calibrated or getattr(quantizer, "kd_steps", 0)):
-        raise ConvertError(f"calibration options need a calibrated method (billm, stbllm, arb-x, arb-rc) or "
-                           f"onebit-svid with --kd-steps, not {quantizer.name}")
-    if head_bits not in (16, 8):
-        raise ConvertError(f"--head-bits {head_bits}: must be 16 or 8")
+    if ":" in method:
+        if nm is not None or group is not None:
+            raise ConvertError(f"method {method!r} already says its N:M / group; drop --nm / --group")
+        default = parse_method(method, block=block, **method_options)
+    else:
+        default = make_method(method, nm=nm, block=block, group=group, **method_options)
+    all_rules = {**spec.get("rules", {}), **dict(_split_rule(r) for r in rules)}
+    return (Recipe(default, method, all_rules.items(), block=block, **method_options),
+            spec.get("embed_bits"), spec.get("head_bits"))
+
+
+def convert(model, out, method: str | None = None, nm=None, block: int = 128, tokenizer=None,
+            progress: bool | None = None, head_bits: int | None = None, calibration: CalibrationOptions | None = None,
+            embed_bits: int | None = None, group: int | None = None, rules=(), recipe=None,
+            **method_options) -> dict:
+    """Converts MODEL (HF directory, .gguf file or `smollm2-135m`) into the .stb file `out`.
+
+    method: a registered method name (fp16, sign, billm, stbllm, arb-x, arb-rc, onebit-svid, q2, q3, q4, q2-rtn,
+    ...) or a method spec such as "stbllm:6:8" (default fp16); nm: "N:M" string or (N, M) or None; block: scale block size of the binary methods;
+    group: columns per scale of q2/q3/q4 (default 64) and of 2-4 bit tables; rules: PATTERN=METHOD strings and
+    recipe: a recipe file (recipe.py) giving linears other methods; tokenizer: optional path overriding the model's
+    tokenizer; progress: True (always), None (when on a terminal), False (never); head_bits / embed_bits: 16 (fp16),
+    8 (stb.int8-group.v1) or 4, 3, 2 (stb.qgroup.v1, rounded to nearest) for the LM head and the token embedding
+    (embed_bits defaults to head_bits; a tied table is both); calibration: CalibrationOptions for calibrated
+    methods (default: 128 x 2048 tokens of the C4 sample, seed 0, cpu); method_options: importance, layerwise,
+    lamda, hyper_m (binary calibrated methods), arb_iters (arb-x, arb-rc), svid, kd_steps, kd_lr (onebit-svid).
+    Returns {"path", "bits", "seconds", "file_size", "architecture", "tensors"}.
+    Raises ConvertError for user errors; nothing is written unless the whole conversion succeeds."""
+    from .recipe import TABLE_BITS
+
+    start = time.monotonic()
+    date, reproducible = conversion_date()
+    recipe_obj, file_embed_bits, file_head_bits = build_recipe(method, nm, block, group, rules, recipe,
+                                                               **method_options)
+    head_bits = head_bits or file_head_bits or 16
+    embed_bits = embed_bits or file_embed_bits or head_bits
+    for option, bits in (("--head-bits", head_bits), ("--embed-bits", embed_bits)):
+        if bits not in TABLE_BITS:
+            raise ConvertError(f"{option} {bits}: must be one of {', '.join(map(str, TABLE_BITS))}")
+    table_group = group or 64
+    calibrated = any(m.calibrated for m in recipe_obj.methods())
+    distilled = any(getattr(m, "kd_steps", 0) for m in recipe_obj.methods())
+    if calibration is not None and not (calibrated or distilled):
+        raise ConvertError(f"calibration options need a calibrated method (billm, stbllm, arb-x, arb-rc, q2, q3, "
+                           f"q4) or onebit-svid with --kd-steps, not {recipe_obj.default.name}")
     out = Path(out).expanduser()
     if out.is_dir():
         raise ConvertError(f"output {out} is a directory; give a file name like model.stb")
@@ -95,14 +137,23 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
         if tok_vocab is not None and tok_vocab > config["vocab_size"]:
             warnings.warn(f"the tokenizer has {tok_vocab} tokens but the model only {config['vocab_size']}",
                           ConvertWarning, stacklevel=2)
+        if config["tie_word_embeddings"] and embed_bits != head_bits:
+            raise ConvertError(f"this model ties its LM head to the token embedding: --embed-bits {embed_bits} and "
+                               f"--head-bits {head_bits} must agree")
+        kinds = [spec.name.split(".")[2] for spec in plan.layers[0] if spec.kind == "linear"] if plan.layers else []
+        recipe_obj.check(len(plan.layers), kinds)
+        quantizer = recipe_obj.default
         provenance = {
             "converter_version": __version__,
             "source": src.description,
-            "method": quantizer.name,
+            "method": quantizer.name if recipe_obj.uniform else "recipe",
             **quantizer.params(),
             "head_bits": head_bits,
+            "embed_bits": embed_bits,
             "date": date,
         }
+        if not recipe_obj.uniform:
+            provenance["recipe"] = recipe_obj.describe()
         writer = StbWriter({"architecture": arch, "config": config, "tokenizer": tok_spec,
                             "provenance": provenance})
 
@@ -116,40 +167,37 @@ def convert(model, out, method: str = "fp16", nm=None, block: int = 128, tokeniz
         def add_plain(spec, w):
             if spec.kind in ("norm", "bias"):
                 writer.add_f32(spec.name, w)
-            elif head_bits == 8 and spec.name in ("token_embd.weight", "output.weight"):
-                writer.add_int8_group(spec.name, w)
-            elif spec.kind == "embedding":
-                writer.add_f16(spec.name, to_f16(spec.name, w))
+            elif spec.name == "token_embd.weight":
+                add_table(writer, spec.name, w, embed_bits, table_group)
             elif spec.kind == "head":
-                quantizer.add_head(writer, spec.name, w)
+                add_table(writer, spec.name, w, head_bits, table_group)
+            elif spec.kind == "embedding":  # learned positions
+                writer.add_f16(spec.name, to_f16(spec.name, w))
             else:
                 raise AssertionError(spec.kind)
 
         calibrator = None
-        if quantizer.calibrated:
-            calibrator = Calibrator(quantizer, src, arch, config, plan, _calibration_tokenizer(tok_spec, tok_blob),
+        if calibrated:
+            calibrator = Calibrator(recipe_obj, src, arch, config, plan, _calibration_tokenizer(tok_spec, tok_blob),
                                     calibration or CalibrationOptions(), progress)
         for spec in plan.pre:
             add_plain(spec, load(spec))
-        bar = _progress(range(len(plan.layers)), progress, desc=f"{quantizer.name} layers", unit="layer")
+        bar = _progress(range(len(plan.layers)), progress, desc=f"{provenance['method']} layers", unit="layer")
         for i in bar:
-            layer = plan.layers[i]
-            linears = {}
-            for spec in layer:
+            for spec in plan.layers[i]:
                 if spec.kind != "linear":
                     add_plain(spec, load(spec))
                 elif calibrator is None:
-                    linears[spec.name] = load(spec)
-            if calibrator is None:
-                quantizer.add_layer(writer, i, linears)
-            else:
+                    recipe_obj.method_for(i, spec.name.split(".")[2]).add_linear(writer, spec.name, load(spec))
+            if calibrator is not None:
                 calibrator.add_layer(writer, i)
-            del linears
         for spec in plan.post:
             add_plain(spec, load(spec))
-        writer.metadata["provenance"].update(quantizer.finish(writer, SimpleNamespace(
-            src=src, arch=arch, config=config, plan=plan, tokenizer=lambda: _calibration_tokenizer(tok_spec, tok_blob),
-            calibration=calibration or CalibrationOptions(), progress=progress)))
+        context = SimpleNamespace(src=src, arch=arch, config=config, plan=plan,
+                                  tokenizer=lambda: _calibration_tokenizer(tok_spec, tok_blob),
+                                  calibration=calibration or CalibrationOptions(), progress=progress)
+        for method_ in recipe_obj.methods():
+            writer.metadata["provenance"].update(method_.finish(writer, context))
         if tok_blob is not None:
             writer.add_bytes("tokenizer.data", tok_blob)
 

@@ -1,19 +1,25 @@
 """Quantization methods. A method turns one decoder linear weight (name, float32 [rows, cols] matrix, `cols` along
-the input dimension) into writer calls; embeddings stay fp16 and the LM head too, unless a method overrides
-`add_head`. Plain methods get `add_layer` once per decoder layer with all of that layer's linear weights.
-Calibrated methods (`calibrated = True`: billm, stbllm, arb-x, arb-rc) instead run inside the layer-by-layer calibration driver
-(calibrate.py), which hands each linear's weight, inverse-Hessian factor and keep-mask to `quantize` and the result
-to `write`.
+the input dimension) into writer calls (embeddings and the LM head: convert.add_table). Without calibration, `add_layer`
+runs once per decoder layer with all of that layer's linear weights.
+Inside the layer-by-layer calibration driver (calibrate.py; needed when any linear's method is `calibrated`:
+billm, stbllm, arb-x, arb-rc, q2/q3/q4) every method gets each of its linears' weight, inverse-Hessian factor,
+keep-mask and input Hessian in `quantize` (plain methods ignore all but the weight) and the result in `write`; the
+result's `q` (the dequantized weight) feeds the next layer. `finish` runs once at the end (OneBit's distillation).
 
 Register a method with `register("name")`; `make_method(name, nm=..., block=..., **options)` builds one.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ConvertError
+
+if TYPE_CHECKING:
+    import torch
 
 ALLOWED_M = (2, 4, 8, 16, 32, 64)
 _METHODS: dict[str, type] = {}
@@ -96,16 +102,28 @@ def sign_quantize(w: np.ndarray, block: int = 128, nm: tuple[int, int] | None = 
     return signs, scales, mask
 
 
+@dataclass
+class PlainResult:
+    """A calibration-free method's result inside the calibration driver: the dequantized weight and the original."""
+    q: "torch.Tensor"
+    weight: np.ndarray
+    stats: dict
+
+
 class Method:
-    """Base class: fp16 everywhere. Subclasses override `add_linear` (and `add_layer` / `add_head` if needed)."""
+    """Base class: fp16 everywhere. Subclasses override `add_linear` and `dequantized` (or `quantize` and `write`
+    when calibrated)."""
 
     name = "base"
     calibrated = False
 
     def __init__(self, nm: tuple[int, int] | None = None, block: int = 128, **options):
         if options:
-            raise ConvertError(f"--{next(iter(options)).replace('_', '-')} is not an option of --method "
-                               f"{self.name} (see the calibrated method and onebit-svid options)")
+            option = next(iter(options))
+            needs = {"group": "a q2, q3 or q4 method", "svid": "onebit-svid", "kd_steps": "onebit-svid",
+                     "kd_lr": "onebit-svid", "arb_iters": "arb-x or arb-rc"}.get(
+                option, "a calibrated method (billm, stbllm, arb-x, arb-rc)")
+            raise ConvertError(f"--{option.replace('_', '-')} needs {needs}, not {self.name}")
         self.nm = nm
         self.block = check_block(block)
 
@@ -116,13 +134,21 @@ class Method:
     def add_linear(self, writer, name: str, w: np.ndarray) -> None:
         writer.add_f16(name, to_f16(name, w))
 
-    def add_layer(self, writer, index: int, linears: dict[str, np.ndarray]) -> None:
-        """All linear weights of decoder layer `index` ({canonical name: float32 matrix}), in the plan's order."""
-        for name, w in linears.items():
-            self.add_linear(writer, name, w)
+    def dequantized(self, name: str, w: np.ndarray) -> np.ndarray:
+        """The float32 weight add_linear stores for w."""
+        return to_f16(name, w).astype(np.float32)
 
-    def add_head(self, writer, name: str, w: np.ndarray) -> None:
-        writer.add_f16(name, to_f16(name, w))
+    def quantize(self, w, u, keep, h=None):
+        """In the calibration driver: w is a float32 torch weight; the rest is for calibrated methods."""
+        import torch
+
+        weight = w.cpu().numpy()
+        return PlainResult(q=torch.from_numpy(self.dequantized("weight", weight)).to(w.device), weight=weight,
+                           stats={})
+
+    def write(self, writer, name: str, result, nm) -> None:
+        self.add_linear(writer, name, result.weight)
+
 
     def finish(self, writer, context) -> dict:
         """Called once after every layer was added; context has src, arch, config, plan, tokenizer() (builds the
@@ -152,6 +178,12 @@ class Sign(Method):
         scales16 = to_f16(name + " (scales)", scales)
         writer.add_sign_block(name, signs, scales16, mask=mask, block=self.block, nm=self.nm)
 
+    def dequantized(self, name, w):
+        signs, scales, mask = sign_quantize(w, self.block, self.nm)
+        per_col = np.repeat(to_f16(name + " (scales)", scales).astype(np.float32), self.block, axis=1)
+        q = np.where(signs, per_col[:, :w.shape[1]], -per_col[:, :w.shape[1]])
+        return q if mask is None else q * mask
+
 
 class CalibratedMethod(Method):
     """Binarization with salient columns, searched regions and block OBC (binarize.quantize_groups), stored as
@@ -163,10 +195,10 @@ class CalibratedMethod(Method):
     default_importance = "si"
     default_layerwise = True
 
-    def __init__(self, nm=None, block=128, importance=None, layerwise=None, lamda=2.0, hyper_m=6.0):
+    def __init__(self, nm=None, block=128, importance=None, layerwise=None, lamda=2.0, hyper_m=6.0, **options):
         from .binarize import IMPORTANCE
 
-        super().__init__(nm, block)
+        super().__init__(nm, block, **options)
         self.importance = importance or self.default_importance
         if self.importance not in IMPORTANCE:
             raise ConvertError(f"--importance {self.importance}: choose one of {', '.join(IMPORTANCE)}")
@@ -368,8 +400,67 @@ def rowcol_single_block(cols: int) -> int:
     return min(4096, -(-cols // 64) * 64)
 
 
-def make_method(name: str, nm=None, block: int = 128, **options) -> Method:
-    """options (calibrated methods only): importance, layerwise, lamda, hyper_m; None values are ignored."""
+GROUPS = (32, 64, 128)
+
+
+def check_group(group: int) -> int:
+    group = int(group)
+    if group % 32 or not 32 <= group <= 4096:
+        raise ConvertError(f"--group {group}: must be a multiple of 32 between 32 and 4096 (e.g. 32, 64, 128)")
+    return group
+
+
+class QGroupMethod(Method):
+    """k-bit group quantization (stb.qgroup.v1): per (row, group of --group input columns) an fp16 scale and offset,
+    w = scale · code + offset; k + 32/group honest bits per weight. GPTQ error compensation on the calibration
+    driver (qgroup_quant.py); the -rtn variants round to nearest without calibration."""
+
+    bits = 0
+    calibrated = True
+
+    def __init__(self, nm=None, block=128, group=64, **options):
+        if nm is not None:
+            raise ConvertError(f"--nm needs a binarizing method; {self.name} keeps every weight")
+        super().__init__(None, block, **options)
+        self.group = check_group(group)
+
+    def params(self):
+        return {"nm": None, "block": None, "bits": self.bits, "group": self.group,
+                "quantizer": "gptq" if self.calibrated else "round-to-nearest"}
+
+    def quantize(self, w, u, keep, h=None):
+        from .qgroup_quant import quantize_gptq, quantize_rtn
+
+        if not self.calibrated:
+            return quantize_rtn(w, self.bits, self.group)
+        return quantize_gptq(w, u, self.bits, self.group, None if h is None else h.diagonal())
+
+    def write(self, writer, name, result, nm) -> None:
+        writer.add_qgroup(name, result.codes.numpy(), result.scales.numpy().astype(np.float16),
+                          result.offsets.numpy().astype(np.float16), self.bits, self.group)
+
+    def add_linear(self, writer, name, w):
+        import torch
+
+        from .qgroup_quant import quantize_rtn
+
+        self.write(writer, name, quantize_rtn(torch.from_numpy(np.asarray(w, np.float32)), self.bits, self.group),
+                   None)
+
+
+for _bits in (2, 3, 4):
+    register(f"q{_bits}")(type(f"Q{_bits}", (QGroupMethod,), {"bits": _bits, "__doc__": QGroupMethod.__doc__}))
+    register(f"q{_bits}-rtn")(type(f"Q{_bits}Rtn", (QGroupMethod,), {"bits": _bits, "calibrated": False,
+                                                                      "__doc__": QGroupMethod.__doc__}))
+
+
+def method_class(name: str) -> type:
     if name not in _METHODS:
         raise ConvertError(f"unknown method {name!r}; available: {', '.join(_METHODS)}")
-    return _METHODS[name](nm=nm, block=block, **{k: v for k, v in options.items() if v is not None})
+    return _METHODS[name]
+
+
+def make_method(name: str, nm=None, block: int = 128, **options) -> Method:
+    """options: importance, layerwise, lamda, hyper_m (binary calibrated methods), arb_iters (arb-x, arb-rc), group
+    (q2/q3/q4), svid, kd_steps, kd_lr (onebit-svid); None values are ignored."""
+    return method_class(name)(nm=nm, block=block, **{k: v for k, v in options.items() if v is not None})

@@ -47,7 +47,7 @@ def hf_config(architecture: str, c: dict, tokenizer: dict | None = None):
 
 
 # Codecs whose CPU kernels multiply int8 activations (engine/cpu/kernels.h) rather than float ones.
-INT8_ACTIVATION_CODECS = {"stb.sign-block.v1", "stb.int8-group.v1"}
+INT8_ACTIVATION_CODECS = {"stb.sign-block.v1", "stb.int8-group.v1", "stb.qgroup.v1"}
 
 
 def quantize_activations_q8(x):

@@ -1,0 +1,270 @@
+"""stb.qgroup.v1 (k-bit group quantization) and per-tensor recipes: the codec round-trips bit-exactly through the
+Python writer, the C++ validator, the Python reader and the runtime's row decoder; malformed tensors are refused by
+both readers; every kernel path matches a numpy reference; GPTQ beats round-to-nearest on correlated inputs;
+recipes parse and refuse what they should; a tiny model converted with a mixed recipe runs and matches the oracle."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from stbllm_convert import binarize as B  # noqa: E402
+from stbllm_convert import qgroup_quant as Q  # noqa: E402
+from stbllm_convert.calibrate import CalibrationOptions  # noqa: E402
+from stbllm_convert.convert import convert  # noqa: E402
+from stbllm_convert.errors import ConvertError  # noqa: E402
+from stbllm_convert.methods import make_method  # noqa: E402
+from stbllm_convert.recipe import Recipe, parse_method, read_recipe_file  # noqa: E402
+from stbllm_rt import FormatError, Model, StbReader, StbWriter, _core, qgroup  # noqa: E402
+
+from conftest import CORPUS  # noqa: E402
+from test_calibrate import _correlated_layer  # noqa: E402
+from test_format import _metadata, _rebuild, _split  # noqa: E402
+from test_kernels import kernels, quantize_q8  # noqa: E402,F401  (kernels: the fixture over every path)
+from test_oracle import assert_logits_close, oracle_logits  # noqa: E402
+
+NAME = "blk.0.attn_q.weight"
+
+
+def _random_tensor(rng, rows, cols, bits, group):
+    groups = -(-cols // group)
+    return dict(codes=rng.integers(0, 1 << bits, (rows, cols)).astype(np.uint8),
+                scales=(rng.random((rows, groups)) * 0.1).astype(np.float16),
+                offsets=(rng.standard_normal((rows, groups)) * 0.1).astype(np.float16), bits=bits, group=group)
+
+
+def _reference(t):
+    """docs/format.md's rule, written directly: float32 scale · code, rounded, plus offset, rounded."""
+    cols = t["codes"].shape[1]
+    per_col = lambda a: np.repeat(a.astype(np.float32), t["group"], axis=1)[:, :cols]  # noqa: E731
+    return per_col(t["scales"]) * t["codes"].astype(np.float32) + per_col(t["offsets"])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("cols, group", [(576, 64), (100, 32), (1000, 128), (64, 96), (31, 32)])
+def test_round_trip_is_bit_exact_in_python_and_cpp(tmp_path, bits, cols, group):
+    t = _random_tensor(np.random.default_rng(cols * bits), 7, cols, bits, group)
+    writer = StbWriter(_metadata())
+    writer.add_qgroup(NAME, **t)
+    writer.write(tmp_path / "q.stb")
+    reader = StbReader(tmp_path / "q.stb")
+    ref = _reference(t)
+    np.testing.assert_array_equal(reader.dequantize(NAME), ref)
+    np.testing.assert_array_equal(_core.StbFile(str(tmp_path / "q.stb")).dequantize_qgroup(NAME), ref)
+    assert len(reader.component(NAME, "codes")) == 7 * -(-cols // 32) * 4 * bits  # dense: k bits per code
+
+
+def test_honest_bits_are_k_plus_32_over_group():
+    writer = StbWriter(_metadata())
+    for bits, name in zip((2, 3, 4), ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight")):
+        writer.add_qgroup(name, **_random_tensor(np.random.default_rng(bits), 16, 576, bits, 64))
+    report = writer.bit_report()
+    assert report["linear_bits_per_weight"] == 3 + 0.5
+    assert report["classes"]["attn_k"]["bits_per_weight"] == 3.5
+    assert report["classes"]["attn_k"]["codecs"] == {"stb.qgroup.v1": 1}
+    assert report["groups"]["codes"]["bits_per_weight"] == 3 and report["groups"]["scales"]["bits_per_weight"] == 0.5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("rows, cols, group, n", [(9, 576, 64, 1), (33, 1536, 128, 5), (5, 100, 32, 3),
+                                                  (16, 224, 96, 9), (3, 64, 64, 4)])
+def test_kernels_match_numpy(kernels, bits, rows, cols, group, n):
+    """Weights dequantized by the format's rule times the runtime's int8 activations (float64 reference)."""
+    rng = np.random.default_rng(rows * cols + bits)
+    t = _random_tensor(rng, rows, cols, bits, group)
+    x = rng.standard_normal((n, cols)).astype(np.float32) * 2
+    x[0, :min(cols, 64)] = 0  # an all-zero activation group
+    q, d = quantize_q8(x)
+    deq_x = q * np.repeat(d, 64, axis=1)[:, :cols].astype(np.float64)
+    ref = deq_x @ _reference(t).astype(np.float64).T
+    lin = _core.Linear("qgroup", rows, cols, values=qgroup.pack_codes(t["codes"], bits),
+                       scales=t["scales"].view(np.uint16), offsets=t["offsets"].view(np.uint16), bits=bits,
+                       group=group, threads=2)
+    np.testing.assert_allclose(lin.forward(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def _qgroup_file(tmp_path, cols=100, bits=3, group=32):
+    t = _random_tensor(np.random.default_rng(0), 5, cols, bits, group)
+    writer = StbWriter(_metadata())
+    writer.add_qgroup(NAME, **t)
+    path = tmp_path / "q.stb"
+    writer.write(path)
+    return path
+
+
+def _tamper(path, key, edit):
+    """Rewrites one component's bytes (edit(bytearray)) with a matching checksum, so only the content is wrong."""
+    raw, header, data_offset = _split(path)
+    comp = header["tensors"][NAME]["components"][key]
+    data = bytearray(raw[data_offset:])
+    piece = bytearray(data[comp["offset"]:comp["offset"] + comp["length"]])
+    edit(piece)
+    data[comp["offset"]:comp["offset"] + comp["length"]] = piece
+    comp["crc32c"] = int(_core.crc32c(bytes(piece)))
+    _rebuild(path, header, bytes(data))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("bits", "bits"), ("group", "multiple of 32"), ("unknown_param", "unknown param"), ("codes_length", "need"),
+    ("missing_offsets", "components"), ("nan_scale", "non-finite"), ("inf_offset", "non-finite"),
+    ("padding_code", "past the last column"),
+])
+def test_malformed_tensors_are_refused_at_open(tmp_path, case, match):
+    path = _qgroup_file(tmp_path)  # 100 columns: the last chunk has 28 padding codes
+    if case == "nan_scale":
+        _tamper(path, "scales", lambda b: b.__setitem__(slice(2, 4), b"\x00\x7e"))
+    elif case == "inf_offset":
+        _tamper(path, "offsets", lambda b: b.__setitem__(slice(0, 2), b"\x00\x7c"))
+    elif case == "padding_code":  # row 0's last chunk, column 31 (a padding column): bit 2 in the high u32
+        _tamper(path, "codes", lambda b: b.__setitem__(3 * 12 + 11, 0x80))
+    else:
+        raw, header, data_offset = _split(path)
+        t = header["tensors"][NAME]
+        {"bits": lambda: t["params"].update(bits=5), "group": lambda: t["params"].update(group=48),
+         "unknown_param": lambda: t["params"].update(zero_point=1),
+         "codes_length": lambda: t["components"]["codes"].update(length=t["components"]["codes"]["length"] - 1),
+         "missing_offsets": lambda: t["components"].pop("offsets")}[case]()
+        _rebuild(path, header, raw[data_offset:])
+    with pytest.raises(FormatError, match=match):
+        StbReader(path)
+
+
+def test_python_decoder_checks_what_the_cpp_reader_checks():
+    t = _random_tensor(np.random.default_rng(1), 2, 40, 4, 32)
+    codes = qgroup.pack_codes(t["codes"], 4)
+    args = (t["scales"].view(np.uint8), t["offsets"].view(np.uint8), (2, 40), {"bits": 4, "group": 32})
+    np.testing.assert_array_equal(qgroup.dequantize(codes, *args), _reference(t))
+    bad = codes.copy()
+    bad[0, 16 + 15] |= 0x10  # column 63 of row 0 (a padding column) in a high nibble
+    with pytest.raises(FormatError, match="past the last column"):
+        qgroup.dequantize(bad, *args)
+    scales = t["scales"].copy()
+    scales[1, 1] = np.inf
+    with pytest.raises(FormatError, match="non-finite"):
+        qgroup.dequantize(codes, scales.view(np.uint8), *args[1:])
+
+
+def test_writer_refuses_bad_input():
+    w = StbWriter(_metadata())
+    t = _random_tensor(np.random.default_rng(2), 2, 64, 2, 32)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 4\)"):
+        w.add_qgroup(NAME, **{**t, "codes": t["codes"] + 4})
+    with pytest.raises(ValueError, match="group must be a multiple of 32"):
+        w.add_qgroup(NAME, **{**t, "group": 40})
+    with pytest.raises(ValueError, match="finite"):
+        w.add_qgroup(NAME, **{**t, "scales": np.full((2, 2), 1e6)})
+
+
+# ---- the quantizers -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_lowers_layer_output_error_vs_round_to_nearest(bits):
+    w, x, h = _correlated_layer(rows=32, cols=256)
+    u = B.inverse_hessian_factor(h, w.clone())
+    rtn = Q.quantize_rtn(w, bits, 64)
+    gptq = Q.quantize_gptq(w, u, bits, 64, torch.diag(h))
+    err = lambda q: float(((x @ (w - q).t()) ** 2).mean())  # noqa: E731
+    # measured ratios gptq / rtn: 0.58 (q2), 0.53 (q3), 0.52 (q4)
+    assert err(gptq.q) < 0.75 * err(rtn.q)
+    for r in (rtn, gptq):  # the codes, scales and offsets reproduce q exactly as the file will
+        per_col = lambda a: a.repeat_interleave(64, dim=1)[:, :256]  # noqa: E731
+        assert torch.equal(per_col(r.scales) * r.codes.float() + per_col(r.offsets), r.q)
+        assert int(r.codes.max()) < 1 << bits
+
+
+def test_group_fit_beats_plain_min_max():
+    """The shrink search and least-squares refit never do worse than the min/max range (candidate 1.0)."""
+    x = torch.randn(64, 64) ** 3  # heavy tails: clipping pays
+    scale, offset = Q.fit_group(x, 2)
+    lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    s0, m0 = Q._f16((hi - lo) / 3), Q._f16(lo)
+    err = lambda s, m: float(((Q.dequantize(Q._codes(x, s, m, 3), s, m) - x) ** 2).sum())  # noqa: E731
+    assert err(scale, offset) < 0.8 * err(s0, m0)
+
+
+# ---- recipes ------------------------------------------------------------------------------------------------------
+
+def _recipe(*rules, default="q4"):
+    return Recipe(parse_method(default), default, [r.split("=") for r in rules])
+
+
+def test_recipe_patterns_pick_methods():
+    r = _recipe("ffn_down=q2:g32", "0-1,5.attn_*=stbllm:6:8", "*.ffn_gate=fp16")
+    assert r.method_for(3, "ffn_down").bits == 2 and r.method_for(3, "ffn_down").group == 32
+    assert r.method_for(5, "attn_v").name == "stbllm" and r.method_for(5, "attn_v").nm == (6, 8)
+    assert r.method_for(2, "attn_v").name == "q4" and r.method_for(0, "ffn_gate").name == "fp16"
+    assert r.method_for(0, "attn_q") is r.method_for(1, "attn_k")  # one instance per distinct spec
+    r.check(6, ["attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up", "ffn_down"])
+    assert r.describe() == {"method": "q4", "rules": {"ffn_down": "q2:g32", "0-1,5.attn_*": "stbllm:6:8",
+                                                      "*.ffn_gate": "fp16"}}
+
+
+@pytest.mark.parametrize("rules, match", [
+    (["ffn_down=q5"], "unknown method 'q5'"), (["ffn_down=q4:g48"], "multiple of 32"),
+    (["ffn_down=q4:6:8"], "binarizing method"), (["mlp=q4"], "matches no linear kind"),
+    (["3-1.ffn_down=q4"], "bad layer list"), (["9.ffn_down=q4"], "matches no linear of this model"),
+    (["ffn_*=q3", "ffn_down=q2"], "matches the rules"), (["ffn_down=stbllm"], "needs --nm"),
+])
+def test_recipe_errors(rules, match):
+    with pytest.raises(ConvertError, match=match):
+        _recipe(*rules).check(2, ["attn_q", "ffn_down", "ffn_up"])
+
+
+def test_recipe_files(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"method": "q3", "rules": {"ffn_down": "q4"}, "head_bits": 8}))
+    (tmp_path / "r.yaml").write_text("method: q3\nrules:\n  - ffn_down=q4\nhead_bits: 8\n")
+    assert read_recipe_file(tmp_path / "r.json") == read_recipe_file(tmp_path / "r.yaml") == {
+        "method": "q3", "rules": {"ffn_down": "q4"}, "head_bits": 8}
+    (tmp_path / "bad.json").write_text(json.dumps({"methods": "q3"}))
+    with pytest.raises(ConvertError, match="expected an object with the keys"):
+        read_recipe_file(tmp_path / "bad.json")
+    (tmp_path / "broken.yaml").write_text("rules: [")
+    with pytest.raises(ConvertError, match="not valid YAML"):
+        read_recipe_file(tmp_path / "broken.yaml")
+
+
+def test_mixed_recipe_end_to_end(tiny_hf_models, tmp_path):
+    """One calibration pass where GPTQ, STBLLM, sign, fp16 and round-to-nearest linears mix, a 4-bit head and an
+    8-bit embedding; the runtime loads the file and its logits match the oracle's."""
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(CORPUS * 3))
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text("method: q3\nrules:\n  ffn_down: q4:g32\n  0.attn_*: stbllm:6:8\n  1.attn_o: sign:4:8\n"
+                      "  1.ffn_gate: fp16\n  1.ffn_up: q2-rtn\nembed_bits: 8\n")
+    out = tmp_path / "mix.stb"
+    result = convert(tiny_hf_models["llama"], out, recipe=recipe, head_bits=4, progress=False,
+                     calibration=CalibrationOptions(texts=[text], samples=2, seqlen=32))
+    reader = StbReader(out)
+    codec = lambda name: reader.tensor_info(name)["codec"]  # noqa: E731
+    assert codec("blk.0.attn_k.weight") == "stb.binary-groups.v2" and codec("blk.1.attn_o.weight") == \
+        "stb.sign-block.v1"
+    assert codec("blk.1.attn_q.weight") == codec("blk.0.ffn_down.weight") == codec("output.weight") == \
+        "stb.qgroup.v1"
+    assert reader.tensor_info("blk.1.ffn_down.weight")["params"] == {"bits": 4, "group": 32}
+    assert codec("token_embd.weight") == "stb.int8-group.v1" and codec("blk.1.ffn_gate.weight") == "stb.f16.v1"
+    provenance = reader.metadata["provenance"]
+    assert provenance["method"] == "recipe" and provenance["recipe"]["rules"]["1.ffn_up"] == "q2-rtn"
+    assert provenance["head_bits"] == 4 and provenance["embed_bits"] == 8
+    classes = result["bits"]["classes"]
+    assert classes["output"]["bits_per_weight"] == 4.5 and classes["token_embd"]["codecs"] == {
+        "stb.int8-group.v1": 1}
+    model = Model(out, threads=2)
+    assert model.info()["classes"] == classes
+    ids = list(np.random.default_rng(5).integers(4, 300, size=32))
+    assert_logits_close(model.logits(ids), oracle_logits(out, ids), "sign")
+
+
+def test_calibration_free_recipe_needs_no_calibration(tiny_hf_models, tmp_path):
+    out = tmp_path / "rtn.stb"
+    convert(tiny_hf_models["mistral"], out, method="q4-rtn", rules=["ffn_*=q2-rtn:g32"], head_bits=3, progress=False)
+    reader = StbReader(out)
+    assert reader.tensor_info("blk.0.ffn_up.weight")["params"] == {"bits": 2, "group": 32}
+    assert reader.tensor_info("token_embd.weight")["params"] == {"bits": 3, "group": 64}  # tied: embedding = head
+    ids = list(np.random.default_rng(6).integers(4, 300, size=24))
+    assert_logits_close(Model(out, threads=2).logits(ids), oracle_logits(out, ids), "sign")
+    with pytest.raises(ConvertError, match="must agree"):
+        convert(tiny_hf_models["mistral"], tmp_path / "x.stb", method="q4-rtn", head_bits=4, embed_bits=8,
+                progress=False)
+    with pytest.raises(ConvertError, match="--group needs a q2, q3 or q4 method"):
+        make_method("sign", group=32)

@@ -1,0 +1,131 @@
+"""k-bit group quantization for stb.qgroup.v1 (docs/format.md): w ≈ scale · code + offset, one fp16 scale and offset
+per (row, group of input columns), codes in [0, 2^k).
+
+Each group's scale and offset come from a search: the [min, max] range of the group's weights shrunk around its
+centre by each factor of SHRINK, codes rounded to nearest, then one weighted least-squares refit of (scale, offset)
+to those codes; the candidate with the smallest weighted squared error wins. The weights of that error are the
+inputs' second moments diag(H) when calibrated (what the layer output feels), uniform otherwise.
+
+`quantize_rtn` rounds every column to nearest (calibration-free). `quantize_gptq` is GPTQ: columns are quantized in
+order and each one's error is pushed into the not yet quantized columns through the upper Cholesky factor of the
+damped inverse Hessian (lazy batches of 128 columns); a group's scale and offset are fitted when its first column
+comes up, from the weights as compensated so far. Every scale and offset is rounded to fp16 before use, and
+dequantized values are computed as the format does (product rounded, then the sum), so the file reproduces the
+quantizer's output bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+SHRINK = torch.linspace(1.0, 0.5, 11)
+LAZY_BATCH = 128
+
+
+@dataclass
+class QGroupResult:
+    q: torch.Tensor        # [rows, cols] float32, the dequantized weights (what the file reproduces)
+    codes: torch.Tensor    # [rows, cols] uint8
+    scales: torch.Tensor   # [rows, groups] float32 holding fp16 values
+    offsets: torch.Tensor  # [rows, groups] float32 holding fp16 values
+    bits: int
+    group: int
+    stats: dict
+
+
+def _f16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).to(torch.float32)
+
+
+def _codes(x, scale, offset, levels):
+    """Nearest codes of x [rows, g] for per-row scale and offset [rows, 1]."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(scale > 0, torch.round((x - offset) / safe), torch.zeros_like(x)).clamp(0, levels)
+
+
+def dequantize(codes, scale, offset):
+    """scale · code + offset with two roundings, as the format defines it (torch does not fuse separate ops)."""
+    return scale * codes + offset
+
+
+def fit_group(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None):
+    """fp16-rounded (scale, offset) [rows, 1] for the weights x [rows, g] of one group, minimizing
+    Σ importance_j (scale · code_j + offset − x_j)² over the shrink candidates and their least-squares refits."""
+    levels = (1 << bits) - 1
+    h = torch.ones(x.shape[1], dtype=x.dtype, device=x.device) if importance is None else importance.to(x.dtype)
+    lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    centre, half = (lo + hi) / 2, (hi - lo) / 2
+    best_err = torch.full_like(lo, float("inf"))
+    best_scale, best_offset = torch.zeros_like(lo), _f16(lo)
+    for p in SHRINK.tolist():
+        scale, offset = _f16(2 * p * half / levels), _f16(centre - p * half)
+        for refit in (False, True):
+            if refit:  # least squares for (scale, offset) given the codes: a 2 x 2 system per row
+                c = _codes(x, scale, offset, levels)
+                s_h, s_c, s_cc = h.sum(), (c * h).sum(1, keepdim=True), (c * c * h).sum(1, keepdim=True)
+                s_x, s_cx = (x * h).sum(1, keepdim=True), (c * x * h).sum(1, keepdim=True)
+                det = s_cc * s_h - s_c * s_c
+                ok = det > 1e-12 * s_h * s_cc.clamp(min=1)
+                safe = torch.where(ok, det, torch.ones_like(det))
+                scale = torch.where(ok, _f16((s_cx * s_h - s_c * s_x) / safe), scale)
+                offset = torch.where(ok, _f16((s_cc * s_x - s_c * s_cx) / safe), offset)
+                scale, offset = torch.where(scale > 0, scale, 0), offset
+            err = ((dequantize(_codes(x, scale, offset, levels), scale, offset) - x) ** 2 * h).sum(1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_offset = torch.where(better, offset, best_offset)
+    return best_scale, best_offset
+
+
+def _empty(w, bits, group):
+    rows, cols = w.shape
+    groups = -(-cols // group)
+    return QGroupResult(q=torch.zeros_like(w), codes=torch.zeros(w.shape, dtype=torch.uint8, device=w.device),
+                        scales=torch.zeros((rows, groups), device=w.device),
+                        offsets=torch.zeros((rows, groups), device=w.device), bits=bits, group=group, stats={})
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group: int, importance: torch.Tensor | None = None) -> QGroupResult:
+    """Round to nearest, group by group (importance [cols]: optional per-input weights of the fit)."""
+    w = w.float()
+    out = _empty(w, bits, group)
+    levels = (1 << bits) - 1
+    for g, s in enumerate(range(0, w.shape[1], group)):
+        e = min(s + group, w.shape[1])
+        scale, offset = fit_group(w[:, s:e], bits, None if importance is None else importance[s:e])
+        codes = _codes(w[:, s:e], scale, offset, levels)
+        out.codes[:, s:e], out.q[:, s:e] = codes.to(torch.uint8), dequantize(codes, scale, offset)
+        out.scales[:, g], out.offsets[:, g] = scale[:, 0], offset[:, 0]
+    return out
+
+
+def quantize_gptq(w: torch.Tensor, u: torch.Tensor, bits: int, group: int, importance: torch.Tensor | None = None
+                  ) -> QGroupResult:
+    """GPTQ with static groups in column order (no act-order). u: upper Cholesky factor of the damped inverse
+    Hessian; importance: diag(H) for the group fits (None: uniform)."""
+    w = w.clone().float()
+    rows, cols = w.shape
+    out = _empty(w, bits, group)
+    levels = (1 << bits) - 1
+    batch = max(group, LAZY_BATCH // group * group)  # whole groups per lazy batch
+    scale = offset = None
+    for b0 in range(0, cols, batch):
+        b1 = min(b0 + batch, cols)
+        w1, u1 = w[:, b0:b1].clone(), u[b0:b1, b0:b1]
+        err = torch.zeros_like(w1)
+        for i in range(b1 - b0):
+            j = b0 + i
+            if j % group == 0:
+                e = min(j + group, cols)
+                scale, offset = fit_group(w1[:, i:i + e - j], bits, None if importance is None else importance[j:e])
+                out.scales[:, j // group], out.offsets[:, j // group] = scale[:, 0], offset[:, 0]
+            x = w1[:, i:i + 1]
+            codes = _codes(x, scale, offset, levels)
+            q = dequantize(codes, scale, offset)
+            out.codes[:, j], out.q[:, j] = codes[:, 0].to(torch.uint8), q[:, 0]
+            err[:, i] = (x - q)[:, 0] / u1[i, i]
+            w1[:, i:] -= err[:, i:i + 1] * u1[i:i + 1, i:]
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return out
