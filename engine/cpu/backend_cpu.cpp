@@ -8,6 +8,7 @@
 #include <cstring>
 #include <unordered_map>
 
+#include "cpu/int8_tiles.h"
 #include "cpu/kernels.h"
 #include "cpu/kernels_groups.h"
 #include "cpu/sign_lut.h"
@@ -114,14 +115,20 @@ class CpuBackend final : public Backend {
     return m;
   }
 
-  // Sign-block and binary-groups weights are repacked for the SIMD kernels where the kernel path has them; the
-  // original planes are not read afterwards, so the bytes the model holds are the repacked ones.
+  // Sign-block, int8-group and binary-groups weights are repacked for the SIMD kernels where the kernel path has
+  // them; the original planes are not read by matmuls afterwards (an int8 embedding lookup still reads its rows
+  // from the mapping), so the bytes the model holds are the repacked ones.
   void pack_matrix(Matrix& m) override {
     if (m.codec == MatrixCodec::SignBlock && k_.sign_lut) {
       luts_.push_back(std::make_unique<cpu::SignLut>(
           cpu::build_sign_lut(m.signs, m.mask, m.scales, m.rows, m.cols, m.block)));
       m.packed = luts_.back().get();
       m.bytes = luts_.back()->bytes();
+    } else if (m.codec == MatrixCodec::Int8Group && k_.int8_tiles) {
+      int8_tiles_.push_back(std::make_unique<cpu::Int8Tiles>(
+          cpu::build_int8_tiles(static_cast<const int8_t*>(m.values), m.scales, m.rows, m.cols)));
+      m.packed = int8_tiles_.back().get();
+      m.bytes = int8_tiles_.back()->bytes();
     } else if (m.codec == MatrixCodec::BinaryGroups && k_.groups) {
       groups_.push_back(std::make_unique<cpu::BinaryGroupsCodes>(cpu::build_binary_groups_codes(m, k_.groups->salient_chunks)));
       m.packed = groups_.back().get();
@@ -198,7 +205,11 @@ class CpuBackend final : public Backend {
     pool_.run(n, [&](int64_t t) {
       k_.quantize_q8(x + t * cols, cols, q8_values_.data() + t * padded, q8_scales_.data() + t * groups);
     });
-    if (w.packed) return linear_sign_lut(w, n, out);
+    if (w.packed) {
+      if (w.codec == MatrixCodec::Int8Group) return linear_int8_tiles(w, n, out);
+      if (k_.sign_lut->gemm && n >= k_.sign_lut->gemm_min_rows) return linear_sign_gemm(w, n, out);
+      return linear_sign_lut(w, n, out);
+    }
     pool_.run(n_chunks(rows), [&](int64_t c) {
       thread_local std::vector<int8_t> scratch;
       scratch.resize(padded);
@@ -237,6 +248,53 @@ class CpuBackend final : public Backend {
     });
   }
 
+  // Σq per activation row and group, for kernels that offset the weights to unsigned bytes (kernels.h).
+  void q8_group_sums(int n, int64_t groups) {
+    q8_sums_.resize(size_t(n) * groups);
+    for (int64_t i = 0; i < n * groups; ++i) {
+      int32_t sum = 0;
+      for (int j = 0; j < cpu::kQ8Group; ++j) sum += q8_values_[size_t(i * cpu::kQ8Group + j)];
+      q8_sums_[size_t(i)] = sum;
+    }
+  }
+
+  // Runs kernel(tile0, tile1) over [0, tiles) in about 4 tasks per thread.
+  template <class Kernel>
+  void over_tiles(int64_t tiles, Kernel kernel) {
+    const int64_t per_task = std::max<int64_t>(1, (tiles + 4 * threads() - 1) / (4 * threads()));
+    pool_.run((tiles + per_task - 1) / per_task, [&](int64_t c) {
+      const int64_t t0 = c * per_task;
+      kernel(t0, std::min(tiles, t0 + per_task));
+    });
+  }
+
+  void add_bias(const Matrix& w, int n, int64_t r0, int64_t r1, float* out) {
+    if (!w.bias) return;
+    for (int t = 0; t < n; ++t)
+      for (int64_t r = r0; r < std::min(w.rows, r1); ++r) out[t * w.rows + r] += w.bias[r];
+  }
+
+  // Int8-group weights in 16-row tiles against the quantized activations: one pass for all n rows.
+  void linear_int8_tiles(const Matrix& w, int n, float* out) {
+    const auto& tiles = *static_cast<const cpu::Int8Tiles*>(w.packed);
+    q8_group_sums(n, tiles.groups);
+    over_tiles(tiles.tiles, [&](int64_t t0, int64_t t1) {
+      k_.int8_tiles->rows(tiles, t0, t1, q8_values_.data(), q8_scales_.data(), q8_sums_.data(), n, out, w.rows);
+      add_bias(w, n, t0 * cpu::kInt8TileRows, t1 * cpu::kInt8TileRows, out);
+    });
+  }
+
+  // Sign-block weights in the lookup layout through the batched kernel (no tables). Where a path has it, it runs
+  // at every batch size: on AVX-512 VNNI it beat the lookup kernel from one activation row on (docs/performance.md).
+  void linear_sign_gemm(const Matrix& w, int n, float* out) {
+    const auto& lut = *static_cast<const cpu::SignLut*>(w.packed);
+    q8_group_sums(n, cpu::q8_groups(w.cols));
+    over_tiles(lut.tiles, [&](int64_t t0, int64_t t1) {
+      k_.sign_lut->gemm(lut, t0, t1, q8_values_.data(), q8_scales_.data(), q8_sums_.data(), n, out, w.rows);
+      add_bias(w, n, t0 * cpu::kLutTileRows, t1 * cpu::kLutTileRows, out);
+    });
+  }
+
   // Sign-block weights in the lookup layout, activations already quantized into q8_values_ / q8_scales_.
   void linear_sign_lut(const Matrix& w, int n, float* out) {
     const auto& lut = *static_cast<const cpu::SignLut*>(w.packed);
@@ -246,15 +304,11 @@ class CpuBackend final : public Backend {
       k_.sign_lut->tables(q8_values_.data() + t * groups * cpu::kQ8Group, w.cols, lut.masked,
                           lut_tables_.data() + t * table_bytes);
     });
-    const int64_t per_task = std::max<int64_t>(1, (lut.tiles + 4 * threads() - 1) / (4 * threads()));
-    pool_.run((lut.tiles + per_task - 1) / per_task, [&](int64_t c) {
-      const int64_t t0 = c * per_task, t1 = std::min(lut.tiles, t0 + per_task);
-      for (int t = 0; t < n; ++t) {
-        float* yt = out + t * rows;
-        k_.sign_lut->rows(lut, t0, t1, lut_tables_.data() + t * table_bytes, q8_scales_.data() + t * groups, yt);
-        if (w.bias)
-          for (int64_t r = t0 * cpu::kLutTileRows; r < std::min(rows, t1 * cpu::kLutTileRows); ++r) yt[r] += w.bias[r];
-      }
+    over_tiles(lut.tiles, [&](int64_t t0, int64_t t1) {
+      for (int t = 0; t < n; ++t)
+        k_.sign_lut->rows(lut, t0, t1, lut_tables_.data() + t * table_bytes, q8_scales_.data() + t * groups,
+                          out + t * rows);
+      add_bias(w, n, t0 * cpu::kLutTileRows, t1 * cpu::kLutTileRows, out);
     });
   }
 
@@ -350,11 +404,13 @@ class CpuBackend final : public Backend {
   const cpu::Kernels& k_;
   std::vector<int8_t> q8_values_;  // quantized activations of the current sign-block matmul
   std::vector<float> q8_scales_;
+  std::vector<int32_t> q8_sums_;                     // their Σq per group (batched and int8-tile kernels)
   std::vector<uint8_t> lut_tables_;                  // lookup tables of those activations
   std::vector<std::unique_ptr<cpu::SignLut>> luts_;  // repacked sign-block weights, owned for the model's life
   std::vector<std::unique_ptr<BinaryGroupsPlanes>> group_planes_;  // decoded binary-groups planes (portable path)
   std::vector<float> groups_x_;                      // activations in the binary-groups kernels' order
   std::vector<std::unique_ptr<cpu::BinaryGroupsCodes>> groups_;  // repacked binary-groups weights, likewise
+  std::vector<std::unique_ptr<cpu::Int8Tiles>> int8_tiles_;      // repacked int8-group weights, likewise
 };
 
 }  // namespace

@@ -16,6 +16,7 @@ inline int64_t q8_groups(int64_t cols) { return (cols + kQ8Group - 1) / kQ8Group
 
 struct SignLutKernels;  // engine/cpu/sign_lut.h
 struct GroupsKernels;   // engine/cpu/kernels_groups.h
+struct Int8TileKernels; // engine/cpu/int8_tiles.h
 
 struct Kernels {
   const char* name;
@@ -37,6 +38,8 @@ struct Kernels {
   const SignLutKernels* sign_lut;
   // stb.binary-groups.v2 on repacked codes; null on paths without it (they use dot_binary_groups on the planes).
   const GroupsKernels* groups;
+  // stb.int8-group.v1 on repacked 16-row tiles; null on paths without it (they use int8_row_q8).
+  const Int8TileKernels* int8_tiles;
 };
 
 const Kernels& scalar_kernels();
@@ -46,6 +49,7 @@ const Kernels* avx512_kernels();  // null when the build has no AVX-512 path
 // The best table this CPU and OS support. STBLLM_KERNELS=scalar|avx2|avx512 in the environment picks a lower one
 // (for tests and comparisons); asking for one the machine lacks falls back to the best available.
 const Kernels& best_kernels();
+bool cpu_has_avx512_vnni();  // AVX-512 F/BW/VL/DQ and VNNI, enabled by the OS
 
 float half_to_float(uint16_t h);
 

@@ -1,5 +1,6 @@
 // AVX2 + FMA + F16C kernels (compiled with those flags; called only after run-time detection).
 #include "cpu/kernels.h"
+#include "cpu/int8_tiles.h"
 #include "cpu/kernels_groups.h"
 #include "cpu/sign_lut.h"
 
@@ -72,29 +73,6 @@ void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
   if (g0 < cols) scalar_kernels().quantize_q8(x + g0, cols - g0, q + g0, d + g0 / kQ8Group);
 }
 
-// int8 × int8: maddubs needs one unsigned operand, so multiply |w| by q carrying w's sign (sign_epi8).
-void int8_row_q8(const int8_t* w, const uint16_t* ws, int64_t cols, const int8_t* q, const float* d, int n,
-                 float* out, int64_t out_stride) {
-  const int64_t groups = q8_groups(cols);
-  const __m256i ones16 = _mm256_set1_epi16(1);
-  for (int t = 0; t < n; ++t) {
-    const int8_t* qt = q + t * groups * kQ8Group;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256i s32 = _mm256_setzero_si256();
-      for (int h = 0; h < 2; ++h) {  // a pair of 127·127 products nearly fills int16: widen each half to int32
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kQ8Group + 32 * h));
-        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qt + g * kQ8Group + 32 * h));
-        const __m256i s16 = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(qv, wv));
-        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(s16, ones16));
-      }
-      const __m256 s = _mm256_cvtepi32_ps(s32);
-      acc[g & 1] = _mm256_fmadd_ps(s, _mm256_set1_ps(_cvtsh_ss(ws[g]) * d[t * groups + g]), acc[g & 1]);
-    }
-    out[t * out_stride] = hsum(_mm256_add_ps(acc[0], acc[1]));
-  }
-}
-
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
@@ -105,10 +83,10 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 }  // namespace
 
 const Kernels* avx2_kernels() {
-  // Binary matrices always take the lookup kernel here (the backend repacks them); sign_row_q8 is the portable
-  // one for completeness.
+  // Binary and int8 matrices always take the lookup and tile kernels here (the backend repacks them);
+  // sign_row_q8 and int8_row_q8 are the portable ones for completeness.
   static const Kernels k{"avx2", dot_f32, dot_f16, f16_to_f32, quantize_q8, scalar_kernels().sign_row_q8,
-                         int8_row_q8, avx2_sign_lut(), avx2_groups()};
+                         scalar_kernels().int8_row_q8, avx2_sign_lut(), avx2_groups(), avx2_int8_tiles()};
   return &k;
 }
 

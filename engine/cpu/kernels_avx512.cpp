@@ -4,6 +4,7 @@
 // need the tables of groups (2p, 2p, 2p+2, 2p+2) for low nibbles and (2p+1, 2p+1, 2p+3, 2p+3) for high ones —
 // this path builds its tables in that order.
 #include "cpu/kernels.h"
+#include "cpu/int8_tiles.h"
 #include "cpu/kernels_groups.h"
 #include "cpu/sign_lut.h"
 
@@ -72,9 +73,14 @@ void sign_lut_rows(const SignLut& l, int64_t tile0, int64_t tile1, const uint8_t
 const Kernels* avx512_kernels() {
   const Kernels* base = avx2_kernels();
   if (!base) return nullptr;
-  static const SignLutKernels lut{sign_lut_tables, sign_lut_rows};
+  // With VNNI the batched kernel beat lookups from one activation row on; without, the AVX2 one takes over.
+  static const SignLutKernels lut = avx512_sign_gemm()
+      ? SignLutKernels{sign_lut_tables, sign_lut_rows, avx512_sign_gemm(), 1}
+      : SignLutKernels{sign_lut_tables, sign_lut_rows, avx2_sign_gemm(), kAvx2SignGemmMinRows};
+  // Without VNNI the int8 tiles run the AVX2 kernel (AVX-512BW alone would gain little over it).
+  static const Int8TileKernels* int8 = avx512_int8_tiles() ? avx512_int8_tiles() : base->int8_tiles;
   static const Kernels k{"avx512", base->dot_f32, base->dot_f16, base->f16_to_f32, base->quantize_q8,
-                         base->sign_row_q8, base->int8_row_q8, &lut, avx512_groups()};
+                         base->sign_row_q8, base->int8_row_q8, &lut, avx512_groups(), int8};
   return &k;
 }
 

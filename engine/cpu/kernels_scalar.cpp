@@ -111,7 +111,8 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 }  // namespace
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar", dot_f32, dot_f16, f16_to_f32, quantize_q8, sign_row_q8, int8_row_q8, nullptr, nullptr};
+  static const Kernels k{"scalar", dot_f32, dot_f16, f16_to_f32, quantize_q8, sign_row_q8, int8_row_q8, nullptr, nullptr,
+                           nullptr};
   return k;
 }
 
