@@ -79,3 +79,19 @@ def test_int8_group_batched(kernels, monkeypatch, rows, cols):
         x[-1, :64] = 127.0  # activations at ±127 against weights at ±127/-128: the largest int products
         x[-1, 1:64:2] = -127.0
         assert_batch_bit_identical(reference, lin, x)
+
+
+@pytest.mark.parametrize("rows, cols", [(9, 7), (40, 576), (13, 1000)])
+def test_f16_batched(kernels, rows, cols):
+    """fp16 weights (heads of files without --head-bits): each row's result has the same bits alone and in any
+    batch; the sum order differs from the scalar path's, so against numpy within float32 rounding."""
+    rng = np.random.default_rng(rows * cols)
+    w = rng.standard_normal((rows, cols)).astype(np.float16)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    lin = _core.Linear("f16", rows, cols, values=w.view(np.uint16), bias=bias, threads=2)
+    for n in ROW_COUNTS:
+        x = activations(rng, n, cols)
+        got = lin.forward(x)
+        np.testing.assert_allclose(got, x.astype(np.float64) @ w.astype(np.float64).T + bias, rtol=1e-4, atol=1e-4)
+        for t in {0, n // 2, n - 1}:
+            np.testing.assert_array_equal(lin.forward(x[t: t + 1])[0], got[t])

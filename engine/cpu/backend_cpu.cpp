@@ -180,6 +180,12 @@ class CpuBackend final : public Backend {
     const int64_t rows = w.rows, cols = w.cols;
     pool_.run(n_chunks(rows), [&](int64_t c) {
       const int64_t r0 = c * chunk_rows(rows), r1 = std::min(rows, r0 + chunk_rows(rows));
+      if (w.codec == MatrixCodec::F16) {  // each weight row once for all input rows
+        for (int64_t r = r0; r < r1; ++r)
+          k_.dot_f16_rows(static_cast<const uint16_t*>(w.values) + r * cols, x, n, cols, out + r, rows);
+        add_bias(w, n, r0, r1, out);
+        return;
+      }
       for (int t = 0; t < n; ++t) {
         const float* xt = x + t * cols;
         float* yt = out + t * rows;
@@ -187,7 +193,6 @@ class CpuBackend final : public Backend {
           float y;
           switch (w.codec) {
             case MatrixCodec::F32: y = k_.dot_f32(static_cast<const float*>(w.values) + r * cols, xt, cols); break;
-            case MatrixCodec::F16: y = k_.dot_f16(static_cast<const uint16_t*>(w.values) + r * cols, xt, cols); break;
             default: y = cpu::dot_binary_groups(w, r, xt);  // BinaryGroups on a path without its SIMD kernel
           }
           yt[r] = w.bias ? y + w.bias[r] : y;
@@ -312,9 +317,11 @@ class CpuBackend final : public Backend {
     });
   }
 
+  // The elementwise operations split over the pool by rows (or chunks): in a batched step they are a share of the
+  // time worth spreading, alone they stay one task (run inline).
   void norm(const float* x, int n, int dim, const float* weight, const float* bias, float eps, bool rms,
             float* out) override {
-    for (int i = 0; i < n; ++i) {
+    pool_.run(n, [&](int64_t i) {
       const float* xi = x + size_t(i) * dim;
       float* yi = out + size_t(i) * dim;
       double mean = 0, sq = 0;
@@ -325,14 +332,14 @@ class CpuBackend final : public Backend {
       for (int j = 0; j < dim; ++j) sq += (xi[j] - mean) * (xi[j] - mean);
       const float inv = float(1.0 / std::sqrt(sq / dim + eps)), m = float(mean);
       for (int j = 0; j < dim; ++j) yi[j] = (xi[j] - m) * inv * weight[j] + (bias ? bias[j] : 0.f);
-    }
+    });
   }
 
   void rope(float* x, int n, int heads, int head_dim, const RowInfo* rows, float theta) override {
     const int half = head_dim / 2;
     std::vector<float> inv_freq(half);  // float32 like the reference implementation
     for (int i = 0; i < half; ++i) inv_freq[i] = 1.0f / std::pow(theta, float(2 * i) / float(head_dim));
-    for (int r = 0; r < n; ++r) {
+    pool_.run(n, [&](int64_t r) {
       for (int i = 0; i < half; ++i) {
         const float angle = float(rows[r].pos) * inv_freq[i], c = std::cos(angle), s = std::sin(angle);
         for (int h = 0; h < heads; ++h) {
@@ -342,7 +349,7 @@ class CpuBackend final : public Backend {
           v[i + half] = b * c + a * s;
         }
       }
-    }
+    });
   }
 
   void attention(KvCache& cache_base, int layer, const float* q, const float* k, const float* v, int n,
@@ -383,11 +390,14 @@ class CpuBackend final : public Backend {
   }
 
   void activation(const float* gate, float* up, size_t n, bool silu) override {
-    for (size_t i = 0; i < n; ++i) {
-      const float a = gate ? gate[i] : up[i];
-      const float act = silu ? a / (1.0f + std::exp(-a)) : std::max(a, 0.0f);
-      up[i] = gate ? act * up[i] : act;
-    }
+    constexpr size_t kChunk = 4096;
+    pool_.run(int64_t((n + kChunk - 1) / kChunk), [&](int64_t c) {
+      for (size_t i = size_t(c) * kChunk; i < std::min(n, size_t(c + 1) * kChunk); ++i) {
+        const float a = gate ? gate[i] : up[i];
+        const float act = silu ? a / (1.0f + std::exp(-a)) : std::max(a, 0.0f);
+        up[i] = gate ? act * up[i] : act;
+      }
+    });
   }
 
   void add(float* x, const float* y, size_t n) override {

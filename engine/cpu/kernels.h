@@ -21,7 +21,9 @@ struct Int8TileKernels; // engine/cpu/int8_tiles.h
 struct Kernels {
   const char* name;
   float (*dot_f32)(const float* w, const float* x, int64_t n);
-  float (*dot_f16)(const uint16_t* w, const float* x, int64_t n);
+  // One fp16 weight row against n activation rows (x_t = x + t · cols): out[t · out_stride] = Σ_j w_j · x_t[j], each
+  // the same bits as for that row alone; SIMD paths convert each weight vector once for several rows.
+  void (*dot_f16_rows)(const uint16_t* w, const float* x, int n, int64_t cols, float* out, int64_t out_stride);
   void (*f16_to_f32)(const uint16_t* src, float* dst, int64_t n);
   // x[cols] -> q[q8_groups(cols) * kQ8Group] (zero padded), d[q8_groups(cols)].
   void (*quantize_q8)(const float* x, int64_t cols, int8_t* q, float* d);

@@ -30,18 +30,42 @@ float dot_f32(const float* w, const float* x, int64_t n) {
   return acc;
 }
 
-float dot_f16(const uint16_t* w, const float* x, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+// fp16 weights against up to 6 activation rows at once, two accumulators per row whatever the count (so a row's
+// bits do not depend on its batch): every pair of weight vectors is converted once per pass.
+template <int T>
+void dot_f16_pass(const uint16_t* w, const float* x, int64_t cols, float* out, int64_t out_stride) {
+  __m256 a0[T], a1[T];
+  for (int t = 0; t < T; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
+  for (; j + 16 <= cols; j += 16) {
     const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j)));
     const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j + 8)));
-    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j), a0);
-    a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + j + 8), a1);
+    for (int t = 0; t < T; ++t) {
+      a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * cols + j), a0[t]);
+      a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * cols + j + 8), a1[t]);
+    }
   }
-  float acc = hsum(_mm256_add_ps(a0, a1));
-  for (; j < n; ++j) acc += half_to_float(w[j]) * x[j];
-  return acc;
+  for (int t = 0; t < T; ++t) {
+    float acc = hsum(_mm256_add_ps(a0[t], a1[t]));
+    for (int64_t k = j; k < cols; ++k) acc += half_to_float(w[k]) * x[t * cols + k];
+    out[t * out_stride] = acc;
+  }
+}
+
+void dot_f16_rows(const uint16_t* w, const float* x, int n, int64_t cols, float* out, int64_t out_stride) {
+  constexpr int kRowsPerPass = 6;  // 12 accumulators + 2 weight vectors in 16 ymm registers
+  for (int t0 = 0; t0 < n; t0 += kRowsPerPass) {
+    const float* xt = x + t0 * cols;
+    float* ot = out + t0 * out_stride;
+    switch (n - t0 < kRowsPerPass ? n - t0 : kRowsPerPass) {
+      case 1: dot_f16_pass<1>(w, xt, cols, ot, out_stride); break;
+      case 2: dot_f16_pass<2>(w, xt, cols, ot, out_stride); break;
+      case 3: dot_f16_pass<3>(w, xt, cols, ot, out_stride); break;
+      case 4: dot_f16_pass<4>(w, xt, cols, ot, out_stride); break;
+      case 5: dot_f16_pass<5>(w, xt, cols, ot, out_stride); break;
+      default: dot_f16_pass<6>(w, xt, cols, ot, out_stride);
+    }
+  }
 }
 
 void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
@@ -85,7 +109,7 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 const Kernels* avx2_kernels() {
   // Binary and int8 matrices always take the lookup and tile kernels here (the backend repacks them);
   // sign_row_q8 and int8_row_q8 are the portable ones for completeness.
-  static const Kernels k{"avx2", dot_f32, dot_f16, f16_to_f32, quantize_q8, scalar_kernels().sign_row_q8,
+  static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, quantize_q8, scalar_kernels().sign_row_q8,
                          scalar_kernels().int8_row_q8, avx2_sign_lut(), avx2_groups(), avx2_int8_tiles()};
   return &k;
 }

@@ -44,6 +44,10 @@ float dot_f16(const uint16_t* w, const float* x, int64_t n) {
   return acc;
 }
 
+void dot_f16_rows(const uint16_t* w, const float* x, int n, int64_t cols, float* out, int64_t out_stride) {
+  for (int t = 0; t < n; ++t) out[t * out_stride] = dot_f16(w, x + t * cols, cols);
+}
+
 void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
   for (int64_t g0 = 0; g0 < cols; g0 += kQ8Group) {
     const int64_t end = g0 + kQ8Group < cols ? g0 + kQ8Group : cols;
@@ -111,7 +115,7 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 }  // namespace
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar", dot_f32, dot_f16, f16_to_f32, quantize_q8, sign_row_q8, int8_row_q8, nullptr, nullptr,
+  static const Kernels k{"scalar", dot_f32, dot_f16_rows, f16_to_f32, quantize_q8, sign_row_q8, int8_row_q8, nullptr, nullptr,
                            nullptr};
   return k;
 }
