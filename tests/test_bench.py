@@ -49,7 +49,8 @@ def test_kernels_bench(tmp_path, capsys):
     assert bench.main(["kernels", "--shape", "64x576", "--nm", "4:8", "--batch", "2", "--threads", "1",
                        "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["results"]) == {"binary-groups 4:8", "sign-block 4:8", "f16", "f32"}
+    assert set(result["results"]) == {"binary-groups 4:8", "sign-block 4:8", "int8-group", "f16", "f32"}
+    assert result["results"]["int8-group"]["weight_bytes"] == 64 * 9 * (64 + 2)
     sign = result["results"]["sign-block 4:8"]
     assert sign["weight_bytes"] == 64 * 9 * 8 * 2 + 64 * 5 * 2 and sign["us"] > 0
     groups = result["results"]["binary-groups 4:8"]
