@@ -372,20 +372,8 @@ class CpuBackend final : public Backend {
       const float* qh = q + (size_t(r) * shape.heads + h) * hd;
       thread_local std::vector<float> scores;
       scores.resize(pos - first + 1);
-      float top = -INFINITY;
-      for (int j = first; j <= pos; ++j) {
-        scores[j - first] = k_.dot_f32(keys + size_t(j) * kv_width, qh, hd) * scale;
-        top = std::max(top, scores[j - first]);
-      }
-      double total = 0;
-      for (float& s : scores) total += (s = std::exp(s - top));
-      float* oh = out + (size_t(r) * shape.heads + h) * hd;
-      std::fill(oh, oh + hd, 0.f);
-      for (int j = first; j <= pos; ++j) {
-        const float p = float(scores[j - first] / total);
-        const float* vj = vals + size_t(j) * kv_width;
-        for (int d = 0; d < hd; ++d) oh[d] += p * vj[d];
-      }
+      k_.attend(qh, keys, vals, kv_width, first, pos, hd, scale, scores.data(),
+                out + (size_t(r) * shape.heads + h) * hd);
     });
   }
 

@@ -25,6 +25,11 @@ struct Kernels {
   // the same bits as for that row alone; SIMD paths convert each weight vector once for several rows.
   void (*dot_f16_rows)(const uint16_t* w, const float* x, int n, int64_t cols, float* out, int64_t out_stride);
   void (*f16_to_f32)(const uint16_t* src, float* dst, int64_t n);
+  // One attention head of one row: scores[j − first] = dot_f32(k_j, q) · scale for the positions j in [first, last]
+  // (k_j = keys + j · kv_stride), softmax in float with a double sum, out[hd] = Σ_j p_j · v_j summed in order j
+  // (engine/cpu/attend.h). The paths differ only in dot_f32's summation order.
+  void (*attend)(const float* q, const float* keys, const float* values, int64_t kv_stride, int first, int last,
+                 int hd, float scale, float* scores, float* out);
   // x[cols] -> q[q8_groups(cols) * kQ8Group] (zero padded), d[q8_groups(cols)].
   void (*quantize_q8)(const float* x, int64_t cols, int8_t* q, float* d);
   // One stb.sign-block.v1 weight row against n quantized activation rows (q: n × q8_groups(cols)·kQ8Group int8,

@@ -1,5 +1,6 @@
 // AVX2 + FMA + F16C kernels (compiled with those flags; called only after run-time detection).
 #include "cpu/kernels.h"
+#include "cpu/attend.h"
 #include "cpu/int8_tiles.h"
 #include "cpu/kernels_groups.h"
 #include "cpu/sign_lut.h"
@@ -104,12 +105,24 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (; j < n; ++j) dst[j] = half_to_float(src[j]);
 }
 
+void attend(const float* q, const float* keys, const float* values, int64_t kv_stride, int first, int last, int hd,
+            float scale, float* scores, float* out) {
+  auto add_scaled = [](float* o, float p, const float* v, int n) {
+    const __m256 pv = _mm256_set1_ps(p);
+    int d = 0;
+    for (; d + 8 <= n; d += 8)
+      _mm256_storeu_ps(o + d, _mm256_add_ps(_mm256_loadu_ps(o + d), _mm256_mul_ps(pv, _mm256_loadu_ps(v + d))));
+    for (; d < n; ++d) o[d] += p * v[d];
+  };
+  attend_with(dot_f32, add_scaled, q, keys, values, kv_stride, first, last, hd, scale, scores, out);
+}
+
 }  // namespace
 
 const Kernels* avx2_kernels() {
   // Binary and int8 matrices always take the lookup and tile kernels here (the backend repacks them);
   // sign_row_q8 and int8_row_q8 are the portable ones for completeness.
-  static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, quantize_q8, scalar_kernels().sign_row_q8,
+  static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, attend, quantize_q8, scalar_kernels().sign_row_q8,
                          scalar_kernels().int8_row_q8, avx2_sign_lut(), avx2_groups(), avx2_int8_tiles()};
   return &k;
 }

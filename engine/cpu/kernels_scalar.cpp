@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu/attend.h"
 #include "cpu/kernels.h"
 
 
@@ -112,10 +113,18 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = half_to_float(src[j]);
 }
 
+void attend(const float* q, const float* keys, const float* values, int64_t kv_stride, int first, int last, int hd,
+            float scale, float* scores, float* out) {
+  auto add_scaled = [](float* o, float p, const float* v, int n) {
+    for (int d = 0; d < n; ++d) o[d] += p * v[d];
+  };
+  attend_with(dot_f32, add_scaled, q, keys, values, kv_stride, first, last, hd, scale, scores, out);
+}
+
 }  // namespace
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar", dot_f32, dot_f16_rows, f16_to_f32, quantize_q8, sign_row_q8, int8_row_q8, nullptr, nullptr,
+  static const Kernels k{"scalar", dot_f32, dot_f16_rows, f16_to_f32, attend, quantize_q8, sign_row_q8, int8_row_q8, nullptr, nullptr,
                            nullptr};
   return k;
 }
