@@ -317,11 +317,9 @@ class CpuBackend final : public Backend {
     });
   }
 
-  // The elementwise operations split over the pool by rows (or chunks): in a batched step they are a share of the
-  // time worth spreading, alone they stay one task (run inline).
   void norm(const float* x, int n, int dim, const float* weight, const float* bias, float eps, bool rms,
             float* out) override {
-    pool_.run(n, [&](int64_t i) {
+    for (int i = 0; i < n; ++i) {
       const float* xi = x + size_t(i) * dim;
       float* yi = out + size_t(i) * dim;
       double mean = 0, sq = 0;
@@ -332,14 +330,14 @@ class CpuBackend final : public Backend {
       for (int j = 0; j < dim; ++j) sq += (xi[j] - mean) * (xi[j] - mean);
       const float inv = float(1.0 / std::sqrt(sq / dim + eps)), m = float(mean);
       for (int j = 0; j < dim; ++j) yi[j] = (xi[j] - m) * inv * weight[j] + (bias ? bias[j] : 0.f);
-    });
+    }
   }
 
   void rope(float* x, int n, int heads, int head_dim, const RowInfo* rows, float theta) override {
     const int half = head_dim / 2;
     std::vector<float> inv_freq(half);  // float32 like the reference implementation
     for (int i = 0; i < half; ++i) inv_freq[i] = 1.0f / std::pow(theta, float(2 * i) / float(head_dim));
-    pool_.run(n, [&](int64_t r) {
+    for (int r = 0; r < n; ++r) {
       for (int i = 0; i < half; ++i) {
         const float angle = float(rows[r].pos) * inv_freq[i], c = std::cos(angle), s = std::sin(angle);
         for (int h = 0; h < heads; ++h) {
@@ -349,7 +347,7 @@ class CpuBackend final : public Backend {
           v[i + half] = b * c + a * s;
         }
       }
-    });
+    }
   }
 
   void attention(KvCache& cache_base, int layer, const float* q, const float* k, const float* v, int n,
@@ -377,8 +375,10 @@ class CpuBackend final : public Backend {
     });
   }
 
+  // Split over the pool only in chunks of ~50 µs of work or more: smaller ones cost more in waking and waiting for
+  // the workers than they save (measured: docs/performance.md, batched decode).
   void activation(const float* gate, float* up, size_t n, bool silu) override {
-    constexpr size_t kChunk = 4096;
+    constexpr size_t kChunk = 16384;
     pool_.run(int64_t((n + kChunk - 1) / kChunk), [&](int64_t c) {
       for (size_t i = size_t(c) * kChunk; i < std::min(n, size_t(c + 1) * kChunk); ++i) {
         const float a = gate ? gate[i] : up[i];

@@ -144,6 +144,7 @@ void int8_pass(const Int8Tiles& w, int64_t tile, int half, const int8_t* q, int6
     __m256i sums[T];
     for (int t = 0; t < T; ++t) sums[t] = _mm256_setzero_si256();
     for (int s = 0; s < kQ8Group / 4; ++s) {
+      _mm_prefetch(reinterpret_cast<const char*>(values + (steps + g * 16 + s) * 64), _MM_HINT_T0);  // next tile
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + (g * 16 + s) * 64));
       const __m256i magnitude = _mm256_abs_epi8(wv);
       for (int t = 0; t < T; ++t) {
