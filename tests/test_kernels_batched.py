@@ -58,6 +58,25 @@ def test_sign_block_batched(kernels, monkeypatch, rows, cols, block, nm):
         assert_batch_bit_identical(reference, lin, activations(rng, n, cols))
 
 
+@pytest.mark.parametrize("nm", [None, (6, 8)])
+def test_sign_block_tall_matrix(kernels, monkeypatch, nm):
+    """From 2048 rows on, a single activation row takes the lookup kernel on VNNI machines too (its tables then pay
+    off), more rows the batched kernel: both bit-identical to the scalar path."""
+    rng = np.random.default_rng(5)
+    rows, cols = 2080, 192
+    signs = rng.random((rows, cols)) < 0.5
+    mask = random_mask(rng, rows, cols, *nm) if nm else None
+    scales = (0.01 + rng.random((rows, 2))).astype(np.float16)
+
+    def make():
+        return _core.Linear("sign-block", rows, cols, signs=pack_bits(signs),
+                            mask=None if mask is None else pack_bits(mask), scales=scales.view(np.uint16), threads=2)
+
+    reference, lin = scalar_and_path(monkeypatch, kernels, make)
+    for n in [1, 2, 9]:
+        assert_batch_bit_identical(reference, lin, activations(rng, n, cols))
+
+
 @pytest.mark.parametrize("rows, cols", [(16, 64), (33, 576), (7, 1000), (100, 1536)])
 def test_int8_group_batched(kernels, monkeypatch, rows, cols):
     rng = np.random.default_rng(rows + cols)

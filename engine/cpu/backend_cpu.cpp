@@ -212,7 +212,7 @@ class CpuBackend final : public Backend {
     });
     if (w.packed) {
       if (w.codec == MatrixCodec::Int8Group) return linear_int8_tiles(w, n, out);
-      if (k_.sign_lut->gemm && n >= k_.sign_lut->gemm_min_rows) return linear_sign_gemm(w, n, out);
+      if (k_.sign_lut->use_gemm(n, w.rows)) return linear_sign_gemm(w, n, out);
       return linear_sign_lut(w, n, out);
     }
     pool_.run(n_chunks(rows), [&](int64_t c) {
@@ -289,8 +289,7 @@ class CpuBackend final : public Backend {
     });
   }
 
-  // Sign-block weights in the lookup layout through the batched kernel (no tables). Where a path has it, it runs
-  // at every batch size: on AVX-512 VNNI it beat the lookup kernel from one activation row on (docs/performance.md).
+  // Sign-block weights in the lookup layout through the batched kernel (no tables), where it beats the lookups.
   void linear_sign_gemm(const Matrix& w, int n, float* out) {
     const auto& lut = *static_cast<const cpu::SignLut*>(w.packed);
     q8_group_sums(n, cpu::q8_groups(w.cols));

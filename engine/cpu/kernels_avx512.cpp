@@ -73,10 +73,12 @@ void sign_lut_rows(const SignLut& l, int64_t tile0, int64_t tile1, const uint8_t
 const Kernels* avx512_kernels() {
   const Kernels* base = avx2_kernels();
   if (!base) return nullptr;
-  // With VNNI the batched kernel beat lookups from one activation row on; without, the AVX2 one takes over.
+  // With VNNI the batched kernel beat lookups from 2 activation rows on, and for 1 row on matrices of fewer than
+  // 2048 rows, whose lookup tables cost more than the rows amortize (576 x 576: 4.6 vs 7.0 us; 4096 x 4096: 245 vs
+  // 231 us; docs/performance.md). Without VNNI the AVX2 batched kernel takes over.
   static const SignLutKernels lut = avx512_sign_gemm()
-      ? SignLutKernels{sign_lut_tables, sign_lut_rows, avx512_sign_gemm(), 1}
-      : SignLutKernels{sign_lut_tables, sign_lut_rows, avx2_sign_gemm(), kAvx2SignGemmMinRows};
+      ? SignLutKernels{sign_lut_tables, sign_lut_rows, avx512_sign_gemm(), 2, 2048}
+      : SignLutKernels{sign_lut_tables, sign_lut_rows, avx2_sign_gemm(), kAvx2SignGemmMinRows, 0};
   // Without VNNI the int8 tiles run the AVX2 kernel (AVX-512BW alone would gain little over it).
   static const Int8TileKernels* int8 = avx512_int8_tiles() ? avx512_int8_tiles() : base->int8_tiles;
   static const Kernels k{"avx512", base->dot_f32, base->dot_f16_rows, base->f16_to_f32, base->attend, base->quantize_q8,

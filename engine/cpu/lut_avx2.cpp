@@ -67,7 +67,7 @@ void sign_lut_rows(const SignLut& l, int64_t tile0, int64_t tile1, const uint8_t
 }  // namespace
 
 const SignLutKernels* avx2_sign_lut() {
-  static const SignLutKernels k{sign_lut_tables, sign_lut_rows, avx2_sign_gemm(), kAvx2SignGemmMinRows};
+  static const SignLutKernels k{sign_lut_tables, sign_lut_rows, avx2_sign_gemm(), kAvx2SignGemmMinRows, 0};
   return &k;
 }
 

@@ -60,7 +60,11 @@ struct SignLutKernels {
   // qsum[t · groups + g] = Σ_j q_t[j] over activation group g.
   void (*gemm)(const SignLut& l, int64_t tile0, int64_t tile1, const int8_t* q, const float* d, const int32_t* qsum,
                int n, float* out, int64_t out_stride);
-  int gemm_min_rows;  // activation rows from which gemm beats rows (measured per path: docs/performance.md)
+  // When gemm beats rows (measured per path: docs/performance.md): from gemm_min_rows activation rows on, and for
+  // any count on matrices of fewer than gemm_below_rows output rows (0: none).
+  int gemm_min_rows;
+  int64_t gemm_below_rows;
+  bool use_gemm(int n, int64_t rows) const { return gemm && (n >= gemm_min_rows || rows < gemm_below_rows); }
 };
 
 const SignLutKernels* avx2_sign_lut();  // null when the build has no AVX2 path
