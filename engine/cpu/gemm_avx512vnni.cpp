@@ -59,6 +59,10 @@ void sign_gemm_pass(const SignLut& l, int64_t tile, int half, const int8_t* q, i
     for (int t = 0; t < T; ++t) lo[t] = hi[t] = zero;
     for (int64_t p = 8 * g; p < 8 * g + 8; ++p) {
       const uint8_t* bits = plus + p * kLutTileRows;
+      if (half == 0 && p % 2 == 0) {  // the next tile's line at this pair (as in int8_pass)
+        _mm_prefetch(reinterpret_cast<const char*>(bits + l.pairs * kLutTileRows), _MM_HINT_T0);
+        if (kMasked) _mm_prefetch(reinterpret_cast<const char*>(minus + (p + l.pairs) * kLutTileRows), _MM_HINT_T0);
+      }
       __m512i w_lo, w_hi;
       if (kMasked) {
         const uint8_t* neg = minus + p * kLutTileRows;
