@@ -399,7 +399,7 @@ class CpuBackend final : public Backend {
 
   cpu::ThreadPool pool_;
   const cpu::Kernels& k_;
-  std::vector<int8_t> q8_values_;  // quantized activations of the current sign-block matmul
+  std::vector<int8_t> q8_values_;  // quantized activations of the current sign-block / int8-group matmul
   std::vector<float> q8_scales_;
   std::vector<int32_t> q8_sums_;                     // their Σq per group (batched and int8-tile kernels)
   std::vector<uint8_t> lut_tables_;                  // lookup tables of those activations

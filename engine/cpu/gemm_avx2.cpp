@@ -41,7 +41,7 @@ constexpr int kSignRowsPerPass = 4;  // activation rows per pass: 16 ymm registe
 // w + 1 for 8 rows (one octet of a tile) × all columns, 2 vectors per pair (rows 0-3, 4-7), expanded once per call
 // into a per-thread buffer: every pass of activation rows then only loads it (expanding is 8 ops per vector when
 // masked — as much as the multiply-adds of 4 activation rows).
-void expand_octet(const SignLut& l, int64_t tile, int octet, std::vector<__m256i>& w) {
+void expand_octet(const SignLut& l, int64_t tile, int octet, std::vector<int8_t>& w) {
   const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i bit = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, char(128), 1, 2, 4, 8, 16, 32, 64, char(128),  //
@@ -55,18 +55,19 @@ void expand_octet(const SignLut& l, int64_t tile, int octet, std::vector<__m256i
     return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
   };
   const int64_t at = tile * l.pairs * kLutTileRows + 8 * octet;
-  w.resize(size_t(2 * l.pairs));
+  w.resize(size_t(64 * l.pairs));
   for (int64_t p = 0; p < l.pairs; ++p)
     for (int h = 0; h < 2; ++h) {
       const int64_t i = at + p * kLutTileRows + 4 * h;
-      w[size_t(2 * p + h)] = l.masked ? _mm256_add_epi8(_mm256_sub_epi8(one, bits(l.plus.data() + i)),
-                                                        bits(l.minus.data() + i))  // 1 + [w > 0] − [w < 0]
-                                      : _mm256_and_si256(bits(l.plus.data() + i), two);
+      const __m256i v = l.masked ? _mm256_add_epi8(_mm256_sub_epi8(one, bits(l.plus.data() + i)),
+                                                   bits(l.minus.data() + i))  // 1 + [w > 0] − [w < 0]
+                                 : _mm256_and_si256(bits(l.plus.data() + i), two);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w.data() + 64 * p + 32 * h), v);
     }
 }
 
 template <int T>
-void sign_gemm_pass(const SignLut& l, int64_t tile, int octet, const __m256i* w, const int8_t* q, int64_t q_stride,
+void sign_gemm_pass(const SignLut& l, int64_t tile, int octet, const int8_t* w, const int8_t* q, int64_t q_stride,
                     const float* d, const int32_t* qsum, int64_t groups, float* out, int64_t out_stride) {
   const int64_t per_block = l.block / kQ8Group;
   const uint16_t* alpha = l.alpha.data() + tile * l.blocks * kLutTileRows + 8 * octet;
@@ -78,7 +79,8 @@ void sign_gemm_pass(const SignLut& l, int64_t tile, int octet, const __m256i* w,
     __m256i lo[T], hi[T];  // int16 pair sums of rows 0-3 and 4-7
     for (int t = 0; t < T; ++t) lo[t] = hi[t] = _mm256_setzero_si256();
     for (int64_t p = 8 * g; p < 8 * g + 8; ++p) {
-      const __m256i w_lo = w[2 * p], w_hi = w[2 * p + 1];
+      const __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * p));
+      const __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * p + 32));
       for (int t = 0; t < T; ++t) {
         int64_t eight;
         std::memcpy(&eight, q + t * q_stride + 8 * p, 8);
@@ -108,7 +110,7 @@ void sign_gemm_pass(const SignLut& l, int64_t tile, int octet, const __m256i* w,
 void sign_gemm(const SignLut& l, int64_t tile0, int64_t tile1, const int8_t* q, const float* d, const int32_t* qsum,
                int n, float* out, int64_t out_stride) {
   const int64_t groups = l.pairs / 8, q_stride = groups * kQ8Group;
-  thread_local std::vector<__m256i> w;
+  thread_local std::vector<int8_t> w;
   for (int64_t tile = tile0; tile < tile1; ++tile)
     for (int octet = 0; octet < 4 && tile * kLutTileRows + 8 * octet < l.rows; ++octet) {
       expand_octet(l, tile, octet, w);

@@ -124,8 +124,8 @@ void attend(const float* q, const float* keys, const float* values, int64_t kv_s
 }  // namespace
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar", dot_f32, dot_f16_rows, f16_to_f32, attend, quantize_q8, sign_row_q8, int8_row_q8, nullptr, nullptr,
-                           nullptr};
+  static const Kernels k{"scalar",    dot_f32,     dot_f16_rows, f16_to_f32, attend, quantize_q8,
+                         sign_row_q8, int8_row_q8, nullptr,      nullptr,    nullptr};
   return k;
 }
 

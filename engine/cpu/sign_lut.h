@@ -55,7 +55,7 @@ struct SignLutKernels {
   // out[r] for the rows of tiles [tile0, tile1) against one activation row (its tables and group scales d).
   void (*rows)(const SignLut& l, int64_t tile0, int64_t tile1, const uint8_t* tables, const float* d, float* out);
   // Batched (GEMM) form on the same layout, null where the path has none: each weight tile's signs are expanded
-  // to bytes once per 8 activation rows and multiplied with int8 dot products, no tables.
+  // to bytes once for several activation rows and multiplied with int8 dot products, no tables.
   // out[t · out_stride + r] for the rows of tiles [tile0, tile1) and t < n; q, d: n quantized activation rows;
   // qsum[t · groups + g] = Σ_j q_t[j] over activation group g.
   void (*gemm)(const SignLut& l, int64_t tile0, int64_t tile1, const int8_t* q, const float* d, const int32_t* qsum,
