@@ -49,8 +49,9 @@ def test_kernels_bench(tmp_path, capsys):
     assert bench.main(["kernels", "--shape", "64x576", "--nm", "4:8", "--batch", "2", "--threads", "1",
                        "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["results"]) == {"binary-groups 4:8", "sign-block 4:8", "qgroup q4 g64", "qgroup q3 g64",
-                                      "qgroup q2 g64", "f16", "f32"}
+    assert set(result["results"]) == {"binary-groups 4:8", "sign-block 4:8", "int8-group", "qgroup q4 g64",
+                                      "qgroup q3 g64", "qgroup q2 g64", "f16", "f32"}
+    assert result["results"]["int8-group"]["weight_bytes"] == 64 * 9 * (64 + 2)
     q3 = result["results"]["qgroup q3 g64"]  # 3-bit codes + an fp16 scale and offset per 64 weights
     assert q3["weight_bytes"] == 64 * 576 * 3 // 8 + 64 * 9 * 2 * 2 and q3["us"] > 0
     sign = result["results"]["sign-block 4:8"]

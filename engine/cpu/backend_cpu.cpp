@@ -8,6 +8,7 @@
 #include <cstring>
 #include <unordered_map>
 
+#include "cpu/int8_tiles.h"
 #include "cpu/kernels.h"
 #include "cpu/kernels_groups.h"
 #include "cpu/sign_lut.h"
@@ -156,8 +157,9 @@ class CpuBackend final : public Backend {
     return m;
   }
 
-  // Sign-block and binary-groups weights are repacked for the SIMD kernels where the kernel path has them; the
-  // original planes are not read afterwards, so the bytes the model holds are the repacked ones.
+  // Sign-block, int8-group and binary-groups weights are repacked for the SIMD kernels where the kernel path has
+  // them; the original planes are not read by matmuls afterwards (an int8 embedding lookup still reads its rows
+  // from the mapping), so the bytes the model holds are the repacked ones.
   void pack_matrix(Matrix& m) override {
     if (m.codec == MatrixCodec::SignBlock && k_.sign_lut) {
       luts_.push_back(std::make_unique<cpu::SignLut>(
@@ -168,6 +170,11 @@ class CpuBackend final : public Backend {
       rowcols_.push_back(pack_row_col(m));
       m.packed = rowcols_.back().get();
       m.bytes = rowcols_.back()->bytes() + (rowcols_.back()->lut ? 0 : m.bytes);
+    } else if (m.codec == MatrixCodec::Int8Group && k_.int8_tiles) {
+      int8_tiles_.push_back(std::make_unique<cpu::Int8Tiles>(
+          cpu::build_int8_tiles(static_cast<const int8_t*>(m.values), m.scales, m.rows, m.cols)));
+      m.packed = int8_tiles_.back().get();
+      m.bytes = int8_tiles_.back()->bytes();
     } else if (m.codec == MatrixCodec::BinaryGroups && k_.groups) {
       groups_.push_back(std::make_unique<cpu::BinaryGroupsCodes>(cpu::build_binary_groups_codes(m, k_.groups->salient_chunks)));
       m.packed = groups_.back().get();
@@ -252,6 +259,12 @@ class CpuBackend final : public Backend {
     const int64_t rows = w.rows, cols = w.cols;
     pool_.run(n_chunks(rows), [&](int64_t c) {
       const int64_t r0 = c * chunk_rows(rows), r1 = std::min(rows, r0 + chunk_rows(rows));
+      if (w.codec == MatrixCodec::F16) {  // each weight row once for all input rows
+        for (int64_t r = r0; r < r1; ++r)
+          k_.dot_f16_rows(static_cast<const uint16_t*>(w.values) + r * cols, x, n, cols, out + r, rows);
+        add_bias(w, n, r0, r1, out);
+        return;
+      }
       for (int t = 0; t < n; ++t) {
         const float* xt = x + t * cols;
         float* yt = out + t * rows;
@@ -259,7 +272,6 @@ class CpuBackend final : public Backend {
           float y;
           switch (w.codec) {
             case MatrixCodec::F32: y = k_.dot_f32(static_cast<const float*>(w.values) + r * cols, xt, cols); break;
-            case MatrixCodec::F16: y = k_.dot_f16(static_cast<const uint16_t*>(w.values) + r * cols, xt, cols); break;
             default: y = cpu::dot_binary_groups(w, r, xt);  // BinaryGroups on a path without its SIMD kernel
           }
           yt[r] = w.bias ? y + w.bias[r] : y;
@@ -308,10 +320,14 @@ class CpuBackend final : public Backend {
     pool_.run(n, [&](int64_t t) {
       k_.quantize_q8(x + t * cols, cols, q8_values_.data() + t * padded, q8_scales_.data() + t * groups);
     });
-    if (lut) return linear_sign_lut(w, *lut, n, out);
+    if (w.codec == MatrixCodec::Int8Group && w.packed) return linear_int8_tiles(w, n, out);
+    if (lut) {
+      if (k_.sign_lut->use_gemm(n, w.rows)) return linear_sign_gemm(w, *lut, n, out);
+      return linear_sign_lut(w, *lut, n, out);
+    }
     if (w.codec == MatrixCodec::QGroup) {
-      q8_sums_.resize(size_t(n) * w.blocks_per_row);
-      cpu::qgroup_activation_sums(q8_values_.data(), q8_scales_.data(), cols, w.block, n, q8_sums_.data());
+      qgroup_sums_.resize(size_t(n) * w.blocks_per_row);
+      cpu::qgroup_activation_sums(q8_values_.data(), q8_scales_.data(), cols, w.block, n, qgroup_sums_.data());
     }
     pool_.run(n_chunks(rows), [&](int64_t c) {
       thread_local std::vector<int8_t> scratch;
@@ -325,7 +341,7 @@ class CpuBackend final : public Backend {
         } else if (w.codec == MatrixCodec::QGroup) {
           k_.qgroup_row_q8(static_cast<const uint8_t*>(w.values) + r * qgroup_row_bytes(cols, w.bits),
                            w.scales + r * w.blocks_per_row, w.offsets + r * w.blocks_per_row, w.bits, w.block, cols,
-                           q8_values_.data(), q8_scales_.data(), q8_sums_.data(), n, out + r, rows,
+                           q8_values_.data(), q8_scales_.data(), qgroup_sums_.data(), n, out + r, rows,
                            reinterpret_cast<uint8_t*>(scratch.data()));
         } else {
           k_.int8_row_q8(static_cast<const int8_t*>(w.values) + r * padded, w.scales + r * groups, cols,
@@ -356,6 +372,51 @@ class CpuBackend final : public Backend {
     });
   }
 
+  // Σq per activation row and group, for kernels that offset the weights to unsigned bytes (kernels.h).
+  void q8_group_sums(int n, int64_t groups) {
+    q8_sums_.resize(size_t(n) * groups);
+    for (int64_t i = 0; i < n * groups; ++i) {
+      int32_t sum = 0;
+      for (int j = 0; j < cpu::kQ8Group; ++j) sum += q8_values_[size_t(i * cpu::kQ8Group + j)];
+      q8_sums_[size_t(i)] = sum;
+    }
+  }
+
+  // Runs kernel(tile0, tile1) over [0, tiles) in about 4 tasks per thread.
+  template <class Kernel>
+  void over_tiles(int64_t tiles, Kernel kernel) {
+    const int64_t per_task = std::max<int64_t>(1, (tiles + 4 * threads() - 1) / (4 * threads()));
+    pool_.run((tiles + per_task - 1) / per_task, [&](int64_t c) {
+      const int64_t t0 = c * per_task;
+      kernel(t0, std::min(tiles, t0 + per_task));
+    });
+  }
+
+  void add_bias(const Matrix& w, int n, int64_t r0, int64_t r1, float* out) {
+    if (!w.bias) return;
+    for (int t = 0; t < n; ++t)
+      for (int64_t r = r0; r < std::min(w.rows, r1); ++r) out[t * w.rows + r] += w.bias[r];
+  }
+
+  // Int8-group weights in 16-row tiles against the quantized activations: one pass for all n rows.
+  void linear_int8_tiles(const Matrix& w, int n, float* out) {
+    const auto& tiles = *static_cast<const cpu::Int8Tiles*>(w.packed);
+    q8_group_sums(n, tiles.groups);
+    over_tiles(tiles.tiles, [&](int64_t t0, int64_t t1) {
+      k_.int8_tiles->rows(tiles, t0, t1, q8_values_.data(), q8_scales_.data(), q8_sums_.data(), n, out, w.rows);
+      add_bias(w, n, t0 * cpu::kInt8TileRows, t1 * cpu::kInt8TileRows, out);
+    });
+  }
+
+  // Sign-block weights in the lookup layout through the batched kernel (no tables), where it beats the lookups.
+  void linear_sign_gemm(const Matrix& w, const cpu::SignLut& lut, int n, float* out) {
+    q8_group_sums(n, cpu::q8_groups(w.cols));
+    over_tiles(lut.tiles, [&](int64_t t0, int64_t t1) {
+      k_.sign_lut->gemm(lut, t0, t1, q8_values_.data(), q8_scales_.data(), q8_sums_.data(), n, out, w.rows);
+      add_bias(w, n, t0 * cpu::kLutTileRows, t1 * cpu::kLutTileRows, out);
+    });
+  }
+
   // Sign-block weights in the lookup layout, activations already quantized into q8_values_ / q8_scales_.
   void linear_sign_lut(const Matrix& w, const cpu::SignLut& lut, int n, float* out) {
     const int64_t rows = w.rows, groups = cpu::q8_groups(w.cols), table_bytes = cpu::sign_lut_table_bytes(w.cols);
@@ -364,15 +425,11 @@ class CpuBackend final : public Backend {
       k_.sign_lut->tables(q8_values_.data() + t * groups * cpu::kQ8Group, w.cols, lut.masked,
                           lut_tables_.data() + t * table_bytes);
     });
-    const int64_t per_task = std::max<int64_t>(1, (lut.tiles + 4 * threads() - 1) / (4 * threads()));
-    pool_.run((lut.tiles + per_task - 1) / per_task, [&](int64_t c) {
-      const int64_t t0 = c * per_task, t1 = std::min(lut.tiles, t0 + per_task);
-      for (int t = 0; t < n; ++t) {
-        float* yt = out + t * rows;
-        k_.sign_lut->rows(lut, t0, t1, lut_tables_.data() + t * table_bytes, q8_scales_.data() + t * groups, yt);
-        if (w.bias)
-          for (int64_t r = t0 * cpu::kLutTileRows; r < std::min(rows, t1 * cpu::kLutTileRows); ++r) yt[r] += w.bias[r];
-      }
+    over_tiles(lut.tiles, [&](int64_t t0, int64_t t1) {
+      for (int t = 0; t < n; ++t)
+        k_.sign_lut->rows(lut, t0, t1, lut_tables_.data() + t * table_bytes, q8_scales_.data() + t * groups,
+                          out + t * rows);
+      add_bias(w, n, t0 * cpu::kLutTileRows, t1 * cpu::kLutTileRows, out);
     });
   }
 
@@ -429,29 +486,22 @@ class CpuBackend final : public Backend {
       const float* qh = q + (size_t(r) * shape.heads + h) * hd;
       thread_local std::vector<float> scores;
       scores.resize(pos - first + 1);
-      float top = -INFINITY;
-      for (int j = first; j <= pos; ++j) {
-        scores[j - first] = k_.dot_f32(keys + size_t(j) * kv_width, qh, hd) * scale;
-        top = std::max(top, scores[j - first]);
-      }
-      double total = 0;
-      for (float& s : scores) total += (s = std::exp(s - top));
-      float* oh = out + (size_t(r) * shape.heads + h) * hd;
-      std::fill(oh, oh + hd, 0.f);
-      for (int j = first; j <= pos; ++j) {
-        const float p = float(scores[j - first] / total);
-        const float* vj = vals + size_t(j) * kv_width;
-        for (int d = 0; d < hd; ++d) oh[d] += p * vj[d];
-      }
+      k_.attend(qh, keys, vals, kv_width, first, pos, hd, scale, scores.data(),
+                out + (size_t(r) * shape.heads + h) * hd);
     });
   }
 
+  // Split over the pool only in chunks of ~50 µs of work or more: smaller ones cost more in waking and waiting for
+  // the workers than they save (measured: docs/performance.md, batched decode).
   void activation(const float* gate, float* up, size_t n, bool silu) override {
-    for (size_t i = 0; i < n; ++i) {
-      const float a = gate ? gate[i] : up[i];
-      const float act = silu ? a / (1.0f + std::exp(-a)) : std::max(a, 0.0f);
-      up[i] = gate ? act * up[i] : act;
-    }
+    constexpr size_t kChunk = 16384;
+    pool_.run(int64_t((n + kChunk - 1) / kChunk), [&](int64_t c) {
+      for (size_t i = size_t(c) * kChunk; i < std::min(n, size_t(c + 1) * kChunk); ++i) {
+        const float a = gate ? gate[i] : up[i];
+        const float act = silu ? a / (1.0f + std::exp(-a)) : std::max(a, 0.0f);
+        up[i] = gate ? act * up[i] : act;
+      }
+    });
   }
 
   void add(float* x, const float* y, size_t n) override {
@@ -466,9 +516,10 @@ class CpuBackend final : public Backend {
 
   cpu::ThreadPool pool_;
   const cpu::Kernels& k_;
-  std::vector<int8_t> q8_values_;  // quantized activations of the current sign-block matmul
+  std::vector<int8_t> q8_values_;  // quantized activations of the current sign-block / int8-group matmul
   std::vector<float> q8_scales_;
-  std::vector<float> q8_sums_;                       // their group sums for a stb.qgroup.v1 matmul
+  std::vector<int32_t> q8_sums_;                     // their Σq per group (batched and int8-tile kernels)
+  std::vector<float> qgroup_sums_;                   // their sums per weight group (stb.qgroup.v1)
   std::vector<uint8_t> lut_tables_;                  // lookup tables of those activations
   std::vector<std::unique_ptr<cpu::SignLut>> luts_;  // repacked sign-block weights, owned for the model's life
   std::vector<std::unique_ptr<BinaryGroupsPlanes>> group_planes_;  // decoded binary-groups planes (portable path)
@@ -476,6 +527,7 @@ class CpuBackend final : public Backend {
   std::vector<std::unique_ptr<cpu::BinaryGroupsCodes>> groups_;  // repacked binary-groups weights, likewise
   std::vector<std::unique_ptr<RowColPacked>> rowcols_;            // row-col-sign weights, likewise
   std::vector<float> row_col_x_;                                  // a row-col-sign matmul's scaled inputs
+  std::vector<std::unique_ptr<cpu::Int8Tiles>> int8_tiles_;      // repacked int8-group weights, likewise
 };
 
 }  // namespace

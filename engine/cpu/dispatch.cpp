@@ -17,6 +17,7 @@ namespace {
 struct CpuFeatures {
   bool avx2 = false;    // AVX2 + FMA + F16C with YMM state enabled
   bool avx512 = false;  // AVX-512 F/BW/VL/DQ with ZMM state enabled
+  bool avx512_vnni = false;
 };
 
 CpuFeatures detect() {
@@ -32,18 +33,26 @@ CpuFeatures detect() {
   f.avx2 = b & (1u << 5);
   const bool avx512_cpu = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));
   f.avx512 = f.avx2 && avx512_cpu && (xcr0_lo & 0xE0) == 0xE0;  // opmask, ZMM0-15 high halves, ZMM16-31
+  f.avx512_vnni = f.avx512 && (c & (1u << 11));
 #endif
+  return f;
+}
+
+const CpuFeatures& features() {
+  static const CpuFeatures f = detect();
   return f;
 }
 
 }  // namespace
 
+bool cpu_has_avx512_vnni() { return features().avx512_vnni; }
+
 const Kernels& best_kernels() {
-  static const CpuFeatures features = detect();
+  const CpuFeatures& f = features();
   const char* wanted = std::getenv("STBLLM_KERNELS");
   const std::string want = wanted ? wanted : "";
-  if (want != "scalar" && want != "avx2" && features.avx512 && avx512_kernels()) return *avx512_kernels();
-  if (want != "scalar" && features.avx2 && avx2_kernels()) return *avx2_kernels();
+  if (want != "scalar" && want != "avx2" && f.avx512 && avx512_kernels()) return *avx512_kernels();
+  if (want != "scalar" && f.avx2 && avx2_kernels()) return *avx2_kernels();
   return scalar_kernels();
 }
 

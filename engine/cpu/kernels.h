@@ -16,12 +16,20 @@ inline int64_t q8_groups(int64_t cols) { return (cols + kQ8Group - 1) / kQ8Group
 
 struct SignLutKernels;  // engine/cpu/sign_lut.h
 struct GroupsKernels;   // engine/cpu/kernels_groups.h
+struct Int8TileKernels; // engine/cpu/int8_tiles.h
 
 struct Kernels {
   const char* name;
   float (*dot_f32)(const float* w, const float* x, int64_t n);
-  float (*dot_f16)(const uint16_t* w, const float* x, int64_t n);
+  // One fp16 weight row against n activation rows (x_t = x + t · cols): out[t · out_stride] = Σ_j w_j · x_t[j], each
+  // the same bits as for that row alone; SIMD paths convert each weight vector once for several rows.
+  void (*dot_f16_rows)(const uint16_t* w, const float* x, int n, int64_t cols, float* out, int64_t out_stride);
   void (*f16_to_f32)(const uint16_t* src, float* dst, int64_t n);
+  // One attention head of one row: scores[j − first] = dot_f32(k_j, q) · scale for the positions j in [first, last]
+  // (k_j = keys + j · kv_stride), softmax in float with a double sum, out[hd] = Σ_j p_j · v_j summed in order j
+  // (engine/cpu/attend.h). The paths differ only in dot_f32's summation order.
+  void (*attend)(const float* q, const float* keys, const float* values, int64_t kv_stride, int first, int last,
+                 int hd, float scale, float* scores, float* out);
   // x[cols] -> q[q8_groups(cols) * kQ8Group] (zero padded), d[q8_groups(cols)].
   void (*quantize_q8)(const float* x, int64_t cols, int8_t* q, float* d);
   // One stb.sign-block.v1 weight row against n quantized activation rows (q: n × q8_groups(cols)·kQ8Group int8,
@@ -44,6 +52,8 @@ struct Kernels {
   const SignLutKernels* sign_lut;
   // stb.binary-groups.v2 on repacked codes; null on paths without it (they use dot_binary_groups on the planes).
   const GroupsKernels* groups;
+  // stb.int8-group.v1 on repacked 16-row tiles; null on paths without it (they use int8_row_q8).
+  const Int8TileKernels* int8_tiles;
 };
 
 // xsum[t · groups + g] = Σ over the 32-column chunks c of group g of d_t[c / 2] · Σ_{j in c} q_t[j], for n quantized
@@ -65,6 +75,7 @@ const Kernels* avx512_kernels();  // null when the build has no AVX-512 path
 // The best table this CPU and OS support. STBLLM_KERNELS=scalar|avx2|avx512 in the environment picks a lower one
 // (for tests and comparisons); asking for one the machine lacks falls back to the best available.
 const Kernels& best_kernels();
+bool cpu_has_avx512_vnni();  // AVX-512 F/BW/VL/DQ and VNNI, enabled by the OS
 
 float half_to_float(uint16_t h);
 

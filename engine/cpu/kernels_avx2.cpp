@@ -1,5 +1,7 @@
 // AVX2 + FMA + F16C kernels (compiled with those flags; called only after run-time detection).
 #include "cpu/kernels.h"
+#include "cpu/attend.h"
+#include "cpu/int8_tiles.h"
 #include "cpu/kernels_groups.h"
 #include "cpu/sign_lut.h"
 
@@ -29,18 +31,42 @@ float dot_f32(const float* w, const float* x, int64_t n) {
   return acc;
 }
 
-float dot_f16(const uint16_t* w, const float* x, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+// fp16 weights against up to 6 activation rows at once, two accumulators per row whatever the count (so a row's
+// bits do not depend on its batch): every pair of weight vectors is converted once per pass.
+template <int T>
+void dot_f16_pass(const uint16_t* w, const float* x, int64_t cols, float* out, int64_t out_stride) {
+  __m256 a0[T], a1[T];
+  for (int t = 0; t < T; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
+  for (; j + 16 <= cols; j += 16) {
     const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j)));
     const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j + 8)));
-    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j), a0);
-    a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + j + 8), a1);
+    for (int t = 0; t < T; ++t) {
+      a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * cols + j), a0[t]);
+      a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * cols + j + 8), a1[t]);
+    }
   }
-  float acc = hsum(_mm256_add_ps(a0, a1));
-  for (; j < n; ++j) acc += half_to_float(w[j]) * x[j];
-  return acc;
+  for (int t = 0; t < T; ++t) {
+    float acc = hsum(_mm256_add_ps(a0[t], a1[t]));
+    for (int64_t k = j; k < cols; ++k) acc += half_to_float(w[k]) * x[t * cols + k];
+    out[t * out_stride] = acc;
+  }
+}
+
+void dot_f16_rows(const uint16_t* w, const float* x, int n, int64_t cols, float* out, int64_t out_stride) {
+  constexpr int kRowsPerPass = 6;  // 12 accumulators + 2 weight vectors in 16 ymm registers
+  for (int t0 = 0; t0 < n; t0 += kRowsPerPass) {
+    const float* xt = x + t0 * cols;
+    float* ot = out + t0 * out_stride;
+    switch (n - t0 < kRowsPerPass ? n - t0 : kRowsPerPass) {
+      case 1: dot_f16_pass<1>(w, xt, cols, ot, out_stride); break;
+      case 2: dot_f16_pass<2>(w, xt, cols, ot, out_stride); break;
+      case 3: dot_f16_pass<3>(w, xt, cols, ot, out_stride); break;
+      case 4: dot_f16_pass<4>(w, xt, cols, ot, out_stride); break;
+      case 5: dot_f16_pass<5>(w, xt, cols, ot, out_stride); break;
+      default: dot_f16_pass<6>(w, xt, cols, ot, out_stride);
+    }
+  }
 }
 
 void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
@@ -72,29 +98,6 @@ void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
   if (g0 < cols) scalar_kernels().quantize_q8(x + g0, cols - g0, q + g0, d + g0 / kQ8Group);
 }
 
-// int8 × int8: maddubs needs one unsigned operand, so multiply |w| by q carrying w's sign (sign_epi8).
-void int8_row_q8(const int8_t* w, const uint16_t* ws, int64_t cols, const int8_t* q, const float* d, int n,
-                 float* out, int64_t out_stride) {
-  const int64_t groups = q8_groups(cols);
-  const __m256i ones16 = _mm256_set1_epi16(1);
-  for (int t = 0; t < n; ++t) {
-    const int8_t* qt = q + t * groups * kQ8Group;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256i s32 = _mm256_setzero_si256();
-      for (int h = 0; h < 2; ++h) {  // a pair of 127·127 products nearly fills int16: widen each half to int32
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kQ8Group + 32 * h));
-        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qt + g * kQ8Group + 32 * h));
-        const __m256i s16 = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(qv, wv));
-        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(s16, ones16));
-      }
-      const __m256 s = _mm256_cvtepi32_ps(s32);
-      acc[g & 1] = _mm256_fmadd_ps(s, _mm256_set1_ps(_cvtsh_ss(ws[g]) * d[t * groups + g]), acc[g & 1]);
-    }
-    out[t * out_stride] = hsum(_mm256_add_ps(acc[0], acc[1]));
-  }
-}
-
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
@@ -102,13 +105,26 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (; j < n; ++j) dst[j] = half_to_float(src[j]);
 }
 
+void attend(const float* q, const float* keys, const float* values, int64_t kv_stride, int first, int last, int hd,
+            float scale, float* scores, float* out) {
+  auto add_scaled = [](float* o, float p, const float* v, int n) {
+    const __m256 pv = _mm256_set1_ps(p);
+    int d = 0;
+    for (; d + 8 <= n; d += 8)
+      _mm256_storeu_ps(o + d, _mm256_add_ps(_mm256_loadu_ps(o + d), _mm256_mul_ps(pv, _mm256_loadu_ps(v + d))));
+    for (; d < n; ++d) o[d] += p * v[d];
+  };
+  attend_with(dot_f32, add_scaled, q, keys, values, kv_stride, first, last, hd, scale, scores, out);
+}
+
 }  // namespace
 
 const Kernels* avx2_kernels() {
-  // Binary matrices always take the lookup kernel here (the backend repacks them); sign_row_q8 is the portable
-  // one for completeness.
-  static const Kernels k{"avx2", dot_f32, dot_f16, f16_to_f32, quantize_q8, scalar_kernels().sign_row_q8,
-                         int8_row_q8, avx2_qgroup_row_q8, avx2_sign_lut(), avx2_groups()};
+  // Binary and int8 matrices always take the lookup and tile kernels here (the backend repacks them);
+  // sign_row_q8 and int8_row_q8 are the portable ones for completeness.
+  static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, attend, quantize_q8, scalar_kernels().sign_row_q8,
+                         scalar_kernels().int8_row_q8, avx2_qgroup_row_q8, avx2_sign_lut(), avx2_groups(),
+                         avx2_int8_tiles()};
   return &k;
 }
 

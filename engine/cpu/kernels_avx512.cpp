@@ -4,6 +4,7 @@
 // need the tables of groups (2p, 2p, 2p+2, 2p+2) for low nibbles and (2p+1, 2p+1, 2p+3, 2p+3) for high ones —
 // this path builds its tables in that order.
 #include "cpu/kernels.h"
+#include "cpu/int8_tiles.h"
 #include "cpu/kernels_groups.h"
 #include "cpu/sign_lut.h"
 
@@ -72,9 +73,17 @@ void sign_lut_rows(const SignLut& l, int64_t tile0, int64_t tile1, const uint8_t
 const Kernels* avx512_kernels() {
   const Kernels* base = avx2_kernels();
   if (!base) return nullptr;
-  static const SignLutKernels lut{sign_lut_tables, sign_lut_rows};
-  static const Kernels k{"avx512", base->dot_f32, base->dot_f16, base->f16_to_f32, base->quantize_q8,
-                         base->sign_row_q8, base->int8_row_q8, avx512_qgroup_row_q8, &lut, avx512_groups()};
+  // With VNNI the batched kernel beat lookups from 2 activation rows on, and for 1 row on matrices of fewer than
+  // 2048 rows, whose lookup tables cost more than the rows amortize (576 x 576: 4.6 vs 7.0 us; 4096 x 4096: 245 vs
+  // 231 us; docs/performance.md). Without VNNI the AVX2 batched kernel takes over.
+  static const SignLutKernels lut = avx512_sign_gemm()
+      ? SignLutKernels{sign_lut_tables, sign_lut_rows, avx512_sign_gemm(), 2, 2048}
+      : SignLutKernels{sign_lut_tables, sign_lut_rows, avx2_sign_gemm(), kAvx2SignGemmMinRows, 0};
+  // Without VNNI the int8 tiles run the AVX2 kernel (AVX-512BW alone would gain little over it).
+  static const Int8TileKernels* int8 = avx512_int8_tiles() ? avx512_int8_tiles() : base->int8_tiles;
+  static const Kernels k{"avx512",          base->dot_f32,     base->dot_f16_rows, base->f16_to_f32,
+                         base->attend,      base->quantize_q8, base->sign_row_q8,  base->int8_row_q8,
+                         avx512_qgroup_row_q8, &lut,           avx512_groups(),    int8};
   return &k;
 }
 

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu/attend.h"
 #include "cpu/kernels.h"
 #include "stbllm/qgroup.h"
 
@@ -42,6 +43,10 @@ float dot_f16(const uint16_t* w, const float* x, int64_t n) {
   float acc = 0;
   for (int64_t j = 0; j < n; ++j) acc += half_to_float(w[j]) * x[j];
   return acc;
+}
+
+void dot_f16_rows(const uint16_t* w, const float* x, int n, int64_t cols, float* out, int64_t out_stride) {
+  for (int t = 0; t < n; ++t) out[t * out_stride] = dot_f16(w, x + t * cols, cols);
 }
 
 void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
@@ -127,6 +132,14 @@ void qgroup_row_q8(const uint8_t* codes, const uint16_t* scales, const uint16_t*
   }
 }
 
+void attend(const float* q, const float* keys, const float* values, int64_t kv_stride, int first, int last, int hd,
+            float scale, float* scores, float* out) {
+  auto add_scaled = [](float* o, float p, const float* v, int n) {
+    for (int d = 0; d < n; ++d) o[d] += p * v[d];
+  };
+  attend_with(dot_f32, add_scaled, q, keys, values, kv_stride, first, last, hd, scale, scores, out);
+}
+
 }  // namespace
 
 void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int group, int n, float* xsum) {
@@ -143,8 +156,8 @@ void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int g
 }
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar", dot_f32, dot_f16, f16_to_f32, quantize_q8, sign_row_q8, int8_row_q8,
-                         qgroup_row_q8, nullptr, nullptr};
+  static const Kernels k{"scalar",    dot_f32,     dot_f16_rows,  f16_to_f32, attend, quantize_q8,
+                         sign_row_q8, int8_row_q8, qgroup_row_q8, nullptr,    nullptr, nullptr};
   return k;
 }
 

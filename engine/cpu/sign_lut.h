@@ -54,8 +54,26 @@ struct SignLutKernels {
   void (*tables)(const int8_t* q, int64_t cols, bool masked, uint8_t* tables);
   // out[r] for the rows of tiles [tile0, tile1) against one activation row (its tables and group scales d).
   void (*rows)(const SignLut& l, int64_t tile0, int64_t tile1, const uint8_t* tables, const float* d, float* out);
+  // Batched (GEMM) form on the same layout, null where the path has none: each weight tile's signs are expanded
+  // to bytes once for several activation rows and multiplied with int8 dot products, no tables.
+  // out[t · out_stride + r] for the rows of tiles [tile0, tile1) and t < n; q, d: n quantized activation rows;
+  // qsum[t · groups + g] = Σ_j q_t[j] over activation group g.
+  void (*gemm)(const SignLut& l, int64_t tile0, int64_t tile1, const int8_t* q, const float* d, const int32_t* qsum,
+               int n, float* out, int64_t out_stride);
+  // When gemm beats rows (measured per path: docs/performance.md): from gemm_min_rows activation rows on, and for
+  // any count on matrices of fewer than gemm_below_rows output rows (0: none).
+  int gemm_min_rows;
+  int64_t gemm_below_rows;
+  bool use_gemm(int n, int64_t rows) const { return gemm && (n >= gemm_min_rows || rows < gemm_below_rows); }
 };
 
 const SignLutKernels* avx2_sign_lut();  // null when the build has no AVX2 path
+// The batched kernels (gemm_avx2.cpp, gemm_avx512vnni.cpp); null without that path or CPU.
+using SignGemm = decltype(SignLutKernels::gemm);
+SignGemm avx2_sign_gemm();
+// Where avx2_sign_gemm starts beating the lookup kernel (docs/performance.md): from 8 activation rows on it was
+// 1.1-1.5x faster on SmolLM2's shapes; at 4 it was slower on half of them.
+constexpr int kAvx2SignGemmMinRows = 8;
+SignGemm avx512_sign_gemm();
 
 }  // namespace stb::cpu

@@ -318,6 +318,9 @@ def bench_kernels(rows: int, cols: int, nm, batch: int, threads: int) -> dict:
         "sign-block" + pattern:
             (_core.Linear("sign-block", rows, cols, signs=signs & mask if mask is not None else signs, mask=mask,
                           scales=scales, threads=threads), packed),
+        "int8-group": (_core.Linear("int8-group", rows, cols, values=rng.integers(
+            -127, 128, size=(rows, words * 64), dtype=np.int8), scales=np.full((rows, words), 0.01, np.float16)
+            .view(np.uint16), threads=threads), rows * words * (64 + 2)),
         **{f"qgroup q{bits} g64": qgroup_linear(rng, rows, cols, bits, threads) for bits in (4, 3, 2)},
         "f16": (_core.Linear("f16", rows, cols, values=rng.standard_normal((rows, cols), dtype=np.float32)
                              .astype(np.float16).view(np.uint16), threads=threads), rows * cols * 2),
