@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "as stbllm:6:8 (default: the recipe's, else fp16)")
     p.add_argument("--nm", metavar="N:M", default=None,
                    help="N:M sparsity along the input dimension for binarizing methods, e.g. 4:8, 5:8, 6:8")
-    p.add_argument("--block", type=int, default=128,
+    p.add_argument("--block", "--block-size", dest="block", type=int, default=128,
                    help="input columns per scale block: a multiple of 64 in [64, 4096] (default: 128)")
     p.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="tokenizer to embed instead of the model's: a directory, a tokenizer.json or a "
