@@ -1,13 +1,16 @@
-"""How much output error each N:M importance metric causes by pruning alone, on SmolLM2-135M's first layers.
+"""Output error of each N:M importance metric's keep-mask, pruned alone and with the kept weights binarized (SmolLM2).
 
     python benchmarks/pruning_error.py [--layers 3] [--json benchmarks/results/smollm2-pruning-error.json]
 
 For every linear of the first --layers decoder layers (calibrated as `--method stbllm --nm 4:8 --no-layerwise`
-would, 8 x 256 tokens of the C4 sample, so each layer sees the quantized layers before it), the pruned part
-D = W * (1 - keep) of each metric's N:M keep-mask costs tr(D H D^T) of layer output error (H = 2/N sum x x^T, the
-calibration Hessian, damped as the driver damps it). Printed and stored relative to Wanda (|W| * ||X_j||), per matrix and summed per layer.
-This is the investigation behind docs/results.md: SI as we read the paper (a zero-mean standardized score times
-||X_j||) ranks a below-average weight LOWER the more its input carries.
+would, 8 x 256 tokens of the C4 sample, so each layer sees the quantized layers before it), each metric's N:M
+keep-mask is scored twice by layer output error tr(E H E^T) (H = 2/N sum x x^T, the calibration Hessian, damped as
+the driver damps it): E = the pruned weights alone ("pruned"), and E = W - (the kept weights binarized as
+alpha * sign, alpha per (row, 128-block)) ("pruned_and_binarized"). Printed and stored relative to Wanda
+(|W| * ||X_j||), per matrix and summed. This is the investigation behind docs/results.md: SI as we read the paper (a
+zero-mean standardized score times ||X_j||) ranks a below-average weight LOWER the more its input carries — wrong
+for pruning alone, right once the kept weights are binarized (a kept weight below about alpha / 2 costs more as
++-alpha than as 0, and the more so the larger its input).
 """
 from __future__ import annotations
 
@@ -33,16 +36,28 @@ ROOT = Path(__file__).resolve().parents[1]
 PATTERNS = [(4, 8), (6, 8)]
 
 
+def binarized(w: torch.Tensor, keep: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """The kept weights as alpha * sign(w), alpha = mean |w| of the kept weights of each (row, block); 0 elsewhere.
+    The simplest binarizer: enough to show how the keep choice interacts with binarization."""
+    q = torch.zeros_like(w)
+    for start in range(0, w.shape[1], block):
+        part, kept = w[:, start:start + block], keep[:, start:start + block]
+        alpha = (part.abs() * kept).sum(1, keepdim=True) / kept.sum(1, keepdim=True).clamp(min=1)
+        q[:, start:start + block] = torch.where(kept, alpha * torch.sign(part), torch.zeros_like(part))
+    return q
+
+
 def pruning_errors(w: torch.Tensor, h: torch.Tensor) -> dict:
-    """{'4:8': {metric: tr(D H D^T)}, ...} for one weight matrix and its Hessian."""
+    """{'4:8': {'pruned': {metric: tr(D H D^T)}, 'pruned_and_binarized': {metric: tr(E H E^T)}}, ...} for one
+    weight matrix and its Hessian: D = the pruned weights, E = W - binarized(kept weights)."""
     norms = torch.diag(h).clamp(min=0).sqrt()
     out = {}
     for n, m in PATTERNS:
-        out[f"{n}:{m}"] = {}
+        entry = out[f"{n}:{m}"] = {"pruned": {}, "pruned_and_binarized": {}}
         for metric in IMPORTANCE:
             keep = torch.from_numpy(nm_keep(importance(w, norms, metric).numpy(), n, m))
-            d = w * ~keep
-            out[f"{n}:{m}"][metric] = float(torch.einsum("ij,jk,ik->", d, h, d))
+            for kind, e in (("pruned", w * ~keep), ("pruned_and_binarized", w - binarized(w, keep))):
+                entry[kind][metric] = float(torch.einsum("ij,jk,ik->", e, h, e))
     return out
 
 
@@ -76,14 +91,15 @@ def main(argv=None) -> int:
     rows = []
     for (w, h), name in zip(captured, linear_names):
         errors = pruning_errors(w, h)
-        rows.append({"tensor": name, "errors": errors,
-                     "relative_to_wanda": {nm: {k: round(v / e["wanda"], 3) for k, v in e.items()}
-                                           for nm, e in errors.items()}})
-        print(name, {nm: r for nm, r in rows[-1]["relative_to_wanda"].items()}, flush=True)
-    totals = {f"{n}:{m}": {metric: round(sum(r["errors"][f"{n}:{m}"][metric] for r in rows) /
-                                         sum(r["errors"][f"{n}:{m}"]["wanda"] for r in rows), 3)
-                           for metric in IMPORTANCE} for n, m in PATTERNS}
-    print("all matrices, relative to wanda:", totals)
+        relative = {nm: {kind: {k: round(v / e[kind]["wanda"], 3) for k, v in e[kind].items()} for kind in e}
+                    for nm, e in errors.items()}
+        rows.append({"tensor": name, "errors": errors, "relative_to_wanda": relative})
+        print(name, relative, flush=True)
+    totals = {nm: {kind: {metric: round(sum(r["errors"][nm][kind][metric] for r in rows) /
+                                        sum(r["errors"][nm][kind]["wanda"] for r in rows), 3)
+                          for metric in IMPORTANCE} for kind in ("pruned", "pruned_and_binarized")}
+              for nm in rows[0]["errors"]}
+    print("all matrices, relative to wanda:", json.dumps(totals))
     args.json.write_text(json.dumps({"date": datetime.date.today().isoformat(), "command":
                                      f"python benchmarks/pruning_error.py --layers {args.layers}",
                                      "calibration": "C4 sample, 8 x 256 tokens, seed 0",
