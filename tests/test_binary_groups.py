@@ -18,6 +18,7 @@ from stbllm_rt import FormatError, Model, StbReader, StbWriter, binary_groups  #
 from conftest import CORPUS  # noqa: E402
 from test_calibrate import _correlated_layer  # noqa: E402
 from test_format import _metadata, _rebuild, _split  # noqa: E402
+from test_oracle import assert_logits_close, oracle_logits  # noqa: E402
 
 NAME = "blk.0.attn_q.weight"
 
@@ -193,3 +194,143 @@ def test_malformed_streams_are_refused_by_the_runtime(tiny_stbllm, tmp_path, cas
         _rebuild(path, header, raw[data_offset:])
     with pytest.raises(FormatError, match=match):
         Model(path)
+
+
+# ---- 8-bit params under per-(row, slot) fp16 scales (params_bits = 8) ---------------------------------------------
+
+def _every_safe_scale():
+    """Every fp16 scale >= 0 whose product with code 127 stays finite: zero, subnormals, normals up to ~515."""
+    bits = np.arange(0x7C00, dtype=np.uint16)
+    scales = bits.view(np.float16)
+    return scales[scales.astype(np.float32) * 127 < 65504]
+
+
+def _compact_planes(rng, scales, regions=1, nm=None, cols=130, block=64):
+    """Random planes whose params are random 8-bit codes (±127, 0 and ±1 included) under the given scales, laid
+    out over as many rows as they fill."""
+    slots = 2 * regions + 4
+    rows = -(-scales.size // slots)
+    param_scales = np.resize(scales, rows * slots).reshape(rows, slots)
+    codes = rng.integers(-127, 128, (rows, -(-cols // block), slots)).astype(np.int8)
+    codes.reshape(-1)[:4] = [127, -127, 0, 1]
+    codes[np.broadcast_to(param_scales[:, None, :] == 0, codes.shape)] = 0  # the writer's code under a zero scale
+    planes = _random_planes(rng, rows, cols, regions, nm, block)
+    planes.update(params=binary_groups.expand_params(codes, param_scales), param_scales=param_scales)
+    return planes, codes
+
+
+@pytest.mark.parametrize("regions, nm, cols", [(1, None, 130), (3, (6, 8), 203)])
+def test_8bit_params_round_trip_bit_exactly(tmp_path, regions, nm, cols):
+    """C++ and Python expand every fp16 scale (subnormal to huge) times random codes to the same fp16 bits, and the
+    dequantized weights follow the format's rule on those values; ragged last blocks included."""
+    scales = _every_safe_scale() if regions == 1 else np.random.default_rng(1).choice(_every_safe_scale(), 300)
+    planes, codes = _compact_planes(np.random.default_rng(cols), scales, regions, nm, cols)
+    writer = StbWriter(_metadata())
+    writer.add_binary_groups(NAME, **planes)
+    writer.write(tmp_path / "p8.stb")
+    reader = StbReader(tmp_path / "p8.stb")
+    info = reader.tensor_info(NAME)
+    assert info["params"]["params_bits"] == 8
+    np.testing.assert_array_equal(reader.component(NAME, "params").view(np.int8), codes.reshape(-1))
+    runtime = reader._file.binary_groups_params(NAME)
+    np.testing.assert_array_equal(runtime, planes["params"].view(np.uint16).reshape(-1))
+    np.testing.assert_array_equal(reader.dequantize(NAME), _reference(planes))
+    rows, slots = planes["param_scales"].shape
+    assert info["components"]["params"]["length"] == codes.size  # one byte per param
+    assert info["components"]["param_scales"]["length"] == rows * slots * 2
+
+
+def test_8bit_params_encoder_refuses_values_off_the_grid():
+    scales = np.full((2, 6), 0.5, np.float16)
+    params = np.full((2, 1, 6), 0.25, np.float16)  # half a step
+    with pytest.raises(ValueError, match="8-bit codes"):
+        binary_groups.param_codes(params, scales)
+
+
+def test_quantizer_with_8bit_params_round_trips_bit_exactly(tmp_path):
+    """The quantizer rounds every alpha and mu to its code when it computes it, so the file reproduces q exactly."""
+    w, _, h = _correlated_layer(24, 200, tokens=512, seed=3)
+    keep = torch.from_numpy(B.nm_keep(w.abs().numpy(), 5, 8))
+    method = make_method("stbllm", nm=(5, 8), params_bits=8)
+    result = method.quantize(w, B.inverse_hessian_factor(h, w.clone()), keep)
+    assert result.param_scales is not None and (result.params != 0).any()
+    writer = StbWriter(_metadata())
+    method.write(writer, NAME, result, (5, 8))
+    writer.write(tmp_path / "q8.stb")
+    reader = StbReader(tmp_path / "q8.stb")
+    np.testing.assert_array_equal(reader.dequantize(NAME), result.q.numpy())
+    report = writer.bit_report()["groups"]["scales"]
+    assert report["bytes"] == 24 * 2 * 10 + 24 * 10 * 2  # codes [rows, blocks, slots] + scales [rows, slots]
+
+
+def test_8bit_params_only_for_binarizers_with_plain_alphas():
+    from stbllm_convert.methods import ConvertError
+
+    with pytest.raises(ConvertError, match="billm or stbllm"):
+        make_method("arb-x", params_bits=8)
+    with pytest.raises(ConvertError, match="billm or stbllm"):
+        make_method("sign", params_bits=8)
+    with pytest.raises(ConvertError, match="16 or 8"):
+        make_method("billm", params_bits=4)
+
+
+def _p8_file(tmp_path):
+    planes, _ = _compact_planes(np.random.default_rng(5), np.array([0.5, 1e-7, 0, 2.0, 3.0, 0.25], np.float16), 1)
+    writer = StbWriter(_metadata())
+    writer.add_binary_groups(NAME, **planes)
+    path = tmp_path / "bad-p8.stb"
+    writer.write(path)
+    return path
+
+
+def _set_half(index, value):
+    def edit(buf):
+        buf[2 * index:2 * index + 2] = np.array([value], "<f2").tobytes()
+    return edit
+
+
+@pytest.mark.parametrize("case, match", [
+    ("code_min", "-128"), ("negative_scale", "negative or not finite"), ("inf_scale", "negative or not finite"),
+    ("overflow", "overflows fp16"), ("bits_16", "params_bits"), ("bits_4", "params_bits"),
+    ("scales_length", "need"), ("no_scales", "components"),
+])
+def test_malformed_8bit_params_are_refused(tmp_path, case, match):
+    """Checked by the C++ reader at open; the Python decoder has the same rules (expand_params)."""
+    path = _p8_file(tmp_path)
+    if case == "code_min":
+        _tamper(path, "params", lambda b: b.__setitem__(0, 0x80))
+    elif case in ("negative_scale", "inf_scale", "overflow"):
+        _tamper(path, "param_scales", _set_half(3, {"negative_scale": -2.0, "inf_scale": np.inf,
+                                                    "overflow": 60000.0}[case]))
+    else:
+        raw, header, data_offset = _split(path)
+        t = header["tensors"][NAME]
+        {"bits_16": lambda: t["params"].update(params_bits=16), "bits_4": lambda: t["params"].update(params_bits=4),
+         "scales_length": lambda: t["components"]["param_scales"].update(
+             length=t["components"]["param_scales"]["length"] - 2),
+         "no_scales": lambda: t["components"].pop("param_scales")}[case]()
+        _rebuild(path, header, raw[data_offset:])
+    with pytest.raises(FormatError, match=match):
+        StbReader(path)
+
+
+@pytest.mark.parametrize("codes, scales, match", [
+    ([-128], [1.0], "-128"), ([1], [-1.0], "negative or not finite"), ([1], [np.nan], "negative or not finite"),
+    ([127], [600.0], "overflows fp16"),
+])
+def test_python_decoder_refuses_bad_8bit_params(codes, scales, match):
+    with pytest.raises(FormatError, match=match):
+        binary_groups.expand_params(np.array(codes, np.int8).reshape(1, 1, 1), np.array([scales], np.float16))
+
+
+def test_tiny_model_with_8bit_params_matches_oracle(tmp_path, tiny_hf_models):
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(CORPUS * 3))
+    out = tmp_path / "llama-stbllm-p8.stb"
+    convert(tiny_hf_models["llama"], out, method="stbllm", nm="6:8", progress=False, params_bits=8,
+            calibration=CalibrationOptions(texts=[text], samples=2, seqlen=32))
+    reader = StbReader(out)
+    assert reader.tensor_info(NAME)["params"]["params_bits"] == 8
+    assert reader.metadata["provenance"]["params_bits"] == 8
+    ids = list(np.random.default_rng(1).integers(4, 300, size=40))
+    assert_logits_close(Model(out, threads=2).logits(ids), oracle_logits(out, ids))

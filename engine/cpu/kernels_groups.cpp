@@ -22,11 +22,12 @@ void describe_binary_groups(const TensorEntry& w, const BinaryGroupsPlanes& plan
   m.salient_columns = w.salient_columns;
   m.signs = planes.signs.data();
   m.salient = planes.salient.data();
-  m.params = reinterpret_cast<const uint16_t*>(w.component("params").data);
+  m.params = planes.params.empty() ? reinterpret_cast<const uint16_t*>(w.component("params").data)
+                                    : planes.params.data();
   if (!planes.mask.empty()) m.mask = planes.mask.data();
   if (m.label_planes) m.labels = planes.labels.data();
   if (m.salient_columns) m.residual = planes.residual.data();
-  m.bytes = planes.bytes() + w.component("params").length;
+  m.bytes = planes.bytes() + (planes.params.empty() ? w.component("params").length : 0);
 }
 
 float dot_binary_groups(const Matrix& m, int64_t row, const float* x) {

@@ -9,6 +9,8 @@
 #include <cstring>
 #include <string>
 
+#include "cpu/kernels.h"
+
 namespace stb {
 namespace {
 
@@ -78,7 +80,49 @@ bool unrank(uint64_t rank, int m, int k, uint64_t* row_words, int64_t col) {
   return true;
 }
 
+// float32 -> fp16 bits, rounded to nearest even with subnormals (what numpy's astype(float16) does); finite values
+// from 65520 up become inf.
+uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000);
+  x &= 0x7fffffff;
+  if (x > 0x7f800000) return sign | 0x7e00;  // NaN
+  if (x >= 0x477ff000) return sign | 0x7c00;  // >= 65520: inf
+  const int exp32 = int(x >> 23);
+  if (exp32 < 102) return sign;  // below 2^-25: rounds to zero
+  // Normal fp16 results keep 10 mantissa bits (drop 13); subnormals are counted in units of 2^-24.
+  const uint32_t mant = (x & 0x7fffff) | 0x800000;
+  const int shift = exp32 >= 113 ? 13 : 126 - exp32;
+  uint32_t h = exp32 >= 113 ? (uint32_t(exp32 - 112) << 10) | ((mant & 0x7fffff) >> 13) : mant >> shift;
+  const uint32_t rest = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+  if (rest > half || (rest == half && (h & 1))) ++h;  // a carry rolls into the exponent, as it should
+  return uint16_t(sign | h);
+}
+
 }  // namespace
+
+std::vector<uint16_t> binary_groups_expand_params(const TensorEntry& t) {
+  const std::string what = "tensor '" + t.name + "'";
+  const int64_t rows = t.shape.at(0), blocks = (t.shape.at(1) + t.block - 1) / t.block, slots = 2 * t.regions + 4;
+  const auto* codes = reinterpret_cast<const int8_t*>(t.component("params").data);
+  const auto* scales = reinterpret_cast<const uint16_t*>(t.component("param_scales").data);
+  for (int64_t i = 0; i < rows * slots; ++i)
+    if (scales[i] >= 0x7c00)  // sign set (negative or -0) or exponent all ones (inf, NaN)
+      throw FormatError(what + ": param scale " + std::to_string(i) + " is negative or not finite");
+  std::vector<uint16_t> out(size_t(rows * blocks * slots));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t i = 0; i < slots; ++i) {
+        const int64_t k = (r * blocks + b) * slots + i;
+        if (codes[k] == -128) throw FormatError(what + ": a param code is -128 (codes are -127..127)");
+        // fp16 × int8 is exact in float32: the conversion is the only rounding.
+        out[size_t(k)] = float_to_half(cpu::half_to_float(scales[r * slots + i]) * float(codes[k]));
+        if ((out[size_t(k)] & 0x7c00) == 0x7c00)
+          throw FormatError(what + ": param " + std::to_string(k) + " overflows fp16");
+      }
+  return out;
+}
 
 uint64_t binary_groups_mask_bits_per_row(int64_t cols, int n, int m) {
   const int64_t tail = cols % m;
@@ -106,6 +150,7 @@ BinaryGroupsPlanes decode_binary_groups(const TensorEntry& t) {
   p.residual.assign(size_t((rows * t.salient_columns + 63) / 64), 0);
   p.salient.assign(size_t(words), 0);
   std::memcpy(p.salient.data(), t.component("salient").data, size_t((cols + 7) / 8));
+  if (t.params_bits == 8) p.params = binary_groups_expand_params(t);
 
   if (m) {
     p.mask.assign(size_t(rows * words), 0);

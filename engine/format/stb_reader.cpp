@@ -61,7 +61,7 @@ bool valid_tensor_name(const std::string& name) {
 }
 
 // The rules of stb.binary-groups.v2 cheap enough to check at open: the salient bitmap has exactly salient_columns
-// bits set and none past the last column. The streams' contents are checked when a backend decodes them.
+// bits set and none past the last column; 8-bit params decode to finite fp16 values. The streams' contents are checked when a backend decodes them.
 void validate_binary_groups(const TensorEntry& t) {
   const std::string what = "tensor '" + t.name + "'";
   const int64_t cols = t.shape[1];
@@ -75,6 +75,7 @@ void validate_binary_groups(const TensorEntry& t) {
   if (count != t.salient_columns)
     throw FormatError(what + ": salient bitmap has " + std::to_string(count) + " columns set, params say " +
                       std::to_string(t.salient_columns));
+  if (t.params_bits == 8) binary_groups_expand_params(t);  // its checks: codes, scales, fp16 range
 }
 
 // The bit rules of stb.row-col-sign.v1 (docs/format.md), checked at open: the salient bitmap has exactly
@@ -179,13 +180,16 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
       t.kept_salient = params->at("kept_salient", what + " params")
                            .as_int(what + " kept_salient", 0, int64_t(std::min<uint64_t>(
                                                                   uint64_t(kMaxElements), rows * uint64_t(t.salient_columns))));
+      if (const JsonValue* bits = params->find("params_bits"))  // absent: fp16 params
+        t.params_bits = int(bits->as_int(what + " params_bits (only 8 is defined)", 8, 8));
     }
     if (rowcol)
       t.salient_columns = params->at("salient_columns", what + " params")
                               .as_int(what + " salient_columns", 0, int64_t(cols));
     for (const auto& kv : params->as_object(what + " params"))
       if (kv.first != "block" && kv.first != "nm" &&
-          !(groups && (kv.first == "regions" || kv.first == "salient_columns" || kv.first == "kept_salient")) &&
+          !(groups && (kv.first == "regions" || kv.first == "salient_columns" || kv.first == "kept_salient" ||
+                       kv.first == "params_bits")) &&
           !(rowcol && kv.first == "salient_columns"))
         throw FormatError(what + ": unknown param '" + kv.first + "'");
     const uint64_t words = (cols + 63) / 64;
@@ -222,8 +226,10 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
     if (t.regions == 2) out["labels"] = bytes_for(kept_plain);
     if (t.regions == 3) out["labels"] = kept_plain / 5 + (kept_plain % 5 != 0);
     if (t.kept_salient) out["residual"] = bytes_for(uint64_t(t.kept_salient));
-    out["params"] = checked_mul(checked_mul(checked_mul(rows, blocks, what), uint64_t(2 * t.regions + 4), what), 2,
+    const uint64_t slots = uint64_t(2 * t.regions + 4);
+    out["params"] = checked_mul(checked_mul(checked_mul(rows, blocks, what), slots, what), uint64_t(t.params_bits / 8),
                                 what);
+    if (t.params_bits == 8) out["param_scales"] = checked_mul(checked_mul(rows, slots, what), 2, what);
     for (auto it = out.begin(); it != out.end();) it = it->second ? std::next(it) : out.erase(it);  // empty: absent
     return out;
   }

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "stbllm/binary_groups.h"
 #include "stbllm/format.h"
 #include "stbllm/qgroup.h"
 
@@ -85,5 +86,17 @@ void bind_format(py::module_& m) {
                                          dst + r * cols);
             return out;
           },
-          py::arg("tensor"), "A stb.qgroup.v1 tensor dequantized by the runtime's row decoder (float32).");
+          py::arg("tensor"), "A stb.qgroup.v1 tensor dequantized by the runtime's row decoder (float32).")
+      .def(
+          "binary_groups_params",
+          [](const FileHandle& h, const std::string& tensor) {
+            const stb::TensorEntry& t = h.file->get(tensor);
+            if (t.codec != stb::kCodecBinaryGroups || t.params_bits != 8)
+              throw stb::FormatError("tensor '" + tensor + "' has no 8-bit binary-groups params");
+            const std::vector<uint16_t> params = stb::binary_groups_expand_params(t);
+            py::array_t<uint16_t> out({py::ssize_t(params.size())});
+            std::copy(params.begin(), params.end(), out.mutable_data());
+            return out;
+          },
+          py::arg("tensor"), "The fp16 bits of 8-bit stb.binary-groups.v2 params as the runtime expands them.");
 }

@@ -23,11 +23,18 @@ struct BinaryGroupsPlanes {
   std::vector<uint64_t> labels;    // label_planes × [rows, W], bit p of the region label in plane p; may be empty
   std::vector<uint64_t> salient;   // [W], the salient columns
   std::vector<uint64_t> residual;  // rows × salient_columns bits, row-major (bit r·S + k); 0 for pruned weights
+  std::vector<uint16_t> params;    // fp16 [rows, blocks, 2R + 4] expanded from 8-bit codes; empty when the file
+                                   // stores fp16 params (then they are read in place)
   int label_planes = 0;
   uint64_t bytes() const {
-    return 8 * (signs.size() + mask.size() + labels.size() + salient.size() + residual.size());
+    return 8 * (signs.size() + mask.size() + labels.size() + salient.size() + residual.size()) + 2 * params.size();
   }
 };
+
+// The fp16 params of a tensor with params_bits = 8: p[r, b, i] = fp16(float32(scale[r, i]) · code[r, b, i]),
+// rounded to nearest even. Throws FormatError for a code of −128, a scale that is negative or not finite, or a
+// product that overflows fp16 (the reader checks this at open; decoding expands again).
+std::vector<uint16_t> binary_groups_expand_params(const TensorEntry& t);
 
 // Decodes a validated tensor's streams; throws FormatError when the data break a rule lengths cannot express
 // (a mask code >= C(M, N), a label byte >= 3^5, non-zero padding, counts that disagree with params).

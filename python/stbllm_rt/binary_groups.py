@@ -156,11 +156,42 @@ def label_stream_bytes(count: int, regions: int) -> int:
     return 0 if regions == 1 else -(-count // 8) if regions == 2 else -(-count // 5)
 
 
-def encode(signs, labels, salient, residual, params, regions: int, block: int, mask=None, nm=None):
+def expand_params(codes, scales) -> np.ndarray:
+    """8-bit params (params_bits = 8) -> their fp16 values: codes int8 [rows, blocks, slots] in [-127, 127], scales
+    fp16 [rows, slots], finite and >= 0; p = fp16(float32(scale) * code), rounded to nearest even (the product is
+    exact in float32). Raises FormatError where the C++ reader would."""
+    codes, scales = np.asarray(codes, dtype=np.int8), np.asarray(scales, dtype="<f2")
+    if (codes == -128).any():
+        raise FormatError("a param code is -128 (codes are -127..127)")
+    if not np.isfinite(scales).all() or np.signbit(scales).any():
+        raise FormatError("a param scale is negative or not finite")
+    with np.errstate(over="ignore"):
+        values = (scales.astype(np.float32)[:, None, :] * codes.astype(np.float32)).astype("<f2")
+    if not np.isfinite(values).all():
+        raise FormatError("a param overflows fp16")
+    return values
+
+
+def param_codes(params, scales) -> np.ndarray:
+    """The int8 codes of fp16 params that expand_params(codes, scales) reproduces exactly; ValueError if some
+    param is not of that form (the quantizer must round its params with these scales)."""
+    scales = np.asarray(scales, dtype="<f2")
+    s32 = scales.astype(np.float32)[:, None, :]
+    ratio = np.divide(np.asarray(params, dtype=np.float32), s32, out=np.zeros(np.shape(params), np.float32),
+                      where=s32 > 0)
+    codes = np.clip(np.rint(ratio), -127, 127).astype(np.int8)
+    if not np.array_equal(expand_params(codes, scales), np.asarray(params, dtype="<f2")):
+        raise ValueError("params are not 8-bit codes times their per-(row, slot) scales")
+    return codes
+
+
+def encode(signs, labels, salient, residual, params, regions: int, block: int, mask=None, nm=None,
+           param_scales=None):
     """The planes of a calibrated binarizer -> (params JSON, components, paper bits). signs: bool [rows, cols]
     first-order signs (True = +1); labels: uint8 [rows, cols] region of each non-salient weight; salient: bool
     [cols]; residual: bool [rows, cols] order-2 signs (read in salient columns only); params: [rows, blocks,
-    2*regions + 4] (stored fp16); mask/nm: exact N:M keep-mask (False = exactly zero) and its (N, M), or None."""
+    2*regions + 4] (stored fp16); mask/nm: exact N:M keep-mask (False = exactly zero) and its (N, M), or None;
+    param_scales: fp16 [rows, 2*regions + 4] to store params as 8-bit codes under them (params_bits = 8), or None."""
     signs = np.asarray(signs, dtype=bool)
     if signs.ndim != 2:
         raise ValueError("signs must be 2-D")
@@ -202,10 +233,18 @@ def encode(signs, labels, salient, residual, params, regions: int, block: int, m
     n_kept_salient = int(kept_salient.sum())
     if n_kept_salient:
         components["residual"] = _pack(residual[kept_salient])
-    components["params"] = params
-    components = {k: v for k, v in components.items() if v.size}  # an empty stream is absent
     json_params = {"block": int(block), "nm": nm, "regions": int(regions), "salient_columns": int(salient.sum()),
                    "kept_salient": n_kept_salient}
+    if param_scales is None:
+        components["params"] = params
+    else:
+        param_scales = np.asarray(param_scales, dtype="<f2")
+        if param_scales.shape != (rows, shape[2]):
+            raise ValueError(f"param_scales must have shape {(rows, shape[2])}, got {param_scales.shape}")
+        components["params"] = param_codes(params, param_scales)
+        components["param_scales"] = param_scales
+        json_params["params_bits"] = 8
+    components = {k: v for k, v in components.items() if v.size}  # an empty stream is absent
     return json_params, components, int(keep.sum()) + n_kept_salient
 
 
@@ -233,7 +272,12 @@ def dequantize(component, shape, p: dict) -> np.ndarray:
     def pm(bits):
         return np.where(bits, np.float32(1), np.float32(-1))
 
-    params = component("params").view("<f2").reshape(rows, -1, 2 * regions + 4).astype(np.float32)
+    slots = 2 * regions + 4
+    if p.get("params_bits") == 8:
+        params = expand_params(component("params").view(np.int8).reshape(rows, -1, slots),
+                               component("param_scales").view("<f2").reshape(rows, slots)).astype(np.float32)
+    else:
+        params = component("params").view("<f2").reshape(rows, -1, slots).astype(np.float32)
     per_col = np.repeat(params, block, axis=1)[:, :cols]  # [rows, cols, 2*regions + 4]
     alpha = np.take_along_axis(per_col, (2 * labels)[..., None], axis=2)[..., 0]
     mu = np.take_along_axis(per_col, (2 * labels + 1)[..., None], axis=2)[..., 0]

@@ -22,12 +22,27 @@ def to_f16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).to(torch.float32)
 
 
-def binarize(x: torch.Tensor, mask: torch.Tensor, order: int, round_f16: bool = True):
+def super_scales(params: torch.Tensor) -> torch.Tensor:
+    """The per-(row, slot) scales of 8-bit params (params_bits = 8, docs/format.md) for params [rows, blocks,
+    slots]: the largest magnitude over the row's blocks maps to code 127 (rounded to fp16)."""
+    return to_f16(params.abs().amax(1) / 127)
+
+
+def round_to_codes(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """values rounded to 8-bit codes under scales (broadcast; fp16 values >= 0), as the file decodes them:
+    fp16(scale * code) with code = round(value / scale) in [-127, 127] (0 under a zero scale)."""
+    positive = scales > 0
+    codes = torch.where(positive, torch.round(values / torch.where(positive, scales, 1.0)).clamp(-127, 127), 0.0)
+    return to_f16(scales * codes)
+
+
+def binarize(x: torch.Tensor, mask: torch.Tensor, order: int, round_f16: bool = True, round_param=None):
     """Row-wise residual binarization of x over mask (both [rows, n]).
 
     For k = 1..order on the residual R (R starts as x): mu_k = mean R, alpha_k = mean |R - mu_k| (over the row's
     masked entries), B_k = +1 where R >= mu_k else -1, R -= alpha_k*B_k + mu_k. With round_f16, alpha_k and mu_k are
-    rounded to float16 before use, so the returned q is exactly what a file storing them reproduces.
+    rounded to float16 before use, so the returned q is exactly what a file storing them reproduces; round_param(v,
+    i) replaces that rounding (v [rows, 1]; i = 2(k-1) for alpha_k, 2(k-1) + 1 for mu_k).
     Returns (q, alphas [rows, order], mus [rows, order], signs [order, rows, n] bool). q is 0 off the mask; a row
     with an empty mask gets alpha = mu = 0."""
     m = mask.to(x.dtype)
@@ -39,7 +54,9 @@ def binarize(x: torch.Tensor, mask: torch.Tensor, order: int, round_f16: bool = 
         mu = (residual * m).sum(1, keepdim=True) / count
         dev = residual - mu
         alpha = (dev.abs() * m).sum(1, keepdim=True) / count
-        if round_f16:
+        if round_param is not None:
+            alpha, mu = round_param(alpha, 2 * len(alphas)), round_param(mu, 2 * len(alphas) + 1)
+        elif round_f16:
             mu, alpha = to_f16(mu), to_f16(alpha)
         positive = dev >= 0
         part = torch.where(mask, alpha * torch.where(positive, 1.0, -1.0).to(x.dtype) + mu,
@@ -275,6 +292,7 @@ class GroupsResult:
     regions: int
     block: int
     stats: dict
+    param_scales: torch.Tensor | None = None  # [rows, 2*regions + 4] when params are 8-bit codes under them
 
 
 def inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -292,7 +310,7 @@ def inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor | None = None) -> to
 
 def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None, regions: int,
                     block: int = 128, compensate: bool = True, binarizer=None,
-                    h: torch.Tensor | None = None) -> GroupsResult:
+                    h: torch.Tensor | None = None, param_scales: torch.Tensor | None = None) -> GroupsResult:
     """Block-OBC binarization of w [rows, cols] (float32) with u, the upper Cholesky factor of the damped inverse
     Hessian. Per block of `block` columns, from the current (compensated) weights: saliency T = w^2 / u_jj^2;
     searched salient columns get order-2 residual binarization; the other kept weights are split by searched
@@ -301,8 +319,20 @@ def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
     reference). keep=None is dense.
 
     binarizer(x, mask, order, gram) -> (q, alphas, mus, signs) replaces `binarize` (ARB: arb.arb_binarize); gram is
-    the block's slice of h (the layer's input Gram matrix, up to scale), or None when h is not given."""
-    binarizer = binarizer or (lambda x, mask, order, gram: binarize(x, mask, order))
+    the block's slice of h (the layer's input Gram matrix, up to scale), or None when h is not given.
+
+    param_scales [rows, 2*regions + 4] (fp16 values): every alpha and mu is rounded to an 8-bit code under its
+    slot's scale (round_to_codes) when it is computed, so the compensation sees what the file will hold."""
+    if binarizer is not None and param_scales is not None:
+        raise ValueError("8-bit params need the default binarizer")
+
+    def binarize_part(x, mask, order, gram, first_slot):
+        if binarizer is not None:
+            return binarizer(x, mask, order, gram)
+        if param_scales is None:
+            return binarize(x, mask, order)
+        scales = param_scales[:, first_slot:first_slot + 2 * order]
+        return binarize(x, mask, order, round_param=lambda v, i: round_to_codes(v, scales[:, i, None]))
     w = w.clone().float()
     rows, cols = w.shape
     keep_all = torch.ones_like(w, dtype=torch.bool) if keep is None else keep
@@ -322,7 +352,7 @@ def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
         cols_sel = search_salient_columns(t, k1)
         sal_mask = cols_sel[None] & k1
         gram = None if h is None else h[s:e, s:e]
-        q1, a, mu, sg = binarizer(w1, sal_mask, 2, gram)
+        q1, a, mu, sg = binarize_part(w1, sal_mask, 2, gram, 2 * regions)
         params[:, b, 2 * regions:] = torch.stack([a[:, 0], mu[:, 0], a[:, 1], mu[:, 1]], 1)
         signs[:, s:e] |= sg[0]
         residual[:, s:e] = sg[1]
@@ -331,7 +361,7 @@ def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
         bounds = [0.0, p1, p2][:regions] + [float("inf")]
         for g in range(regions):
             region = rest & (t >= bounds[g]) & (t < bounds[g + 1])
-            qg, a, mu, sg = binarizer(w1, region, 1, gram)
+            qg, a, mu, sg = binarize_part(w1, region, 1, gram, 2 * g)
             q1 = q1 + qg
             params[:, b, 2 * g] = a[:, 0]
             params[:, b, 2 * g + 1] = mu[:, 0]
@@ -350,4 +380,4 @@ def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
     stats = {"salient_columns": int(salient.sum()),
              "region_fractions": [round(float(c) / kept, 4) if kept else 0.0 for c in region_counts]}
     return GroupsResult(q=q, signs=signs, keep=keep, labels=labels, salient=salient, residual=residual,
-                        params=params, regions=regions, block=block, stats=stats)
+                        params=params, regions=regions, block=block, stats=stats, param_scales=param_scales)

@@ -121,7 +121,8 @@ class Method:
         if options:
             option = next(iter(options))
             needs = {"group": "a q2, q3 or q4 method", "svid": "onebit-svid", "kd_steps": "onebit-svid",
-                     "kd_lr": "onebit-svid", "arb_iters": "arb-x or arb-rc"}.get(
+                     "kd_lr": "onebit-svid", "arb_iters": "arb-x or arb-rc",
+                     "params_bits": "billm or stbllm"}.get(
                 option, "a calibrated method (billm, stbllm, arb-x, arb-rc)")
             raise ConvertError(f"--{option.replace('_', '-')} needs {needs}, not {self.name}")
         self.nm = nm
@@ -188,17 +189,22 @@ class Sign(Method):
 class CalibratedMethod(Method):
     """Binarization with salient columns, searched regions and block OBC (binarize.quantize_groups), stored as
     stb.binary-groups.v2. Options: importance (N:M pruning metric), layerwise (per-layer N:M allocation that keeps
-    the requested average), lamda / hyper_m (the allocation's spread and outlier threshold)."""
+    the requested average), lamda / hyper_m (the allocation's spread and outlier threshold), params_bits (16: fp16
+    alphas and mus; 8: 8-bit codes under one fp16 scale per (row, slot), found by a first quantization pass)."""
 
     calibrated = True
     regions = 0
     default_importance = "si"
     default_layerwise = True
 
-    def __init__(self, nm=None, block=128, importance=None, layerwise=None, lamda=2.0, hyper_m=6.0, **options):
+    def __init__(self, nm=None, block=128, importance=None, layerwise=None, lamda=2.0, hyper_m=6.0, params_bits=16,
+                 **options):
         from .binarize import IMPORTANCE
 
         super().__init__(nm, block, **options)
+        self.params_bits = int(params_bits)
+        if self.params_bits not in (8, 16):
+            raise ConvertError(f"--params-bits {self.params_bits}: choose 16 or 8")
         self.importance = importance or self.default_importance
         if self.importance not in IMPORTANCE:
             raise ConvertError(f"--importance {self.importance}: choose one of {', '.join(IMPORTANCE)}")
@@ -211,23 +217,32 @@ class CalibratedMethod(Method):
             p.update(importance=self.importance, layerwise_nm=self.layerwise)
             if self.layerwise:
                 p.update(layerwise_lamda=self.lamda, layerwise_hyper_m=self.hyper_m)
+        if self.params_bits != 16:
+            p["params_bits"] = self.params_bits
         return p
 
     def quantize(self, w, u, keep, h=None):
         """w: float32 torch [rows, cols]; u: upper Cholesky factor of the damped inverse Hessian; keep: bool keep-mask
         or None; h: the layer input's Hessian (2/N) sum x x^T, undamped. Returns a binarize.GroupsResult."""
-        from .binarize import quantize_groups
+        from .binarize import quantize_groups, super_scales
 
-        return quantize_groups(w, u, keep, self.regions, self.block)
+        result = quantize_groups(w, u, keep, self.regions, self.block)
+        if self.params_bits == 16:
+            return result
+        # The scales need every block's params, which exist only after the pass: quantize again under the first
+        # pass's scales (a param beyond its scale's range takes code ±127).
+        return quantize_groups(w, u, keep, self.regions, self.block, param_scales=super_scales(result.params))
 
     def write(self, writer, name: str, result, nm) -> None:
         params = result.params.numpy()
-        if not np.isfinite(params).all():
+        scales = None if result.param_scales is None else result.param_scales.numpy()
+        if not np.isfinite(params).all() or (scales is not None and not np.isfinite(scales).all()):
             raise ConvertError(f"tensor {name}: a scale or mean overflows float16")
         writer.add_binary_groups(name, signs=result.signs.numpy(), labels=result.labels.numpy(),
                                  salient=result.salient.numpy(), residual=result.residual.numpy(),
                                  params=params.astype(np.float16), regions=result.regions, block=result.block,
-                                 mask=None if result.keep is None else result.keep.numpy(), nm=nm)
+                                 mask=None if result.keep is None else result.keep.numpy(), nm=nm,
+                                 param_scales=None if scales is None else scales.astype(np.float16))
 
 
 @register("billm")
@@ -265,6 +280,8 @@ class ARBMethod(CalibratedMethod):
         from .arb import ARB_ITERS
 
         super().__init__(nm, block, **options)
+        if self.params_bits != 16:
+            raise ConvertError(f"--params-bits {self.params_bits} needs billm or stbllm, not {self.name}")
         self.arb_iters = ARB_ITERS if arb_iters is None else int(arb_iters)
         if self.arb_iters < 0:
             raise ConvertError(f"--arb-iters {self.arb_iters}: must be >= 0")
