@@ -93,6 +93,16 @@ def _unpack(stream: np.ndarray, count: int, what: str) -> np.ndarray:
     return bits[:count].astype(bool)
 
 
+
+def sign_plane(signs, block: int):
+    """signs as a bool [rows, cols] array, with rows and cols; ValueError for a non-matrix or a bad block size."""
+    signs = np.asarray(signs, dtype=bool)
+    if signs.ndim != 2:
+        raise ValueError("signs must be 2-D")
+    if block % 64 or not 64 <= block <= 4096:
+        raise ValueError(f"block must be a multiple of 64 in [64, 4096], got {block}")
+    return signs, *signs.shape
+
 def encode_mask(keep: np.ndarray, n: int, m: int) -> np.ndarray:
     """Exact N:M keep-mask [rows, cols] -> the `mask` stream. Every full group of m keeps exactly n and a ragged
     tail of g columns keeps exactly ceil(n*g/m) (what the converter's N:M selection produces)."""
@@ -192,12 +202,7 @@ def encode(signs, labels, salient, residual, params, regions: int, block: int, m
     [cols]; residual: bool [rows, cols] order-2 signs (read in salient columns only); params: [rows, blocks,
     2*regions + 4] (stored fp16); mask/nm: exact N:M keep-mask (False = exactly zero) and its (N, M), or None;
     param_scales: fp16 [rows, 2*regions + 4] to store params as 8-bit codes under them (params_bits = 8), or None."""
-    signs = np.asarray(signs, dtype=bool)
-    if signs.ndim != 2:
-        raise ValueError("signs must be 2-D")
-    rows, cols = signs.shape
-    if block % 64 or not 64 <= block <= 4096:
-        raise ValueError(f"block must be a multiple of 64 in [64, 4096], got {block}")
+    signs, rows, cols = sign_plane(signs, block)
     if not 1 <= regions <= 3:
         raise ValueError("regions must be 1, 2 or 3")
     params = np.asarray(params, dtype="<f2")

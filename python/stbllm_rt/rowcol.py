@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._core import FormatError
+from .binary_groups import sign_plane
 
 CODEC = "stb.row-col-sign.v1"
 
@@ -30,12 +31,7 @@ def encode(signs, row_scales, col_scales, block: int, mask=None, nm=None, salien
     mask: bool keep-mask or None, with nm (N, M); salient: bool [cols] or None; residual: bool [rows, S] (the
     order-2 signs of the S salient columns, in column order) with residual_row_scales [rows, blocks] and
     residual_col_scales [S]. Scales are stored as fp16. Returns (params, components, paper_bits)."""
-    signs = np.asarray(signs, dtype=bool)
-    if signs.ndim != 2:
-        raise ValueError("signs must be 2-D")
-    rows, cols = signs.shape
-    if block % 64 or not 64 <= block <= 4096:
-        raise ValueError(f"block must be a multiple of 64 in [64, 4096], got {block}")
+    signs, rows, cols = sign_plane(signs, block)
     blocks = -(-cols // block)
     keep = np.ones_like(signs) if mask is None else np.asarray(mask, dtype=bool)
     if keep.shape != signs.shape:
