@@ -1,7 +1,6 @@
 """ARB-LLM (arb-x, arb-rc) and OneBit (onebit-svid): the alternating updates, the rank-1 factors, the
 stb.row-col-sign.v1 codec (Python writer and reader against the C++ reader and runtime), runtime vs oracle on tiny
 models, and malformed row-col-sign files."""
-import json
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from stbllm_rt import FormatError, Model, StbReader, StbWriter, rowcol  # noqa: 
 
 from conftest import CORPUS  # noqa: E402
 from test_calibrate import _correlated_layer  # noqa: E402
+from test_format import _tamper  # noqa: E402
 from test_oracle import assert_logits_close, oracle_logits  # noqa: E402
 
 
@@ -253,27 +253,6 @@ def test_method_option_errors(tiny_hf_models, tmp_path):
 
 
 # ---- malformed row-col-sign files --------------------------------------------------------------------------------
-
-def _tamper(path, tensor, change):
-    """Rewrites the file with change(entry, data) applied to one tensor's JSON entry / component bytes."""
-    from stbllm_rt.stbfile import fixed_header, FIXED_HEADER_SIZE, _align
-    from stbllm_rt import _core
-
-    raw = bytearray(path.read_bytes())
-    json_length = int.from_bytes(raw[24:32], "little")
-    header = json.loads(raw[FIXED_HEADER_SIZE:FIXED_HEADER_SIZE + json_length])
-    data_offset = _align(FIXED_HEADER_SIZE + json_length)
-    data = bytearray(raw[data_offset:])
-    change(header["tensors"][tensor], data)
-    for entry in header["tensors"].values():
-        for c in entry["components"].values():
-            c["crc32c"] = int(_core.crc32c(bytes(data[c["offset"]:c["offset"] + c["length"]])))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    padding = b"\0" * (_align(FIXED_HEADER_SIZE + len(text)) - FIXED_HEADER_SIZE - len(text))
-    body = text + padding + bytes(data)
-    path.write_bytes(fixed_header(int.from_bytes(raw[16:24], "little"), text, FIXED_HEADER_SIZE + len(body)) + body)
-    return path
-
 
 def _set_bit(component, bit):
     def change(entry, data):

@@ -17,7 +17,7 @@ from stbllm_rt import FormatError, Model, StbReader, StbWriter, binary_groups  #
 
 from conftest import CORPUS  # noqa: E402
 from test_calibrate import _correlated_layer  # noqa: E402
-from test_format import _metadata, _rebuild, _split  # noqa: E402
+from test_format import _metadata, _rebuild, _split, _tamper_component  # noqa: E402
 from test_oracle import assert_logits_close, oracle_logits  # noqa: E402
 
 NAME = "blk.0.attn_q.weight"
@@ -109,20 +109,6 @@ def test_stored_bits_are_what_the_data_needs(tmp_path):
     assert report["labels"]["bytes"] == -(-kept_plain // 5)
 
 
-def _tamper(path, key, edit):
-    """Rewrites one component's bytes (edit(bytearray)) with a matching checksum, so only the content is wrong."""
-    from stbllm_rt import _core
-
-    raw, header, data_offset = _split(path)
-    comp = header["tensors"][NAME]["components"][key]
-    data = bytearray(raw[data_offset:])
-    piece = bytearray(data[comp["offset"]:comp["offset"] + comp["length"]])
-    edit(piece)
-    data[comp["offset"]:comp["offset"] + comp["length"]] = piece
-    comp["crc32c"] = int(_core.crc32c(bytes(piece)))
-    _rebuild(path, header, bytes(data))
-
-
 def _set_bit(index):
     def edit(buf):
         buf[index // 8] |= 1 << (index % 8)
@@ -138,7 +124,7 @@ def test_malformed_headers_are_rejected_at_open(tmp_path, case, match):
     path, result = _groups_file(tmp_path, 3, (5, 8), cols=203, rows=7)
     if case.startswith("salient_"):
         free = int((~result.salient).nonzero()[0][0])
-        _tamper(path, "salient", _set_bit(205 if case == "salient_past_end" else free))
+        _tamper_component(path, NAME, "salient", _set_bit(205 if case == "salient_past_end" else free))
     else:
         raw, header, data_offset = _split(path)
         t = header["tensors"][NAME]
@@ -179,13 +165,13 @@ def test_malformed_streams_are_refused_by_the_runtime(tiny_stbllm, tmp_path, cas
     if case == "mask_code":  # the largest code of its width is out of range unless C(m, n) is a power of two
         width = binary_groups.rank_width(m, n)
         assert math.comb(m, n) < 1 << width
-        _tamper(path, "mask", lambda b: b.__setitem__(0, b[0] | ((1 << width) - 1)))
+        _tamper_component(path, NAME, "mask", lambda b: b.__setitem__(0, b[0] | ((1 << width) - 1)))
     elif case == "label_digit":
-        _tamper(path, "labels", lambda b: b.__setitem__(0, 250))
+        _tamper_component(path, NAME, "labels", lambda b: b.__setitem__(0, 250))
     elif case == "padding":  # a set bit past the end of a stream whose length is not whole bytes / digits
         key, used = next((k, u) for k, u in (("signs", kept % 8), ("residual", kept_salient % 8),
                                              ("labels", (kept - kept_salient) % 5)) if u)
-        _tamper(path, key, lambda b: b.__setitem__(len(b) - 1, 242 if key == "labels" else 0x80))
+        _tamper_component(path, NAME, key, lambda b: b.__setitem__(len(b) - 1, 242 if key == "labels" else 0x80))
     else:  # a count that keeps every stream's length: only decoding can tell
         lengths = lambda ks: (-(-ks // 8), -(-(kept - ks) // 5))  # noqa: E731
         delta = next(d for d in (-1, 1, -2, 2, -3, 3) if lengths(kept_salient + d) == lengths(kept_salient))
@@ -298,9 +284,9 @@ def test_malformed_8bit_params_are_refused(tmp_path, case, match):
     """Checked by the C++ reader at open; the Python decoder has the same rules (expand_params)."""
     path = _p8_file(tmp_path)
     if case == "code_min":
-        _tamper(path, "params", lambda b: b.__setitem__(0, 0x80))
+        _tamper_component(path, NAME, "params", lambda b: b.__setitem__(0, 0x80))
     elif case in ("negative_scale", "inf_scale", "overflow"):
-        _tamper(path, "param_scales", _set_half(3, {"negative_scale": -2.0, "inf_scale": np.inf,
+        _tamper_component(path, NAME, "param_scales", _set_half(3, {"negative_scale": -2.0, "inf_scale": np.inf,
                                                     "overflow": 60000.0}[case]))
     else:
         raw, header, data_offset = _split(path)

@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from stbllm_rt import FormatError, StbReader, StbWriter
+from stbllm_rt import FormatError, StbReader, StbWriter, _core
 from stbllm_rt import stbfile
 from stbllm_rt.stbfile import FIXED_HEADER_SIZE, fixed_header
 
@@ -141,6 +141,29 @@ def _rebuild(path, header, data, features=None):
     data_offset = stbfile._align(FIXED_HEADER_SIZE + len(header_json))
     body = header_json + b"\0" * (data_offset - FIXED_HEADER_SIZE - len(header_json)) + data
     path.write_bytes(fixed_header(features, header_json, FIXED_HEADER_SIZE + len(body)) + body)
+
+
+def _tamper(path, tensor, change):
+    """Rewrites the file with change(entry, data) applied to one tensor's JSON entry and the data section (a
+    bytearray), with every component checksum recomputed, so only the change is wrong. Returns path."""
+    raw, header, data_offset = _split(path)
+    data = bytearray(raw[data_offset:])
+    change(header["tensors"][tensor], data)
+    for entry in header["tensors"].values():
+        for c in entry["components"].values():
+            c["crc32c"] = int(_core.crc32c(bytes(data[c["offset"]:c["offset"] + c["length"]])))
+    _rebuild(path, header, bytes(data))
+    return path
+
+
+def _tamper_component(path, tensor, key, edit):
+    """Applies edit(bytearray) to the bytes of one component of one tensor (checksums kept valid)."""
+    def change(entry, data):
+        c = entry["components"][key]
+        piece = bytearray(data[c["offset"]:c["offset"] + c["length"]])
+        edit(piece)
+        data[c["offset"]:c["offset"] + c["length"]] = piece
+    return _tamper(path, tensor, change)
 
 
 def _reads(path):

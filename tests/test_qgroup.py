@@ -20,7 +20,7 @@ from stbllm_rt import FormatError, Model, StbReader, StbWriter, _core, qgroup  #
 
 from conftest import CORPUS  # noqa: E402
 from test_calibrate import _correlated_layer  # noqa: E402
-from test_format import _metadata, _rebuild, _split  # noqa: E402
+from test_format import _metadata, _rebuild, _split, _tamper_component  # noqa: E402
 from test_kernels import kernels, quantize_q8  # noqa: E402,F401  (kernels: the fixture over every path)
 from test_oracle import assert_logits_close, oracle_logits  # noqa: E402
 
@@ -93,18 +93,6 @@ def _qgroup_file(tmp_path, cols=100, bits=3, group=32):
     return path
 
 
-def _tamper(path, key, edit):
-    """Rewrites one component's bytes (edit(bytearray)) with a matching checksum, so only the content is wrong."""
-    raw, header, data_offset = _split(path)
-    comp = header["tensors"][NAME]["components"][key]
-    data = bytearray(raw[data_offset:])
-    piece = bytearray(data[comp["offset"]:comp["offset"] + comp["length"]])
-    edit(piece)
-    data[comp["offset"]:comp["offset"] + comp["length"]] = piece
-    comp["crc32c"] = int(_core.crc32c(bytes(piece)))
-    _rebuild(path, header, bytes(data))
-
-
 @pytest.mark.parametrize("case, match", [
     ("bits", "bits"), ("group", "multiple of 32"), ("unknown_param", "unknown param"), ("codes_length", "need"),
     ("missing_offsets", "components"), ("nan_scale", "non-finite"), ("inf_offset", "non-finite"),
@@ -113,11 +101,11 @@ def _tamper(path, key, edit):
 def test_malformed_tensors_are_refused_at_open(tmp_path, case, match):
     path = _qgroup_file(tmp_path)  # 100 columns: the last chunk has 28 padding codes
     if case == "nan_scale":
-        _tamper(path, "scales", lambda b: b.__setitem__(slice(2, 4), b"\x00\x7e"))
+        _tamper_component(path, NAME, "scales", lambda b: b.__setitem__(slice(2, 4), b"\x00\x7e"))
     elif case == "inf_offset":
-        _tamper(path, "offsets", lambda b: b.__setitem__(slice(0, 2), b"\x00\x7c"))
+        _tamper_component(path, NAME, "offsets", lambda b: b.__setitem__(slice(0, 2), b"\x00\x7c"))
     elif case == "padding_code":  # row 0's last chunk, column 31 (a padding column): bit 2 in the high u32
-        _tamper(path, "codes", lambda b: b.__setitem__(3 * 12 + 11, 0x80))
+        _tamper_component(path, NAME, "codes", lambda b: b.__setitem__(3 * 12 + 11, 0x80))
     else:
         raw, header, data_offset = _split(path)
         t = header["tensors"][NAME]
