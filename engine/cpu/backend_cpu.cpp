@@ -93,13 +93,7 @@ class CpuBackend final : public Backend {
       m.codec = w.codec == kCodecF32 ? MatrixCodec::F32 : MatrixCodec::F16;
       m.values = w.component("data").data;
     } else if (w.codec == kCodecSignBlock) {
-      m.codec = MatrixCodec::SignBlock;
-      m.block = w.block;
-      m.words_per_row = int((m.cols + 63) / 64);
-      m.blocks_per_row = int((m.cols + w.block - 1) / w.block);
-      m.signs = reinterpret_cast<const uint64_t*>(w.component("signs").data);
-      m.scales = reinterpret_cast<const uint16_t*>(w.component("scales").data);
-      if (w.nm_m) m.mask = reinterpret_cast<const uint64_t*>(w.component("mask").data);
+      sign_planes(w, MatrixCodec::SignBlock, "scales", m);
     } else if (w.codec == kCodecInt8Group) {
       m.codec = MatrixCodec::Int8Group;
       m.groups_per_row = int(cpu::q8_groups(m.cols));
@@ -117,14 +111,8 @@ class CpuBackend final : public Backend {
       planes = std::make_unique<BinaryGroupsPlanes>(decode_binary_groups(w));
       cpu::describe_binary_groups(w, *planes, m);
     } else if (w.codec == kCodecRowColSign) {
-      m.codec = MatrixCodec::RowColSign;
-      m.block = w.block;
-      m.words_per_row = int((m.cols + 63) / 64);
-      m.blocks_per_row = int((m.cols + w.block - 1) / w.block);
-      m.signs = reinterpret_cast<const uint64_t*>(w.component("signs").data);
-      m.scales = reinterpret_cast<const uint16_t*>(w.component("row_scales").data);
+      sign_planes(w, MatrixCodec::RowColSign, "row_scales", m);
       m.col_scales = reinterpret_cast<const uint16_t*>(w.component("col_scales").data);
-      if (w.nm_m) m.mask = reinterpret_cast<const uint64_t*>(w.component("mask").data);
       m.salient_columns = w.salient_columns;
       if (w.salient_columns) {
         m.salient = reinterpret_cast<const uint64_t*>(w.component("salient").data);
@@ -180,6 +168,18 @@ class CpuBackend final : public Backend {
       m.packed = groups_.back().get();
       m.bytes = groups_.back()->bytes();
     }
+  }
+
+  // The sign plane (and keep-mask) with its per-(row, block) scales: stb.sign-block.v1, and the main plane of
+  // stb.row-col-sign.v1 (whose scales are its row scales).
+  static void sign_planes(const TensorEntry& w, MatrixCodec codec, const char* scales, Matrix& m) {
+    m.codec = codec;
+    m.block = w.block;
+    m.words_per_row = int((m.cols + 63) / 64);
+    m.blocks_per_row = int((m.cols + w.block - 1) / w.block);
+    m.signs = reinterpret_cast<const uint64_t*>(w.component("signs").data);
+    m.scales = reinterpret_cast<const uint16_t*>(w.component(scales).data);
+    if (w.nm_m) m.mask = reinterpret_cast<const uint64_t*>(w.component("mask").data);
   }
 
   std::unique_ptr<RowColPacked> pack_row_col(const Matrix& m) {
