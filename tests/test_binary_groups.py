@@ -320,3 +320,30 @@ def test_tiny_model_with_8bit_params_matches_oracle(tmp_path, tiny_hf_models):
     assert reader.metadata["provenance"]["params_bits"] == 8
     ids = list(np.random.default_rng(1).integers(4, 300, size=40))
     assert_logits_close(Model(out, threads=2).logits(ids), oracle_logits(out, ids))
+
+
+@pytest.mark.parametrize("regions", [1, 2, 3])
+def test_regions_option_sets_the_split_and_round_trips(tmp_path, regions):
+    """--regions (the ablation of STBLLM's three regions against BiLLM's two): the file holds that many groups of
+    params per block and dequantizes to the quantizer's output."""
+    w, _, h = _correlated_layer(24, 200, tokens=512, seed=4)
+    keep = torch.from_numpy(B.nm_keep(w.abs().numpy(), 6, 8))
+    method = make_method("stbllm", nm=(6, 8), regions=regions)
+    assert method.params()["regions"] == regions
+    result = method.quantize(w, B.inverse_hessian_factor(h, w.clone()), keep)
+    assert result.params.shape[-1] == 2 * regions + 4
+    used = {int(g) for g in result.labels[result.keep & ~result.salient[None, :]].unique()} if regions > 1 else {0}
+    assert used == set(range(regions))
+    writer = StbWriter(_metadata())
+    method.write(writer, NAME, result, (6, 8))
+    writer.write(tmp_path / "r.stb")
+    np.testing.assert_array_equal(StbReader(tmp_path / "r.stb").dequantize(NAME), result.q.numpy())
+
+
+def test_regions_option_only_for_billm_and_stbllm():
+    from stbllm_convert.methods import ConvertError
+
+    with pytest.raises(ConvertError, match="billm or stbllm"):
+        make_method("arb-x", regions=3)
+    with pytest.raises(ConvertError, match="1, 2 or 3"):
+        make_method("billm", regions=4)

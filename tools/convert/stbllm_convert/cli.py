@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--params-bits", type=int, choices=(16, 8), default=None,
                      help="billm / stbllm alphas and means: 16 = fp16 (default), 8 = 8-bit codes under one fp16 "
                           "scale per (row, slot) (quantizes each layer twice)")
+    cal.add_argument("--regions", type=int, choices=(1, 2, 3), default=None,
+                     help="billm / stbllm: groups the non-salient kept weights are split into by searched break "
+                          "points, each with its own scale and mean (default: 2 for billm, 3 for stbllm)")
     cal.add_argument("--calib", metavar="FILE", nargs="+", default=None,
                      help="calibration text file(s) (default: the C4 sample c4.utf8, downloaded once)")
     cal.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: 128)")
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
                          head_bits=args.head_bits, embed_bits=args.embed_bits, group=args.group, rules=args.rules,
                          recipe=args.recipe, calibration=calibration_options(args),
                          importance=args.importance, layerwise=False if args.no_layerwise else None,
-                         arb_iters=args.arb_iters, params_bits=args.params_bits, svid=args.svid, kd_steps=args.kd_steps, kd_lr=args.kd_lr)
+                         arb_iters=args.arb_iters, params_bits=args.params_bits, regions=args.regions, svid=args.svid, kd_steps=args.kd_steps, kd_lr=args.kd_lr)
     except ConvertError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

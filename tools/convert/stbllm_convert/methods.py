@@ -122,7 +122,7 @@ class Method:
             option = next(iter(options))
             needs = {"group": "a q2, q3 or q4 method", "svid": "onebit-svid", "kd_steps": "onebit-svid",
                      "kd_lr": "onebit-svid", "arb_iters": "arb-x or arb-rc",
-                     "params_bits": "billm or stbllm"}.get(
+                     "params_bits": "billm or stbllm", "regions": "billm or stbllm"}.get(
                 option, "a calibrated method (billm, stbllm, arb-x, arb-rc)")
             raise ConvertError(f"--{option.replace('_', '-')} needs {needs}, not {self.name}")
         self.nm = nm
@@ -198,10 +198,16 @@ class CalibratedMethod(Method):
     default_layerwise = True
 
     def __init__(self, nm=None, block=128, importance=None, layerwise=None, lamda=2.0, hyper_m=6.0, params_bits=16,
-                 **options):
+                 regions=None, **options):
         from .binarize import IMPORTANCE
 
         super().__init__(nm, block, **options)
+        if regions is not None:
+            if not isinstance(self, (BiLLM, STBLLM)):
+                raise ConvertError(f"--regions needs billm or stbllm, not {self.name}")
+            if int(regions) not in (1, 2, 3):
+                raise ConvertError(f"--regions {regions}: choose 1, 2 or 3")
+            self.regions = int(regions)
         self.params_bits = int(params_bits)
         if self.params_bits not in (8, 16):
             raise ConvertError(f"--params-bits {self.params_bits}: choose 16 or 8")
@@ -478,6 +484,6 @@ def method_class(name: str) -> type:
 
 
 def make_method(name: str, nm=None, block: int = 128, **options) -> Method:
-    """options: importance, layerwise, lamda, hyper_m (binary calibrated methods), arb_iters (arb-x, arb-rc), group
+    """options: importance, layerwise, lamda, hyper_m regions (binary calibrated methods), arb_iters (arb-x, arb-rc), group
     (q2/q3/q4), svid, kd_steps, kd_lr (onebit-svid); None values are ignored."""
     return method_class(name)(nm=nm, block=block, **{k: v for k, v in options.items() if v is not None})
