@@ -49,6 +49,21 @@ ROWS = [
                                                       *CALIBRATION]),
     ("stbllm-4of8-block256", "STBLLM 4:8, block 256", ["--method", "stbllm", "--nm", "4:8", "--block", "256",
                                                         *CALIBRATION]),
+    ("stbllm-4of8-regions2", "STBLLM 4:8, two regions (BiLLM's split)",
+     ["--method", "stbllm", "--nm", "4:8", "--regions", "2", *CALIBRATION]),
+    ("stbllm-6of8-regions2", "STBLLM 6:8, two regions (BiLLM's split)",
+     ["--method", "stbllm", "--nm", "6:8", "--regions", "2", *CALIBRATION]),
+    ("arb-x", "ARB-X dense", ["--method", "arb-x", *CALIBRATION]),
+    ("arb-x-6of8", "ARB-X 6:8 (magnitude)", ["--method", "arb-x", "--nm", "6:8", *CALIBRATION]),
+    ("arb-rc", "ARB-RC dense", ["--method", "arb-rc", *CALIBRATION]),
+    ("arb-rc-6of8", "ARB-RC 6:8 (magnitude)", ["--method", "arb-rc", "--nm", "6:8", *CALIBRATION]),
+    ("onebit-svid", "OneBit SVID, no distillation", ["--method", "onebit-svid"]),
+    ("q4-g64", "q4, group 64 (GPTQ)", ["--method", "q4", "--group", "64", *CALIBRATION]),
+    ("q3-g64", "q3, group 64 (GPTQ)", ["--method", "q3", "--group", "64", *CALIBRATION]),
+    ("q3-g128", "q3, group 128 (GPTQ)", ["--method", "q3", "--group", "128", *CALIBRATION]),
+    ("q2-g64", "q2, group 64 (GPTQ)", ["--method", "q2", "--group", "64", *CALIBRATION]),
+    ("onebit-svid-kd32", "OneBit SVID + 32 distillation steps",
+     ["--method", "onebit-svid", "--kd-steps", "32", *CALIBRATION]),
 ]
 
 
@@ -100,7 +115,7 @@ def markdown(rows: list[dict], labels: dict) -> str:
     for r in rows:
         lines.append(f"| {labels[r['name']]} | {r['paper_bits_per_weight']:.2f} | {r['linear_bits_per_weight']:.2f} | "
                      f"{r['file_bits_per_weight']:.2f} | {r['ppl']:,.2f} | {r['conversion_seconds']:.0f} s | "
-                     f"{r['conversion_peak_rss_mib'] / 1024:.2f} GiB |")
+                     + (f"{r['conversion_peak_rss_mib'] / 1024:.2f} GiB |" if r["conversion_peak_rss_mib"] else "— |"))
     return "\n".join(lines)
 
 
