@@ -3,28 +3,28 @@
     python benchmarks/quality_table.py --files /work/results-files
 
 Converts each row's .stb into --files (kept; a row whose .stb and measurements are already there is not redone, so
-an interrupted run continues), evaluates it with stbllm-eval (the Wikipedia sample, --seqlen x --windows, the C++
+an interrupted run continues), evaluates it with stbllm-eval (the Wikipedia sample, 64 windows x 512 tokens, the C++
 runtime backend), checks the runtime against the torch oracle backend on one STBLLM file, then writes
 benchmarks/results/smollm2-quality.json and prints the markdown table. Conversions and evaluations run one at a
-time (the machine has 2 cores); each conversion's wall time and peak RSS are measured on its own process.
+time (the machine has 2 cores); each conversion's wall time and peak RSS are measured on its own process. The
+converting, evaluating and resuming are stbllm-pareto's (stbllm_convert/pareto.py); this file holds the rows.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from stbllm_convert.errors import ConvertError
+from stbllm_convert.pareto import Protocol, RowSpec, evaluate_file, report, stb_row
+from stbllm_rt import StbReader
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
 CALIBRATION = ["--calib-samples", "32", "--calib-seqlen", "512"]  # the C4 sample, seed 0
-SEQLEN, WINDOWS = 512, 64
+PROTOCOL = Protocol(seqlen=512, windows=64, backend="cpu")
 CPU_CHECK = ("stbllm-6of8", 4)  # row and windows evaluated by both backends
 
 # (row name, what it is, converter arguments)
@@ -67,46 +67,11 @@ ROWS = [
 ]
 
 
-def run_measured(cmd: list[str], log: Path) -> dict:
-    """Runs cmd to completion (output to log); returns its wall seconds and peak RSS (MiB) from wait4."""
-    start = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed ({log}): {shlex.join(cmd)}")
-    return {"seconds": round(time.monotonic() - start, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
-
-
-def evaluate(stb: Path, out: Path, windows: int, backend: str) -> dict:
-    if not out.is_file():
-        run_measured(["stbllm-eval", str(stb), "--seqlen", str(SEQLEN), "--max-windows", str(windows),
-                      "--backend", backend, "-q", "--json", str(out)], out.with_suffix(".log"))
-    return json.loads(out.read_text())
-
-
 def measure_row(files: Path, name: str, args: list[str]) -> dict:
-    stb, timing = files / f"{name}.stb", files / f"{name}.convert.json"
-    convert = ["stbllm-convert", MODEL, "-o", str(stb), "-q", *args]
-    if not (stb.is_file() and timing.is_file()):
-        timing.write_text(json.dumps(run_measured(convert, files / f"{name}.convert.log")) + "\n")
-    from stbllm_rt import StbReader
-
-    provenance = StbReader(stb).metadata["provenance"]
-    bits = provenance["bits"]
-    result = evaluate(stb, files / f"{name}.eval.json", WINDOWS, "cpu")
-    return {"name": name, "convert_command": shlex.join(["stbllm-convert", MODEL, "-o", f"{name}.stb", *args]),
-            "method": provenance["method"], "nm": provenance.get("nm"), "block": provenance.get("block"),
-            "importance": provenance.get("importance"), "nm_per_layer": provenance.get("nm_per_layer"),
-            "calibration": provenance.get("calibration"), "ppl": result["ppl"], "nll": result["nll"],
-            "eval": {k: result[k] for k in ("text", "backend", "seqlen", "windows", "predicted_tokens")},
-            "paper_bits_per_weight": bits["paper_bits_per_weight"],
-            "linear_bits_per_weight": bits["linear_bits_per_weight"],
-            "file_bits_per_weight": bits["file_bits_per_weight"],
-            "groups_bits_per_weight": {g: v["bits_per_weight"] for g, v in bits["groups"].items()},
-            "file_bytes": stb.stat().st_size,
-            **{f"conversion_{k}": v for k, v in json.loads(timing.read_text()).items()},
-            "layers": provenance.get("layers")}
+    """One row converted and evaluated by stbllm-pareto's code (resumable), with the per-layer provenance."""
+    row = stb_row(MODEL, RowSpec(name, tuple(args)), files, PROTOCOL)
+    provenance = StbReader(files / f"{name}.stb").metadata["provenance"]
+    return {**row, "nm_per_layer": provenance.get("nm_per_layer"), "layers": provenance.get("layers")}
 
 
 def markdown(rows: list[dict], labels: dict) -> str:
@@ -127,30 +92,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.files.mkdir(parents=True, exist_ok=True)
     chosen = [r for r in ROWS if args.rows is None or r[0] in args.rows]
-    load_before = os.getloadavg()
+    load_before = os.getloadavg()[0]
     rows = []
-    for name, _, convert_args in chosen:
-        rows.append(measure_row(args.files, name, convert_args))
-        print(f"{name}: PPL {rows[-1]['ppl']:,.2f}", file=sys.stderr, flush=True)
+    try:
+        for name, _, convert_args in chosen:
+            rows.append(measure_row(args.files, name, convert_args))
+            print(f"{name}: PPL {rows[-1]['ppl']:,.2f}", file=sys.stderr, flush=True)
+    except ConvertError as e:
+        sys.exit(f"quality_table: {e}")
     check = None
     if any(r["name"] == CPU_CHECK[0] for r in rows):
         stb = args.files / f"{CPU_CHECK[0]}.stb"
-        both = {b: evaluate(stb, args.files / f"{CPU_CHECK[0]}.eval-{b}-{CPU_CHECK[1]}.json", CPU_CHECK[1], b)["ppl"]
-                for b in ("torch", "cpu")}
-        check = {"row": CPU_CHECK[0], "windows": CPU_CHECK[1], "seqlen": SEQLEN, "ppl": both,
+        protocols = {b: Protocol(PROTOCOL.seqlen, CPU_CHECK[1], b) for b in ("torch", "cpu")}
+        both = {b: evaluate_file(stb, args.files / f"{CPU_CHECK[0]}.eval-{pr.tag()}.json", pr)["ppl"]
+                for b, pr in protocols.items()}
+        check = {"row": CPU_CHECK[0], "windows": CPU_CHECK[1], "seqlen": PROTOCOL.seqlen, "ppl": both,
                  "relative_difference": round(abs(both["cpu"] - both["torch"]) / both["torch"], 6)}
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    report = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", "date": datetime.date.today().isoformat(),
-              "commit": commit, "machine": f"{cpu}, {os.cpu_count()} cores (shared; load average "
-                                           f"{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)",
-              "protocol": {"calibration": "C4 sample (c4.utf8), " + " ".join(CALIBRATION) + ", seed 0",
-                           "evaluation": f"stbllm-eval MODEL.stb --seqlen {SEQLEN} --max-windows {WINDOWS} "
-                                         "--backend cpu (the C++ runtime; Wikipedia sample wiki.utf8)"},
-              "command": "python benchmarks/quality_table.py --files DIR", "cpu_backend_check": check, "rows": rows}
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    doc = report("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", rows, PROTOCOL,
+                 "python benchmarks/quality_table.py --files DIR", load_before,
+                 calibration="C4 sample (c4.utf8), " + " ".join(CALIBRATION) + ", seed 0",
+                 cpu_backend_check=check)
+    args.json.write_text(json.dumps(doc, indent=1) + "\n")
     print(markdown(rows, {name: label for name, label, _ in ROWS}))
     return 0
 

@@ -85,28 +85,22 @@ def _row_col_runtime(reader, name):
     return hook
 
 
-def build_hf_model(stb_path, dtype=None, runtime_activations: bool = False):
-    """transformers LlamaForCausalLM / MistralForCausalLM / OPTForCausalLM (float32, eval, eager attention) with
-    the dequantized weights of the .stb file. runtime_activations=True also quantizes the inputs of the linear
-    layers whose codec runs on int8 activations in the CPU runtime, so the two compute the same function."""
+def _hf_model(architecture: str, c: dict, tokenizer: dict | None, tensor):
+    """The transformers model (float32, eval, eager attention) of canonical config `c` with the weights
+    tensor(spec) -> numpy array gives for every TensorSpec of the plan."""
     import torch
     from transformers import LlamaForCausalLM, MistralForCausalLM, OPTForCausalLM
-    from stbllm_rt.stbfile import StbReader
 
     from .arch import tensor_plan
 
-    reader = StbReader(Path(stb_path))
-    md = reader.metadata
-    arch, c = md["architecture"], md["config"]
-    config = hf_config(arch, c, md.get("tokenizer"))
+    config = hf_config(architecture, c, tokenizer)
     config._attn_implementation = "eager"
-    cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "opt": OPTForCausalLM}[arch]
+    cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "opt": OPTForCausalLM}[architecture]
     model = cls(config)
     model.to(torch.float32)
 
-    state = {}
-    for spec in tensor_plan(arch, c).all():
-        state[spec.hf_name] = torch.from_numpy(np.ascontiguousarray(reader.dequantize(spec.name)))
+    state = {spec.hf_name: torch.from_numpy(np.ascontiguousarray(tensor(spec), dtype=np.float32))
+             for spec in tensor_plan(architecture, c).all()}
     result = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if c["tie_word_embeddings"] else set()
     if set(result.missing_keys) - allowed_missing or result.unexpected_keys:
@@ -116,6 +110,49 @@ def build_hf_model(stb_path, dtype=None, runtime_activations: bool = False):
         model.tie_weights()
         assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     model.eval()
+    return model
+
+
+def build_hf_model_from_gguf(gguf_path):
+    """(transformers model, tokenizer spec, tokenizer blob) of a .gguf file: its weights dequantized to float32 by
+    transformers' GGUF loader, in the same model class and config as the oracle of a .stb converted from it, and
+    its tokenizer as the converter would embed it. ConvertError for a file that cannot be loaded."""
+    from .arch import canonical_config
+    from .errors import ConvertError
+    from .source import GGUFSource
+    from .tokenizer_meta import tokenizer_metadata
+
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise ConvertError(f"GGUF file {path} does not exist")
+    with GGUFSource(path, quiet=True) as src:
+        architecture, c = canonical_config(src.config)
+        spec, blob = tokenizer_metadata(src.tokenizer_dir, None, src.config, src.generation_config)
+        if blob is None:
+            raise ConvertError(f"{path} has no tokenizer transformers can read")
+
+        def tensor(plan_spec):
+            w = src.tensor(plan_spec.hf_name)
+            if tuple(w.shape) != tuple(plan_spec.shape):
+                raise ConvertError(f"{path}: tensor {plan_spec.hf_name} has shape {tuple(w.shape)}, the config "
+                                   f"implies {tuple(plan_spec.shape)}")
+            return w
+        return _hf_model(architecture, c, spec, tensor), spec, blob
+
+
+def build_hf_model(stb_path, dtype=None, runtime_activations: bool = False):
+    """transformers LlamaForCausalLM / MistralForCausalLM / OPTForCausalLM (float32, eval, eager attention) with
+    the dequantized weights of the .stb file. runtime_activations=True also quantizes the inputs of the linear
+    layers whose codec runs on int8 activations in the CPU runtime, so the two compute the same function."""
+    import torch
+    from stbllm_rt.stbfile import StbReader
+
+    from .arch import tensor_plan
+
+    reader = StbReader(Path(stb_path))
+    md = reader.metadata
+    arch, c = md["architecture"], md["config"]
+    model = _hf_model(arch, c, md.get("tokenizer"), lambda spec: reader.dequantize(spec.name))
     if runtime_activations:
         modules = dict(model.named_modules())
         quantized = {spec.hf_name.removesuffix(".weight") for spec in tensor_plan(arch, c).all()
