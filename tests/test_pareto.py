@@ -170,6 +170,23 @@ def test_resume_redoes_nothing_and_a_new_protocol_only_evaluates(pareto_run):
     assert stb.stat().st_size > 100 and (out / "fp16.stb").stat().st_mtime_ns == before["fp16.stb"]
 
 
+def test_cpu_backend_for_stb_rows_torch_for_gguf(tmp_path, tiny_gguf, tiny_text, pareto_run):
+    """--backend cpu runs the .stb rows on the C++ runtime (fp16: the oracle's PPL up to float order); the GGUF row,
+    which the runtime cannot read, stays on torch."""
+    from stbllm_convert.pareto import main
+
+    out = tmp_path / "cpu"
+    assert main([str(tiny_gguf), "--recipes", "fp16=--method fp16", "--gguf", str(tiny_gguf), "--text",
+                 str(tiny_text), *PROTOCOL, "--backend", "cpu", "--out", str(out), "-q", "--no-plot"]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "pareto.json").read_text())["rows"]}
+    assert rows["fp16"]["backend"] == "cpu" and rows["gguf-tiny-f16"]["backend"] == "torch"
+    assert (out / f"fp16.eval-cpu-{SEQLEN}x{WINDOWS}-eval.json").is_file()
+    torch_rows = {r["name"]: r for r in json.loads((pareto_run[0] / "pareto.json").read_text())["rows"]}
+    assert rows["fp16"]["ppl"] == pytest.approx(torch_rows["fp16"]["ppl"], rel=1e-3)
+    assert rows["gguf-tiny-f16"]["ppl"] == torch_rows["gguf-tiny-f16"]["ppl"]
+    assert not (out / "pareto.png").exists()
+
+
 def test_frontier_on_a_hand_made_table():
     from stbllm_convert.pareto import frontier, mark_frontiers
 

@@ -243,7 +243,7 @@ def stb_row(model: str, spec: RowSpec, out_dir: Path, protocol: Protocol) -> dic
     provenance = StbReader(stb).metadata["provenance"]
     bits = provenance["bits"]
     result = evaluate_file(stb, out_dir / f"{spec.name}.eval-{protocol.tag()}.json", protocol)
-    return {"name": spec.name, "kind": "stb", "file": stb.name, "args": list(spec.args),
+    return {"name": spec.name, "kind": "stb", "file": stb.name, "args": list(spec.args), "backend": protocol.backend,
             "convert_command": shlex.join(["stbllm-convert", model, "-o", stb.name, *spec.args]),
             "method": provenance["method"], "nm": provenance.get("nm"), "block": provenance.get("block"),
             "importance": provenance.get("importance"), "calibration": provenance.get("calibration"),
@@ -261,13 +261,16 @@ def gguf_name(path: Path) -> str:
 
 
 def gguf_row(path: Path, out_dir: Path, protocol: Protocol) -> dict:
-    """A GGUF file evaluated (resumable) under the protocol; bits from its tensor sizes (gguf_tools.gguf_bits)."""
+    """A GGUF file evaluated (resumable) under the protocol, always on the torch backend (the runtime reads only
+    .stb files); bits from its tensor sizes (gguf_tools.gguf_bits)."""
     from .gguf_tools import gguf_bits
 
     bits = gguf_bits(path)
     name = gguf_name(path)
+    protocol = Protocol(protocol.seqlen, protocol.windows, "torch", protocol.text)
     result = evaluate_file(path, out_dir / f"{name}.eval-{protocol.tag()}.json", protocol)
     return {"name": name, "kind": "gguf", "file": str(path), "method": "gguf " + "+".join(bits["types"]),
+            "backend": protocol.backend,
             "linear_bits_per_weight": bits["linear_bits_per_weight"],
             "file_bits_per_weight": bits["file_bits_per_weight"], "paper_bits_per_weight": None,
             "file_bytes": path.stat().st_size, **_eval_fields(result),
@@ -338,6 +341,9 @@ def plot(doc: dict, path: Path) -> bool:
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:,.4g}")  # log axes label 20.5, not 2.05x10^1
 
     rows = doc["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
@@ -355,6 +361,10 @@ def plot(doc: dict, path: Path) -> bool:
             ax.plot(xs, [r["ppl"] for r in best] + [best[-1]["ppl"]], drawstyle="steps-post", color="tab:green",
                     label="Pareto frontier", zorder=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ppls = [r["ppl"] for r in rows]
+        if max(ppls) < 10 * min(ppls):  # less than a decade: label the minor ticks too (there are few)
+            ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel(label)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel(f"perplexity ({doc['protocol']['seqlen']} tokens x {doc['protocol']['max_windows']} "
@@ -420,7 +430,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-windows", type=int, default=16, help="windows evaluated (default 16)")
     p.add_argument("--backend", choices=["torch", "cpu"], default="torch",
                    help=".stb rows: torch (the oracle on the dequantized weights, as the GGUF rows; default) or cpu "
-                        "(the C++ runtime, int8 activations for some codecs)")
+                        "(the C++ runtime, int8 activations for some codecs); GGUF rows always run on torch")
     p.add_argument("--calib-samples", type=int, default=None, help="passed to every calibrated recipe")
     p.add_argument("--calib-seqlen", type=int, default=None, help="passed to every calibrated recipe")
     p.add_argument("--no-plot", action="store_true", help="write only pareto.json")
