@@ -20,7 +20,6 @@ from stbllm_rt import StbReader  # noqa: E402
 
 from conftest import CORPUS  # noqa: E402
 
-torch.set_num_threads(2)
 CANDIDATES = "q2:g64,q3:g64,q4:g64"
 
 
@@ -93,6 +92,15 @@ def test_compressed_rules_give_every_linear_its_choice():
 
 
 # ---- end to end on tiny models -----------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: thread hand-offs cost more than they save (several-fold on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory):

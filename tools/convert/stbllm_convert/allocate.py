@@ -17,7 +17,7 @@ Sensitivity, measured once on the full-precision model over the calibration wind
   squared gradient of the NLL at the token's embedding (a tied table pays both). Each of 16/8/4/3 bits is measured
   on the table as the file would store it.
 Cost: one forward+backward of the model per window, plus one quantization per (linear, candidate): with the default
-candidates about six GPTQ runs per linear, i.e. several times one q3 conversion.
+candidates four GPTQ runs per linear, i.e. about four q3 conversions (sign and fp16 cost little).
 
 Bytes: each (shape, candidate) is written once (zeros) into a scratch StbWriter and its component bytes counted the
 way the bit report counts them, so the budget uses exactly the file's byte counts. Only candidates whose size is
@@ -42,7 +42,7 @@ import numpy as np
 from .errors import ConvertError
 from .recipe import LINEAR_KINDS, parse_method
 
-DEFAULT_CANDIDATES = "sign,q2:g128,q2:g64,q3:g128,q3:g64,q4:g128,q4:g64,fp16"
+DEFAULT_CANDIDATES = "sign,q2:g64,q3:g128,q3:g64,q4:g64,fp16"
 TABLE_CHOICES = (16, 8, 4, 3)
 SCOPES = ("linear", "file")
 MAX_UNITS = 1 << 19
