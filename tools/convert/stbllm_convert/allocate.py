@@ -316,9 +316,6 @@ class Allocation:
     head_bits: int
     embed_bits: int
     provenance: dict
-    budget_bytes: int
-    predicted_bytes: int
-    weights: int
 
 
 def layer_list(layers) -> str:
@@ -490,7 +487,7 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
     }
     if table_losses:
         provenance["table_loss"] = table_losses
-    return Allocation(rules, head_bits, embed_bits, provenance, total_budget, predicted, weights)
+    return Allocation(rules, head_bits, embed_bits, provenance)
 
 
 def describe(provenance: dict) -> list[str]:
