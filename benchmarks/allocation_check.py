@@ -3,9 +3,10 @@
 For a few linears of SmolLM2-135M and a few candidates: quantize that one tensor alone (as the allocator does: GPTQ
 with its Hessian, inputs from the full-precision model), put it into the full-precision model and measure the mean
 NLL over the calibration windows; compare with 1/4 sum_i G_i (E H E^T)_ii. Prints one line per (tensor, candidate)
-and the rank correlation; --json writes the rows.
+and the rank correlation. --files X.stb ...: also the whole file's NLL increase on the same windows (its weights
+dequantized, transformers oracle) beside the estimate its allocation recorded. --json writes the rows.
 
-    OMP_NUM_THREADS=1 python benchmarks/allocation_check.py --samples 8 --seqlen 256
+    OMP_NUM_THREADS=1 python benchmarks/allocation_check.py --samples 8 --seqlen 256 --files alloc3.stb
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def main():
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--candidates", default="q2:g64,q3:g64,q4:g64")
+    p.add_argument("--tensors", default=",".join(TENSORS), help="comma-separated linears to check one by one")
+    p.add_argument("--files", nargs="*", default=[], help=".stb files converted from smollm2-135m")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     with open_source("smollm2-135m", quiet=True) as src:  # the weights live while the source is open
@@ -52,7 +55,7 @@ def main():
         model = source_model(src, arch, config, plan)
         modules = {}
         for i in range(len(plan.layers)):
-            modules.update({n: m for n, m in linear_modules(model, plan, i).items() if n in TENSORS})
+            modules.update({n: m for n, m in linear_modules(model, plan, i).items() if n in args.tensors.split(",")})
         fisher = output_fisher(model, windows, modules, False, torch.device("cpu"), None)
         sums, tokens = {}, {}
 
@@ -78,16 +81,26 @@ def main():
                 module.weight.data.copy_(w)
                 rows.append({"tensor": name, "candidate": spec, "predicted": predicted, "actual": actual})
                 print(f"{name:<24} {spec:<8} predicted {predicted:9.5f}  actual {actual:9.5f} nats/token", flush=True)
+        files = []
+        for path in args.files:
+            from stbllm_convert.oracle import build_hf_model
+            from stbllm_rt import StbReader
+
+            estimate = StbReader(path).metadata["provenance"].get("allocation", {}).get("estimated_loss")
+            actual = mean_nll(build_hf_model(path).float().eval(), windows) - base
+            files.append({"file": path, "estimated": estimate, "actual": actual})
+            print(f"{path}: estimated {estimate} actual {actual:.5f} nats/token over the calibration windows")
+    spearman = None
+    if len(rows) > 1:
         rank = lambda xs: torch.tensor(xs).argsort().argsort().float()  # noqa: E731
         pr, ac = rank([r["predicted"] for r in rows]), rank([r["actual"] for r in rows])
         spearman = float(torch.corrcoef(torch.stack([pr, ac]))[0, 1])
-        print(f"base NLL {base:.4f}; Spearman rank correlation predicted vs actual: {spearman:.3f} "
-              f"over {len(rows)} rows")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"base_nll": base, "spearman": spearman, "rows": rows, "samples": args.samples,
-                           "seqlen": args.seqlen}, f, indent=1)
-
+        print(f"Spearman rank correlation predicted vs actual: {spearman:.3f} over {len(rows)} rows")
+    print(f"base NLL {base:.4f} nats/token")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"base_nll": base, "spearman": spearman, "rows": rows, "files": files,
+                       "samples": args.samples, "seqlen": args.seqlen}, f, indent=1)
 
 if __name__ == "__main__":
     main()
