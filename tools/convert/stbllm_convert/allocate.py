@@ -93,8 +93,8 @@ def written_bytes(add) -> int:
     return sum(g["bytes"] for g in writer.bit_report()["groups"].values())
 
 
-def stored_table(w: np.ndarray, bits: int, group: int) -> tuple[int, np.ndarray]:
-    """(bytes, dequantized values) of an embedding / head table stored at `bits` (convert.add_table)."""
+def stored_table(w: np.ndarray, bits: int, group: int) -> np.ndarray:
+    """The values of an embedding / head table as the file stores it at `bits` (convert.add_table)."""
     from stbllm_rt.stbfile import StbReader, StbWriter
 
     from .convert import add_table
@@ -103,9 +103,8 @@ def stored_table(w: np.ndarray, bits: int, group: int) -> tuple[int, np.ndarray]
     add_table(writer, "output.weight", w, bits, group)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "table.stb"
-        report = writer.write(path)
-        values = StbReader(path).dequantize("output.weight")
-    return report["groups"]["head"]["bytes"], values
+        writer.write(path)
+        return StbReader(path).dequantize("output.weight")
 
 
 class ByteCounter:
@@ -290,21 +289,20 @@ def linear_sensitivity(model, runner, plan, windows, fisher: Fisher, free: set, 
     return table
 
 
-def table_sensitivity(w: np.ndarray, fisher: Fisher, as_head: bool, as_embedding: bool, group: int) -> list:
-    """[(bytes, loss)] of a table for each of TABLE_CHOICES."""
+def table_sensitivity(w: np.ndarray, fisher: Fisher, as_head: bool, as_embedding: bool, group: int) -> dict:
+    """{bits: estimated loss} of a table for each of TABLE_CHOICES."""
     import torch
 
-    out = []
+    out = {}
     for bits in TABLE_CHOICES:
-        nbytes, q = stored_table(w, bits, group)
-        e = torch.from_numpy(np.asarray(w, np.float32) - q)
+        e = torch.from_numpy(np.asarray(w, np.float32) - stored_table(w, bits, group))
         loss = 0.0
         if as_head:
             loss += output_loss(fisher.outputs["head"], e, fisher.head_hessian)
         if as_embedding:
             rows = e[fisher.embed_ids]
             loss += 0.5 * float((fisher.embed.double() * (rows * rows).double()).sum())
-        out.append((nbytes, loss))
+        out[bits] = loss
     return out
 
 
@@ -344,13 +342,46 @@ def compress_rules(choice: dict, layers: int) -> dict:
 def mix_summary(chosen: dict) -> dict:
     """{tensor name: spec} -> {kind: {spec: count}} (kinds in LINEAR_KINDS order)."""
     mix: dict = {}
-    for name in chosen:
-        kind = name.split(".")[2]
-        mix.setdefault(kind, {})
     for name, spec in chosen.items():
-        counts = mix[name.split(".")[2]]
+        counts = mix.setdefault(name.split(".")[2], {})
         counts[spec] = counts.get(spec, 0) + 1
     return {k: mix[k] for k in LINEAR_KINDS if k in mix}
+
+
+def budget_items(plan, fixed, methods: dict, counter: ByteCounter, scope: str, free_tables: list, head_bits,
+                 embed_bits):
+    """The byte side of the knapsack: (bytes of everything fixed, weights the budget is over, items, sizes), items
+    [(tensor name, options ordered by size)] for the free linears and tables, sizes their bytes per option."""
+    fixed_bytes, weights, items, sizes = 0, 0, [], []
+    for spec in plan.all():
+        counted = scope == "file" or spec.kind == "linear"
+        if counted:
+            weights += int(np.prod(spec.shape))
+        if spec.kind == "linear":
+            layer, kind = int(spec.name.split(".")[1]), spec.name.split(".")[2]
+            rule = next((r for r in fixed.rules if r.matches(layer, kind)), None)
+            if rule is not None:
+                if not shape_sized(rule.method):
+                    raise ConvertError(f"--target-bpw: the rule {rule.pattern}={rule.spec} gives a method whose size "
+                                       "depends on the data; fix linears only with fp16, sign or q2/q3/q4 rules")
+                fixed_bytes += counter.linear(rule.method, rule.spec, spec.shape)
+                continue
+            options = sorted(methods, key=lambda s: (counter.linear(methods[s], s, spec.shape),
+                                                     list(methods).index(s)))
+            items.append((spec.name, options))
+            sizes.append([counter.linear(methods[s], s, spec.shape) for s in options])
+        elif not counted:
+            continue
+        elif spec.name in free_tables:
+            items.append((spec.name, list(TABLE_CHOICES[::-1])))
+            sizes.append([counter.table(b, spec.shape) for b in TABLE_CHOICES[::-1]])
+        elif spec.name == "token_embd.weight":
+            fixed_bytes += counter.table(embed_bits, spec.shape)
+        elif spec.kind == "head":
+            fixed_bytes += counter.table(head_bits, spec.shape)
+        else:
+            fixed_bytes += counter.plain(spec)
+    return fixed_bytes, weights, items, sizes
 
 
 def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, target_bpw: float, scope: str,
@@ -369,7 +400,6 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
     if not (isinstance(target_bpw, (int, float)) and math.isfinite(target_bpw) and target_bpw > 0):
         raise ConvertError(f"--target-bpw {target_bpw}: must be a positive number of bits per weight")
     methods = parse_candidates(candidates, block)
-    counter = ByteCounter(group)
     tied = config["tie_word_embeddings"]
 
     # Which tables the allocator chooses (file scope, bits not given); the rest are fixed.
@@ -384,38 +414,9 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
         free_tables = [n for n, given in (("token_embd.weight", embed_bits), ("output.weight", head_bits))
                        if not given]
 
-    # Exact bytes of everything fixed, and of every option of every free item.
-    fixed_bytes, weights, free, items, sizes = 0, 0, set(), [], []
-    for spec in plan.all():
-        counted = scope == "file" or spec.kind == "linear"
-        if counted:
-            weights += int(np.prod(spec.shape))
-        if spec.kind == "linear":
-            layer, kind = int(spec.name.split(".")[1]), spec.name.split(".")[2]
-            rule = [r for r in fixed.rules if r.matches(layer, kind)]
-            if rule:
-                if not shape_sized(rule[0].method):
-                    raise ConvertError(f"--target-bpw: the rule {rule[0].pattern}={rule[0].spec} gives a method "
-                                       "whose size depends on the data; fix linears only with fp16, sign or "
-                                       "q2/q3/q4 rules")
-                fixed_bytes += counter.linear(rule[0].method, rule[0].spec, spec.shape)
-                continue
-            options = sorted(methods, key=lambda s: (counter.linear(methods[s], s, spec.shape),
-                                                     list(methods).index(s)))
-            free.add(spec.name)
-            items.append((spec.name, options))
-            sizes.append([counter.linear(methods[s], s, spec.shape) for s in options])
-        elif not counted:
-            continue
-        elif spec.name in free_tables:
-            items.append((spec.name, list(TABLE_CHOICES[::-1])))
-            sizes.append([counter.table(b, spec.shape) for b in TABLE_CHOICES[::-1]])
-        elif spec.name == "token_embd.weight":
-            fixed_bytes += counter.table(embed_bits, spec.shape)
-        elif spec.kind == "head":
-            fixed_bytes += counter.table(head_bits, spec.shape)
-        else:
-            fixed_bytes += counter.plain(spec)
+    fixed_bytes, weights, items, sizes = budget_items(plan, fixed, methods, ByteCounter(group), scope, free_tables,
+                                                      head_bits, embed_bits)
+    free = {name for name, _ in items if name not in free_tables}
     if not free:
         raise ConvertError("--target-bpw: the --set / recipe rules fix every linear; nothing is left to allocate")
     total_budget = math.floor(target_bpw * weights / 8)
@@ -425,21 +426,19 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
         raise ConvertError(
             f"--target-bpw {target_bpw:g}: the candidates ({', '.join(methods)}) reach "
             f"{math.ceil(low * 8 / weights * 1e4) / 1e4:.4f} to {math.floor(high * 8 / weights * 1e4) / 1e4:.4f} "
-            f"bits per {'linear' if scope == 'linear' else 'file'} weight on this model"
-            + (" with the fixed tensors" if fixed_bytes else ""))
-
+            f"bits per {scope} weight on this model" + (" with the fixed tensors" if fixed_bytes else ""))
     # Sensitivities on the full-precision model.
-    options = calibration
-    options.check()
-    torch.manual_seed(options.seed)
-    windows, paths = calibration_windows(tokenizer, options.texts, options.samples, options.seqlen, options.seed)
+    calibration.check()
+    torch.manual_seed(calibration.seed)
+    windows, paths = calibration_windows(tokenizer, calibration.texts, calibration.samples, calibration.seqlen,
+                                         calibration.seed)
     model = source_model(src, arch, config, plan)
-    device = torch.device(options.device)
+    device = torch.device(calibration.device)
     all_linears = {}
     for i in range(len(plan.layers)):
         all_linears.update({n: m for n, m in linear_modules(model, plan, i).items() if n in free})
     fisher = output_fisher(model, windows, all_linears, bool(free_tables), device, progress)
-    runner = LayerRunner(model, arch, config, options.seqlen, device)
+    runner = LayerRunner(model, arch, config, calibration.seqlen, device)
     linear_table = linear_sensitivity(model, runner, plan, windows, fisher, free, methods, device, progress)
     losses = []
     table_losses = {}
@@ -449,11 +448,10 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
             losses.append([by_spec[s] for s in opts])
         else:
             hf = next(s.hf_name for s in plan.all() if s.name == name)
-            measured = table_sensitivity(src.tensor(hf), fisher, as_head=tied or name == "output.weight",
-                                         as_embedding=name == "token_embd.weight", group=group)
-            by_bits = dict(zip(TABLE_CHOICES, measured))
-            table_losses[name] = {str(b): round(by_bits[b][1], 6) for b in TABLE_CHOICES}
-            losses.append([by_bits[b][1] for b in opts])
+            by_bits = table_sensitivity(src.tensor(hf), fisher, as_head=tied or name == "output.weight",
+                                        as_embedding=name == "token_embd.weight", group=group)
+            table_losses[name] = {str(b): round(by_bits[b], 6) for b in TABLE_CHOICES}
+            losses.append([by_bits[b] for b in opts])
     del model, runner
 
     choice = solve(sizes, losses, total_budget - fixed_bytes)
@@ -477,8 +475,8 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
         "estimated_loss": round(estimated, 6),
         "predicted_bits_per_weight": round(predicted * 8 / weights, 4),
         "budget_bytes": total_budget, "bytes": predicted,
-        "calibration": {"text": [p.name for p in paths], "samples": options.samples, "seqlen": options.seqlen,
-                        "seed": options.seed},
+        "calibration": {"text": [p.name for p in paths], "samples": calibration.samples,
+                        "seqlen": calibration.seqlen, "seed": calibration.seed},
         "chosen": chosen, "mix": mix_summary(chosen), "head_bits": head_bits, "embed_bits": embed_bits,
         "sensitivity": {name: {"loss": [float(f"{x:.4g}") for x in linear_table[name][0]],
                                "relative_error": [float(f"{x:.4g}") for x in linear_table[name][1]]}
