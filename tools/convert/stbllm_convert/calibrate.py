@@ -160,6 +160,29 @@ def _collect_inputs(runner, layer, modules: dict, inputs: list, statistic):
             handle.remove()
 
 
+def linear_modules(model, plan, i: int) -> dict:
+    """{canonical name: module} of layer i's linears."""
+    return {spec.name: model.get_submodule(spec.hf_name.removesuffix(".weight"))
+            for spec in plan.layers[i] if spec.kind == "linear"}
+
+
+def layer_hessians(runner, layer, modules: dict, inputs: list):
+    """Runs every window through `layer` and returns (outputs, hessians, owner): hessians[name] is the input
+    Hessian H = (2/N) sum x x^T (float32) of each module in `modules`; modules fed the same input (q/k/v, gate/up)
+    share one H object, and owner[name] names the module whose entry it is (one inverse factor per owner)."""
+    sums, tokens, owner, latest = {}, {}, {}, [None, None]
+
+    def statistic(name, x):
+        if x is not latest[0]:
+            latest[:] = x, name
+            sums[name] = sums.get(name, 0) + x.t() @ x
+            tokens[name] = tokens.get(name, 0) + x.shape[0]
+        owner[name] = latest[1]
+    outputs = _collect_inputs(runner, layer, modules, inputs, statistic)
+    shared = {first: sums[first] * (2.0 / tokens[first]) for first in sums}
+    return outputs, {name: shared[owner[name]] for name in modules}, owner
+
+
 class Calibrator:
     """Drives a calibrated method over a model. Call `add_layer(writer, i)` for i = 0, 1, ... in order."""
 
@@ -239,10 +262,6 @@ class Calibrator:
 
     # ---- layer-wise N:M allocation ---------------------------------------------------------------------------
 
-    def _linear_modules(self, i: int) -> dict:
-        return {spec.name: self.model.get_submodule(spec.hf_name.removesuffix(".weight"))
-                for spec in self.plan.layers[i] if spec.kind == "linear"}
-
     def _allocate(self, windows) -> list:
         """Per-layer N (kept of M) when one binary method with layer-wise allocation quantizes every linear; else
         None per layer (each linear's method uses its own N:M)."""
@@ -259,7 +278,7 @@ class Calibrator:
         ratios = []
         for i in self._bar(range(layers), "outlier scan"):
             layer = self.runner.layers[i].to(self.device)
-            modules = self._linear_modules(i)
+            modules = linear_modules(self.model, self.plan, i)
             sq, square = {}, [None, None]
 
             def statistic(name, x):
@@ -293,7 +312,7 @@ class Calibrator:
         if i != self.next_layer:
             raise AssertionError(f"layers must be calibrated in order (expected {self.next_layer}, got {i})")
         self.next_layer += 1
-        modules = self._linear_modules(i)
+        modules = linear_modules(self.model, self.plan, i)
         resuming = self.work_dir is not None and self.options.resume
         if resuming and self._checkpoint_path(i).is_file():
             saved = torch.load(self._checkpoint_path(i), weights_only=False)
@@ -307,21 +326,13 @@ class Calibrator:
         started = time.monotonic()
         layer = self.runner.layers[i].to(self.device)
         # One Hessian (and one inverse factor) per distinct input: q/k/v share theirs, and so do gate/up.
-        sums, tokens, owner, latest = {}, {}, {}, [None, None]
-
-        def statistic(name, x):
-            if x is not latest[0]:
-                latest[:] = x, name
-                sums[name] = sums.get(name, 0) + x.t() @ x
-                tokens[name] = tokens.get(name, 0) + x.shape[0]
-            owner[name] = latest[1]
-        _collect_inputs(self.runner, layer, modules, self.inputs, statistic)
+        _, hessians, owner = layer_hessians(self.runner, layer, modules, self.inputs)
         saved, salient, columns, regions, factors = [], 0, 0, [], {}
         for name, module in modules.items():
             method = self._method(i, name)
             nm = self.layer_nm[i] or method.nm
             w = module.weight.detach().float().clone()
-            h = sums[owner[name]] * (2.0 / tokens[owner[name]])
+            h = hessians[name]
             u = None
             if method.calibrated:
                 if owner[name] not in factors:

@@ -53,6 +53,13 @@ q3:g128. Rules must not overlap, and each must match some linear. A file holds {
 {PATTERN: METHOD}, "embed_bits": ..., "head_bits": ...}; command-line options win. One calibration pass serves
 every calibrated method of a recipe.
 
+bit budget: --target-bpw B chooses every linear's method among --candidates so that the file's honest bits per
+linear weight (or per weight of the whole file with --bpw-scope file) are at most B and the estimated loss is
+least. The estimate: each linear quantized by each candidate on the calibration text (GPTQ for q2/q3/q4), its
+Hessian-weighted output error weighed by the squared gradients of the calibration loss at its outputs (one backward
+pass of the full model); then a knapsack over the exact bytes. --set rules fix their linears; under --bpw-scope file the embedding / head
+bits are chosen too (16, 8, 4, 3) unless given. Costs about one conversion per q candidate.
+
 calibrated methods run the model layer by layer over calibration text (default: the C4 sample, 128 windows of
 2048 tokens, seed 0; a 135M model on 2 CPU cores wants a smaller preset such as --calib-samples 32
 --calib-seqlen 512).
@@ -66,6 +73,7 @@ examples:
   stbllm-convert smollm2-135m -o smollm2.stbllm68.stb --method stbllm --nm 6:8 --calib-samples 32 --calib-seqlen 512
   stbllm-convert ./Llama-2-7b-hf -o llama2.billm.stb --method billm --device cuda --work-dir ./work --resume
   stbllm-convert smollm2-135m -o smollm2.q3mix.stb --method q3 --set ffn_down=q4 --set 0-1.*=q4 --head-bits 4
+  stbllm-convert smollm2-135m -o smollm2.3bit.stb --target-bpw 3.0 --calib-samples 8 --calib-seqlen 256
 
 exit status: 0 success, 2 bad input or options (one-line message on stderr), 130 interrupted (no file written;
 an existing OUT is left untouched).
@@ -73,6 +81,7 @@ an existing OUT is left untouched).
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .allocate import DEFAULT_CANDIDATES
     from .methods import method_names
 
     p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
@@ -102,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "to nearest)")
     p.add_argument("--embed-bits", type=int, choices=(16, 8, 4, 3, 2), default=None,
                    help="storage of the token embedding (default: --head-bits; a tied table takes both)")
+    budget = p.add_argument_group("bit budget (see above)")
+    budget.add_argument("--target-bpw", type=float, metavar="B", default=None,
+                        help="choose each linear's method for at most B honest bits per weight (uses the calibration "
+                             "options)")
+    budget.add_argument("--bpw-scope", choices=["linear", "file"], default=None,
+                        help="what B covers: the decoder linears (default) or every weight of the file (embedding, "
+                             "head, norms)")
+    budget.add_argument("--candidates", metavar="LIST", default=None,
+                        help="comma-separated methods to choose from: fp16, sign[:N:M], q2/q3/q4[-rtn][:gGROUP] "
+                             f"(default: {DEFAULT_CANDIDATES})")
+    budget.add_argument("--save-recipe", metavar="FILE", default=None,
+                        help="also write the chosen recipe as JSON (reuse it with --recipe FILE)")
     cal = p.add_argument_group("calibrated methods (billm, stbllm, arb-x, arb-rc, q2, q3, q4; "
                                 "onebit-svid with --kd-steps)")
     cal.add_argument("--importance", choices=["si", "wanda", "magnitude", "ria"], default=None,
@@ -168,6 +189,9 @@ def print_summary(result: dict, file=None) -> None:
         codecs = ", ".join(f"{codec} x{n}" for codec, n in c["codecs"].items())
         print(f"    {cls:<13} {c['bytes'] / 2**20:10.2f} MiB  {_fmt_bits(c['bits_per_weight'])} bits/weight  {codecs}",
               file=file)
+    if "allocation" in result:
+        from .allocate import describe
+        print("\n".join(describe(result["allocation"])), file=file)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -186,7 +210,9 @@ def main(argv=None) -> int:
                          head_bits=args.head_bits, embed_bits=args.embed_bits, group=args.group, rules=args.rules,
                          recipe=args.recipe, calibration=calibration_options(args),
                          importance=args.importance, layerwise=False if args.no_layerwise else None,
-                         arb_iters=args.arb_iters, params_bits=args.params_bits, regions=args.regions, svid=args.svid, kd_steps=args.kd_steps, kd_lr=args.kd_lr)
+                         arb_iters=args.arb_iters, params_bits=args.params_bits, regions=args.regions,
+                         svid=args.svid, kd_steps=args.kd_steps, kd_lr=args.kd_lr, target_bpw=args.target_bpw,
+                         bpw_scope=args.bpw_scope, candidates=args.candidates, save_recipe=args.save_recipe)
     except ConvertError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

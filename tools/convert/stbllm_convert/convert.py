@@ -25,7 +25,7 @@ def _progress(iterable, enabled, **kw):
 
 
 # Provenance values that differ from run to run: left out of reproducible files (SOURCE_DATE_EPOCH).
-RUN_MEASUREMENTS = ("seconds", "calibration_seconds", "peak_rss_mib")
+RUN_MEASUREMENTS = ("seconds", "calibration_seconds", "peak_rss_mib", "allocation_seconds")
 
 
 def conversion_date() -> tuple[str, bool]:
@@ -85,7 +85,8 @@ def build_recipe(method=None, nm=None, block: int = 128, group=None, rules=(), r
 def convert(model, out, method: str | None = None, nm=None, block: int = 128, tokenizer=None,
             progress: bool | None = None, head_bits: int | None = None, calibration: CalibrationOptions | None = None,
             embed_bits: int | None = None, group: int | None = None, rules=(), recipe=None,
-            **method_options) -> dict:
+            target_bpw: float | None = None, bpw_scope: str | None = None, candidates: str | None = None,
+            save_recipe=None, **method_options) -> dict:
     """Converts MODEL (HF directory, .gguf file or `smollm2-135m`) into the .stb file `out`.
 
     method: a registered method name (fp16, sign, billm, stbllm, arb-x, arb-rc, onebit-svid, q2, q3, q4, q2-rtn,
@@ -97,23 +98,38 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
     (embed_bits defaults to head_bits; a tied table is both); calibration: CalibrationOptions for calibrated
     methods (default: 128 x 2048 tokens of the C4 sample, seed 0, cpu); method_options: importance, layerwise,
     lamda, hyper_m (binary calibrated methods), arb_iters (arb-x, arb-rc), svid, kd_steps, kd_lr (onebit-svid).
-    Returns {"path", "bits", "seconds", "file_size", "architecture", "tensors"}.
+    target_bpw: choose the linears' methods among `candidates` (allocate.py; comma-separated specs) for at most
+    that many honest bits per weight of bpw_scope "linear" (default) or "file"; the rules fix their linears, group
+    is then the tables' only; save_recipe: also write the chosen recipe (JSON) there.
+    Returns {"path", "bits", "seconds", "file_size", "architecture", "tensors"} (+ "allocation").
     Raises ConvertError for user errors; nothing is written unless the whole conversion succeeds."""
-    from .recipe import TABLE_BITS
+    from .recipe import TABLE_BITS, read_recipe_file
 
     start = time.monotonic()
     date, reproducible = conversion_date()
-    recipe_obj, file_embed_bits, file_head_bits = build_recipe(method, nm, block, group, rules, recipe,
-                                                               **method_options)
-    head_bits = head_bits or file_head_bits or 16
-    embed_bits = embed_bits or file_embed_bits or head_bits
+    if target_bpw is None:
+        for option, value in (("--bpw-scope", bpw_scope), ("--candidates", candidates),
+                              ("--save-recipe", save_recipe)):
+            if value is not None:
+                raise ConvertError(f"{option} needs --target-bpw")
+    elif method is not None or (recipe is not None and "method" in read_recipe_file(recipe)):
+        raise ConvertError("--target-bpw chooses the method of every linear: drop --method (fix chosen linears "
+                           "with --set, pick the choices with --candidates)")
+    recipe_obj, file_embed_bits, file_head_bits = build_recipe(method, nm, block,
+                                                               group if target_bpw is None else None, rules,
+                                                               recipe, **method_options)
+    head_bits = head_bits or file_head_bits
+    embed_bits = embed_bits or file_embed_bits
     for option, bits in (("--head-bits", head_bits), ("--embed-bits", embed_bits)):
-        if bits not in TABLE_BITS:
+        if bits is not None and bits not in TABLE_BITS:
             raise ConvertError(f"{option} {bits}: must be one of {', '.join(map(str, TABLE_BITS))}")
+    if target_bpw is None:
+        head_bits = head_bits or 16
+        embed_bits = embed_bits or head_bits
     table_group = group or 64
     calibrated = any(m.calibrated for m in recipe_obj.methods())
     distilled = any(getattr(m, "kd_steps", 0) for m in recipe_obj.methods())
-    if calibration is not None and not (calibrated or distilled):
+    if calibration is not None and not (calibrated or distilled or target_bpw is not None):
         raise ConvertError(f"calibration options need a calibrated method (billm, stbllm, arb-x, arb-rc, q2, q3, "
                            f"q4) or onebit-svid with --kd-steps, not {recipe_obj.default.name}")
     out = Path(out).expanduser()
@@ -121,6 +137,8 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
         raise ConvertError(f"output {out} is a directory; give a file name like model.stb")
     if not out.parent.is_dir():
         raise ConvertError(f"output directory {out.parent} does not exist")
+    if save_recipe is not None and not Path(save_recipe).expanduser().parent.is_dir():
+        raise ConvertError(f"--save-recipe {save_recipe}: its directory does not exist")
 
     from stbllm_rt.stbfile import StbWriter
 
@@ -137,11 +155,24 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
         if tok_vocab is not None and tok_vocab > config["vocab_size"]:
             warnings.warn(f"the tokenizer has {tok_vocab} tokens but the model only {config['vocab_size']}",
                           ConvertWarning, stacklevel=2)
+        kinds = [spec.name.split(".")[2] for spec in plan.layers[0] if spec.kind == "linear"] if plan.layers else []
+        recipe_obj.check(len(plan.layers), kinds)
+        allocation = None
+        if target_bpw is not None:
+            from .allocate import allocate
+            from .recipe import Recipe
+
+            allocation = allocate(src, arch, config, plan, _calibration_tokenizer(tok_spec, tok_blob), recipe_obj,
+                                  calibration or CalibrationOptions(), target_bpw, bpw_scope or "linear", candidates,
+                                  head_bits, embed_bits, block, table_group, progress)
+            recipe_obj = Recipe(recipe_obj.default, recipe_obj.default_spec, allocation.rules.items(), block=block,
+                                **method_options)
+            recipe_obj.check(len(plan.layers), kinds)
+            head_bits, embed_bits = allocation.head_bits, allocation.embed_bits
+            calibrated = any(m.calibrated for m in recipe_obj.methods())
         if config["tie_word_embeddings"] and embed_bits != head_bits:
             raise ConvertError(f"this model ties its LM head to the token embedding: --embed-bits {embed_bits} and "
                                f"--head-bits {head_bits} must agree")
-        kinds = [spec.name.split(".")[2] for spec in plan.layers[0] if spec.kind == "linear"] if plan.layers else []
-        recipe_obj.check(len(plan.layers), kinds)
         quantizer = recipe_obj.default
         provenance = {
             "converter_version": __version__,
@@ -154,6 +185,8 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
         }
         if not recipe_obj.uniform:
             provenance["recipe"] = recipe_obj.describe()
+        if allocation is not None:
+            provenance["allocation"] = allocation.provenance
         writer = StbWriter({"architecture": arch, "config": config, "tokenizer": tok_spec,
                             "provenance": provenance})
 
@@ -206,13 +239,36 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
         provenance = writer.metadata["provenance"]
         provenance["seconds"] = round(time.monotonic() - start, 2)
         if reproducible:
-            for entry in [provenance, *provenance.get("layers", [])]:
+            for entry in [provenance, *provenance.get("layers", []), provenance.get("allocation", {})]:
                 for key in RUN_MEASUREMENTS:
                     entry.pop(key, None)
+        if allocation is not None:  # the allocator's byte count must be the file's
+            scope = allocation.provenance["scope"]
+            measured = writer.bit_report()[f"{scope}_bits_per_weight"]
+            predicted = allocation.provenance["predicted_bits_per_weight"]
+            if measured != predicted:
+                raise ConvertError(f"internal error: the allocator counted {predicted} bits per {scope} weight, the "
+                                   f"file holds {measured}")
         try:
             report = writer.write(out)
         except OSError as e:  # e.g. a full disk: the writer has removed its temporary file, OUT is untouched
             raise ConvertError(f"cannot write {out}: {e.strerror or e}") from None
-    return {"path": str(out), "bits": report, "seconds": round(time.monotonic() - start, 2),
-            "file_size": os.path.getsize(out), "architecture": arch,
-            "tensors": sum(1 for _ in plan.all()) + (tok_blob is not None)}
+    result = {"path": str(out), "bits": report, "seconds": round(time.monotonic() - start, 2),
+              "file_size": os.path.getsize(out), "architecture": arch,
+              "tensors": sum(1 for _ in plan.all()) + (tok_blob is not None)}
+    if allocation is not None:
+        result["allocation"] = allocation.provenance
+        if save_recipe is not None:
+            _write_recipe(save_recipe, allocation)
+    return result
+
+
+def _write_recipe(path, allocation) -> None:
+    """The chosen recipe as a JSON recipe file (--recipe FILE converts with it again, without the allocation)."""
+    import json
+
+    try:
+        Path(path).expanduser().write_text(json.dumps({"rules": allocation.rules, "head_bits": allocation.head_bits,
+                                                       "embed_bits": allocation.embed_bits}, indent=1) + "\n")
+    except OSError as e:
+        raise ConvertError(f"cannot write the recipe {path}: {e.strerror or e}") from None
