@@ -340,6 +340,25 @@ def test_regions_option_sets_the_split_and_round_trips(tmp_path, regions):
     np.testing.assert_array_equal(StbReader(tmp_path / "r.stb").dequantize(NAME), result.q.numpy())
 
 
+def test_stbllm_without_its_three_components_is_billm(tmp_path, tiny_hf_models):
+    """STBLLM with magnitude importance, the same N in every layer and two regions is BiLLM: the converted files
+    dequantize identically, so the three options measure all that separates the two methods (docs/results.md)."""
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(CORPUS * 3))
+    paths = {}
+    for method, options in [("billm", {}), ("stbllm", dict(importance="magnitude", layerwise=False, regions=2)),
+                            ("stbllm", {})]:
+        paths[method, bool(options)] = out = tmp_path / f"{method}-{len(paths)}.stb"
+        convert(tiny_hf_models["llama"], out, method=method, nm="4:8", progress=False, **options,
+                calibration=CalibrationOptions(texts=[text], samples=2, seqlen=32))
+    billm, reduced, full = (StbReader(paths[k]) for k in [("billm", False), ("stbllm", True), ("stbllm", False)])
+    linears = [n for n in billm.tensor_names() if billm.tensor_info(n)["codec"].startswith("stb.binary-groups")]
+    assert linears
+    for name in linears:
+        np.testing.assert_array_equal(reduced.dequantize(name), billm.dequantize(name))
+    assert any(not np.array_equal(full.dequantize(n), billm.dequantize(n)) for n in linears)
+
+
 def test_regions_option_only_for_billm_and_stbllm():
     from stbllm_convert.methods import ConvertError
 
