@@ -210,15 +210,17 @@ def test_recipe_forms(tmp_path):
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps([{"name": "s68", "args": "--method stbllm --nm 6:8"},
                                 {"name": "q4", "args": ["--method", "q4-rtn", "--group", "32"]}]))
-    specs = parse_recipes(["fp16=--method fp16", str(mix), str(rows)])
+    specs = parse_recipes(["fp16=--method fp16", str(mix), str(rows), "b3=--target-bpw 3 --candidates sign,fp16"])
     assert specs == [RowSpec("fp16", ("--method", "fp16")), RowSpec("mix", ("--recipe", str(mix))),
                      RowSpec("s68", ("--method", "stbllm", "--nm", "6:8")),
-                     RowSpec("q4", ("--method", "q4-rtn", "--group", "32"))]
+                     RowSpec("q4", ("--method", "q4-rtn", "--group", "32")),
+                     RowSpec("b3", ("--target-bpw", "3", "--candidates", "sign,fp16"))]
     calibration = ("--calib-samples", "4", "--calib-seqlen", "64")
     got = {s.name: s.args for s in with_calibration(specs, calibration)}
     assert got["fp16"] == ("--method", "fp16") and got["q4"] == ("--method", "q4-rtn", "--group", "32")
     assert got["mix"] == (*calibration, "--recipe", str(mix))  # q3 is GPTQ: calibrated
     assert got["s68"] == (*calibration, "--method", "stbllm", "--nm", "6:8")
+    assert got["b3"] == (*calibration, "--target-bpw", "3", "--candidates", "sign,fp16")  # the allocator calibrates
 
 
 @pytest.mark.parametrize("recipes, message", [

@@ -133,10 +133,13 @@ def _parse_converter_args(spec: RowSpec):
 
 
 def calibrated(spec: RowSpec) -> bool:
-    """Whether the recipe has a calibrated method (or distillation), i.e. takes the calibration options."""
+    """Whether the recipe has a calibrated method (or distillation, or a bit budget, whose allocator measures on the
+    calibration windows), i.e. takes the calibration options."""
     from .convert import build_recipe
 
     args = _parse_converter_args(spec)
+    if args.target_bpw is not None:
+        return True
     try:
         recipe, _, _ = build_recipe(args.method, args.nm, args.block, args.group, args.rules, args.recipe,
                                     kd_steps=args.kd_steps)
