@@ -190,13 +190,6 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
         writer = StbWriter({"architecture": arch, "config": config, "tokenizer": tok_spec,
                             "provenance": provenance})
 
-        def load(spec):
-            w = src.tensor(spec.hf_name)
-            if tuple(w.shape) != tuple(spec.shape):
-                raise ConvertError(f"tensor {spec.hf_name} has shape {tuple(w.shape)}, the config implies "
-                                   f"{tuple(spec.shape)}")
-            return w
-
         def add_plain(spec, w):
             if spec.kind in ("norm", "bias"):
                 writer.add_f32(spec.name, w)
@@ -214,18 +207,18 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
             calibrator = Calibrator(recipe_obj, src, arch, config, plan, _calibration_tokenizer(tok_spec, tok_blob),
                                     calibration or CalibrationOptions(), progress)
         for spec in plan.pre:
-            add_plain(spec, load(spec))
+            add_plain(spec, src.planned_tensor(spec))
         bar = _progress(range(len(plan.layers)), progress, desc=f"{provenance['method']} layers", unit="layer")
         for i in bar:
             for spec in plan.layers[i]:
                 if spec.kind != "linear":
-                    add_plain(spec, load(spec))
+                    add_plain(spec, src.planned_tensor(spec))
                 elif calibrator is None:
-                    recipe_obj.method_for(i, spec.name.split(".")[2]).add_linear(writer, spec.name, load(spec))
+                    recipe_obj.method_for(i, spec.name.split(".")[2]).add_linear(writer, spec.name, src.planned_tensor(spec))
             if calibrator is not None:
                 calibrator.add_layer(writer, i)
         for spec in plan.post:
-            add_plain(spec, load(spec))
+            add_plain(spec, src.planned_tensor(spec))
         context = SimpleNamespace(src=src, arch=arch, config=config, plan=plan,
                                   tokenizer=lambda: _calibration_tokenizer(tok_spec, tok_blob),
                                   calibration=calibration or CalibrationOptions(), progress=progress)

@@ -130,14 +130,7 @@ def build_hf_model_from_gguf(gguf_path):
         spec, blob = tokenizer_metadata(src.tokenizer_dir, None, src.config, src.generation_config)
         if blob is None:
             raise ConvertError(f"{path} has no tokenizer transformers can read")
-
-        def tensor(plan_spec):
-            w = src.tensor(plan_spec.hf_name)
-            if tuple(w.shape) != tuple(plan_spec.shape):
-                raise ConvertError(f"{path}: tensor {plan_spec.hf_name} has shape {tuple(w.shape)}, the config "
-                                   f"implies {tuple(plan_spec.shape)}")
-            return w
-        return _hf_model(architecture, c, spec, tensor), spec, blob
+        return _hf_model(architecture, c, spec, src.planned_tensor), spec, blob
 
 
 def build_hf_model(stb_path, dtype=None, runtime_activations: bool = False):

@@ -56,6 +56,14 @@ class Source:
             raise ConvertError(f"tensor {hf_name} is missing from {self.description}")
         return self._raw(stored)
 
+    def planned_tensor(self, spec) -> np.ndarray:
+        """The tensor a conversion plan entry names, checked against the shape the config implies."""
+        w = self.tensor(spec.hf_name)
+        if tuple(w.shape) != tuple(spec.shape):
+            raise ConvertError(f"{self.description}: tensor {spec.hf_name} has shape {tuple(w.shape)}, the config "
+                               f"implies {tuple(spec.shape)}")
+        return w
+
     def close(self):
         pass
 
