@@ -447,8 +447,8 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
             by_spec = dict(zip(methods, linear_table[name][0]))
             losses.append([by_spec[s] for s in opts])
         else:
-            hf = next(s.hf_name for s in plan.all() if s.name == name)
-            by_bits = table_sensitivity(src.tensor(hf), fisher, as_head=tied or name == "output.weight",
+            table = next(s for s in plan.all() if s.name == name)
+            by_bits = table_sensitivity(src.planned_tensor(table), fisher, as_head=tied or name == "output.weight",
                                         as_embedding=name == "token_embd.weight", group=group)
             table_losses[name] = {str(b): round(by_bits[b], 6) for b in TABLE_CHOICES}
             losses.append([by_bits[b] for b in opts])

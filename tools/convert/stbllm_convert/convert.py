@@ -214,7 +214,8 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
                 if spec.kind != "linear":
                     add_plain(spec, src.planned_tensor(spec))
                 elif calibrator is None:
-                    recipe_obj.method_for(i, spec.name.split(".")[2]).add_linear(writer, spec.name, src.planned_tensor(spec))
+                    linear_method = recipe_obj.method_for(i, spec.name.split(".")[2])
+                    linear_method.add_linear(writer, spec.name, src.planned_tensor(spec))
             if calibrator is not None:
                 calibrator.add_layer(writer, i)
         for spec in plan.post:
