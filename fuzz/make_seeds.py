@@ -1,8 +1,8 @@
 """Seed corpus for fuzz/stb_loader_fuzz.cpp: small valid files of every codec (binary-groups with 1, 2 and 3
-regions, with and without N:M and salient columns, one with 8-bit params; row-col-sign with and without N:M and
-salient columns; qgroup at 2, 3 and 4 bits with ragged chunks and groups), tiny complete models (f16, sign, sign
-with 4:8 masks, qgroup linears and embedding, int8 head, tied head, sliding window), and the malformed files of
-tests/test_format.py.
+regions, with and without N:M and salient columns, rANS labels, two with fixed-width labels, one with 8-bit params;
+row-col-sign with and without N:M and salient columns; qgroup at 2, 3 and 4 bits with ragged chunks and groups),
+tiny complete models (f16, sign, sign with 4:8 masks, qgroup linears and embedding, int8 head, tied head, sliding
+window), and the malformed files of tests/test_format.py.
 
 usage: python fuzz/make_seeds.py OUT_DIR   (needs the stbllm package installed)
 """
@@ -40,7 +40,7 @@ def exact_nm_mask(rng, rows: int, cols: int, n: int, m: int) -> np.ndarray:
 
 
 def binary_groups_file(path: Path, rng, rows: int, cols: int, regions: int, nm, salient_fraction: float,
-                       block: int = 64, params_bits: int = 16) -> None:
+                       block: int = 64, params_bits: int = 16, label_coder: str | None = "rans") -> None:
     w = StbWriter(METADATA)
     mask = None if nm is None else exact_nm_mask(rng, rows, cols, *nm)
     shape = (rows, -(-cols // block), 2 * regions + 4)
@@ -50,7 +50,8 @@ def binary_groups_file(path: Path, rng, rows: int, cols: int, regions: int, nm, 
     w.add_binary_groups("blk.0.attn_q.weight", signs=rng.random((rows, cols)) < 0.5,
                         labels=rng.integers(0, regions, (rows, cols)).astype(np.uint8),
                         salient=rng.random(cols) < salient_fraction, residual=rng.random((rows, cols)) < 0.5,
-                        params=params, regions=regions, block=block, mask=mask, nm=nm, param_scales=scales)
+                        params=params, regions=regions, block=block, mask=mask, nm=nm, param_scales=scales,
+                        label_coder=label_coder)
     w.write(path)
 
 
@@ -86,6 +87,9 @@ def codec_files(out: Path, rng) -> None:
                                    salient_fraction=salient)
     binary_groups_file(out / "binary-groups-r3-6of8-s20-p8.stb", rng, rows=3, cols=77, regions=3, nm=(6, 8),
                        salient_fraction=0.2, params_bits=8)
+    for regions in (2, 3):  # the fixed-width labels older files have
+        binary_groups_file(out / f"binary-groups-r{regions}-6of8-s20-fixed.stb", rng, rows=3, cols=77,
+                           regions=regions, nm=(6, 8), salient_fraction=0.2, label_coder=None)
     for nm in (None, (6, 8)):
         for salient_count in (0, 5):
             tag = (f"{nm[0]}of{nm[1]}" if nm else "dense") + f"-s{salient_count}"

@@ -97,16 +97,24 @@ def test_quantizer_output_round_trips_bit_exactly(tmp_path, regions, nm, cols):
     assert ("labels" in bits) == (regions > 1) and ("masks" in bits) == (nm is not None)
 
 
-def test_stored_bits_are_what_the_data_needs(tmp_path):
-    """6:8 with three regions: 5-bit mask codes per group of 8, 6 sign bits, 1.6 bits per kept non-salient label."""
-    planes = _random_planes(np.random.default_rng(0), 64, 1024, 3, (6, 8))
+@pytest.mark.parametrize("coder", ["rans", None])
+def test_stored_bits_are_what_the_data_needs(tmp_path, coder):
+    """6:8 with three regions: 5-bit mask codes per group of 8, 6 sign bits; labels of kept non-salient weights at
+    1.6 bits each fixed-width, or their order-0 entropy (+ at most the 10-byte header) rANS-coded."""
+    rng = np.random.default_rng(0)
+    planes = _random_planes(rng, 64, 1024, 3, (6, 8))
+    planes["labels"] = rng.choice(3, size=planes["labels"].shape, p=[0.7, 0.2, 0.1]).astype(np.uint8)
     writer = StbWriter(_metadata())
-    writer.add_binary_groups(NAME, **planes)
+    writer.add_binary_groups(NAME, **planes, label_coder=coder)
     report = writer.bit_report()["groups"]
     assert report["masks"]["bits_per_weight"] == 5 / 8
     assert report["signs"]["bits_per_weight"] == 6 / 8
-    kept_plain = int((planes["mask"] & ~planes["salient"][None]).sum())
-    assert report["labels"]["bytes"] == -(-kept_plain // 5)
+    plain = planes["labels"][planes["mask"] & ~planes["salient"][None]]
+    if coder is None:
+        assert report["labels"]["bytes"] == -(-plain.size // 5)
+    else:
+        from stbllm_rt.entropy import order0_bits
+        assert 0 < report["labels"]["bytes"] - order0_bits(plain) / 8 < 10 + 0.001 * plain.size
 
 
 def _set_bit(index):
@@ -141,23 +149,39 @@ def test_malformed_headers_are_rejected_at_open(tmp_path, case, match):
 
 @pytest.fixture(scope="module")
 def tiny_stbllm(tmp_path_factory, tiny_hf_models):
+    """STBLLM 6:8 files of the tiny LLaMA: {label coder: path}."""
     root = tmp_path_factory.mktemp("codec")
     text = root / "calib.txt"
     text.write_text("\n".join(CORPUS * 3))
-    out = root / "llama-stbllm.stb"
-    convert(tiny_hf_models["llama"], out, method="stbllm", nm="6:8", progress=False,
-            calibration=CalibrationOptions(texts=[text], samples=2, seqlen=32))
-    return out
+    paths = {}
+    for coder in ("rans", "fixed"):
+        paths[coder] = root / f"llama-stbllm-{coder}.stb"
+        convert(tiny_hf_models["llama"], paths[coder], method="stbllm", nm="6:8", progress=False, label_coder=coder,
+                calibration=CalibrationOptions(texts=[text], samples=2, seqlen=32))
+    return paths
 
 
-@pytest.mark.parametrize("case, match", [
-    ("mask_code", "mask code out of range"), ("label_digit", "not 5 base-3 digits"), ("padding", "padding"),
-    ("kept_salient", "kept salient"),
+def test_label_coders_store_the_same_weights(tiny_stbllm):
+    """The rANS labels are lossless: both files dequantize identically, and the rANS one is smaller."""
+    rans, fixed = StbReader(tiny_stbllm["rans"]), StbReader(tiny_stbllm["fixed"])
+    assert rans.tensor_info(NAME)["params"]["label_coder"] == "rans"
+    assert "label_coder" not in fixed.tensor_info(NAME)["params"]
+    for name in fixed.tensor_names():
+        if fixed.tensor_info(name)["codec"] == binary_groups.CODEC:
+            np.testing.assert_array_equal(rans.dequantize(name), fixed.dequantize(name))
+    assert tiny_stbllm["rans"].stat().st_size < tiny_stbllm["fixed"].stat().st_size
+
+
+@pytest.mark.parametrize("coder, case, match", [
+    ("rans", "mask_code", "mask code out of range"), ("fixed", "label_digit", "not 5 base-3 digits"),
+    ("fixed", "padding", "padding"), ("fixed", "kept_salient", "kept salient"),
+    ("rans", "rans_frequencies", "rans frequencies sum"), ("rans", "rans_state", r"rans state \d+ is outside"),
+    ("rans", "rans_body", "rans stream"),
 ])
-def test_malformed_streams_are_refused_by_the_runtime(tiny_stbllm, tmp_path, case, match):
+def test_malformed_streams_are_refused_by_the_runtime(tiny_stbllm, tmp_path, coder, case, match):
     """Stream contents that lengths cannot express are checked when the runtime decodes them."""
     path = tmp_path / "bad.stb"
-    path.write_bytes(tiny_stbllm.read_bytes())
+    path.write_bytes(tiny_stbllm[coder].read_bytes())
     Model(path)  # the untouched file loads
     info = StbReader(path).tensor_info(NAME)
     (n, m), rows, cols = info["params"]["nm"], *info["shape"]
@@ -166,6 +190,12 @@ def test_malformed_streams_are_refused_by_the_runtime(tiny_stbllm, tmp_path, cas
         width = binary_groups.rank_width(m, n)
         assert math.comb(m, n) < 1 << width
         _tamper_component(path, NAME, "mask", lambda b: b.__setitem__(0, b[0] | ((1 << width) - 1)))
+    elif case == "rans_frequencies":  # the first u16 frequency one higher
+        _tamper_component(path, NAME, "labels", lambda b: b.__setitem__(0, (b[0] + 1) % 256))
+    elif case == "rans_state":  # the state's top two bytes cleared: below 2^23 (3 regions: the state is bytes 6..9)
+        _tamper_component(path, NAME, "labels", lambda b: b.__setitem__(slice(8, 10), b"\0\0"))
+    elif case == "rans_body":  # a flipped byte after the header: decodes to a wrong end state or runs off the end
+        _tamper_component(path, NAME, "labels", lambda b: b.__setitem__(len(b) - 1, b[len(b) - 1] ^ 0x5A))
     elif case == "label_digit":
         _tamper_component(path, NAME, "labels", lambda b: b.__setitem__(0, 250))
     elif case == "padding":  # a set bit past the end of a stream whose length is not whole bytes / digits

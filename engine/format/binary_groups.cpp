@@ -7,9 +7,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include "cpu/kernels.h"
+#include "stbllm/rans.h"
 
 namespace stb {
 namespace {
@@ -172,9 +174,15 @@ BinaryGroupsPlanes decode_binary_groups(const TensorEntry& t) {
 
   const BitReader signs(stream("signs"), what), labels(stream("labels"), what), residual(stream("residual"), what);
   const Component* labels_c = stream("labels");
+  std::unique_ptr<RansDecoder> rans;  // a rANS label stream is absent only when no weight has a label
+  if (t.labels_rans && labels_c) rans = std::make_unique<RansDecoder>(labels_c->data, labels_c->length, t.regions, what);
   uint64_t sign_pos = 0, label_pos = 0, residual_pos = 0;
   auto next_label = [&]() -> int {
     const uint64_t i = label_pos++;
+    if (t.labels_rans) {
+      if (!rans) throw FormatError(what + ": a stream ends before the weights it describes");
+      return rans->next();
+    }
     if (t.regions == 2) return labels.bit(i);
     if (!labels_c || i / 5 >= labels_c->length) throw FormatError(what + ": a stream ends before the weights it describes");
     const uint8_t byte = labels_c->data[i / 5];
@@ -210,9 +218,11 @@ BinaryGroupsPlanes decode_binary_groups(const TensorEntry& t) {
   if (!signs.padding_clear(sign_pos)) throw FormatError(what + ": sign stream has non-zero padding bits");
   if (!residual.padding_clear(residual_pos))
     throw FormatError(what + ": residual stream has non-zero padding bits");
-  if (t.regions == 2 && !labels.padding_clear(label_pos))
-    throw FormatError(what + ": label stream has non-zero padding bits");
-  if (t.regions == 3 && label_pos % 5) {  // unused base-3 digits of the last byte are zero
+  if (rans) {
+    rans->finish();  // a rANS stream has no padding: it must end exactly with the last label
+  } else if (t.regions == 2) {
+    if (!labels.padding_clear(label_pos)) throw FormatError(what + ": label stream has non-zero padding bits");
+  } else if (t.regions == 3 && label_pos % 5) {  // unused base-3 digits of the last byte are zero
     if (labels_c->data[label_pos / 5] >= kPow3[label_pos % 5])
       throw FormatError(what + ": label stream has non-zero padding digits");
   }

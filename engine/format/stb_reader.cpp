@@ -13,6 +13,7 @@
 #include "stbllm/binary_groups.h"
 #include "stbllm/format.h"
 #include "stbllm/qgroup.h"
+#include "stbllm/rans.h"
 
 namespace stb {
 namespace {
@@ -143,8 +144,16 @@ void validate_qgroup(const TensorEntry& t) {
   }
 }
 
+// A component's allowed byte length: exact for every fixed-layout stream, a range for entropy-coded ones.
+struct LengthRange {
+  uint64_t min = 0, max = 0;  // 0: the component is absent
+  LengthRange() = default;
+  LengthRange(uint64_t exact) : min(exact), max(exact) {}  // NOLINT: most lengths are exact
+  LengthRange(uint64_t lo, uint64_t hi) : min(lo), max(hi) {}
+};
+
 // Expected byte length of each component for a tensor's codec; throws on unknown codecs or bad params.
-std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonValue* params) {
+std::map<std::string, LengthRange> expected_components(TensorEntry& t, const JsonValue* params) {
   const std::string what = "tensor '" + t.name + "'";
   const uint64_t n = uint64_t(t.num_elements);
   auto no_params = [&] {
@@ -182,6 +191,12 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
                                                                   uint64_t(kMaxElements), rows * uint64_t(t.salient_columns))));
       if (const JsonValue* bits = params->find("params_bits"))  // absent: fp16 params
         t.params_bits = int(bits->as_int(what + " params_bits (only 8 is defined)", 8, 8));
+      if (const JsonValue* coder = params->find("label_coder")) {  // absent: fixed-width labels
+        if (coder->as_string(what + " label_coder") != "rans")
+          throw FormatError(what + ": label_coder must be \"rans\" (the only coder defined)");
+        if (t.regions == 1) throw FormatError(what + ": label_coder needs regions > 1 (one region has no labels)");
+        t.labels_rans = true;
+      }
     }
     if (rowcol)
       t.salient_columns = params->at("salient_columns", what + " params")
@@ -189,7 +204,7 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
     for (const auto& kv : params->as_object(what + " params"))
       if (kv.first != "block" && kv.first != "nm" &&
           !(groups && (kv.first == "regions" || kv.first == "salient_columns" || kv.first == "kept_salient" ||
-                       kv.first == "params_bits")) &&
+                       kv.first == "params_bits" || kv.first == "label_coder")) &&
           !(rowcol && kv.first == "salient_columns"))
         throw FormatError(what + ": unknown param '" + kv.first + "'");
     const uint64_t words = (cols + 63) / 64;
@@ -197,7 +212,7 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
     if (rowcol) {  // stb.row-col-sign.v1: sign-block planes plus fp16 column scales and the salient plane
       const uint64_t plane = checked_mul(checked_mul(rows, words, what), 8, what);
       const uint64_t row_scales = checked_mul(checked_mul(rows, blocks, what), 2, what);
-      std::map<std::string, uint64_t> out = {{"signs", plane}, {"row_scales", row_scales}, {"col_scales", cols * 2}};
+      std::map<std::string, LengthRange> out = {{"signs", plane}, {"row_scales", row_scales}, {"col_scales", cols * 2}};
       if (t.nm_m) out["mask"] = plane;
       if (t.salient_columns) {
         const uint64_t s = uint64_t(t.salient_columns);
@@ -210,7 +225,7 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
     }
     if (!groups) {
       const uint64_t plane = checked_mul(checked_mul(rows, words, what), 8, what);
-      std::map<std::string, uint64_t> out = {{"signs", plane},
+      std::map<std::string, LengthRange> out = {{"signs", plane},
                                              {"scales", checked_mul(checked_mul(rows, blocks, what), 2, what)}};
       if (t.nm_m) out["mask"] = plane;
       return out;
@@ -220,17 +235,21 @@ std::map<std::string, uint64_t> expected_components(TensorEntry& t, const JsonVa
     const uint64_t kept = checked_mul(rows, binary_groups_kept_per_row(int64_t(cols), t.nm_n, t.nm_m), what);
     if (uint64_t(t.kept_salient) > kept) throw FormatError(what + ": kept_salient exceeds the kept weights");
     const uint64_t kept_plain = kept - uint64_t(t.kept_salient);
-    std::map<std::string, uint64_t> out = {{"signs", bytes_for(kept)}, {"salient", bytes_for(cols)}};
+    std::map<std::string, LengthRange> out = {{"signs", bytes_for(kept)}, {"salient", bytes_for(cols)}};
     if (t.nm_m) out["mask"] = bytes_for(checked_mul(rows, binary_groups_mask_bits_per_row(int64_t(cols), t.nm_n,
                                                                                             t.nm_m), what));
-    if (t.regions == 2) out["labels"] = bytes_for(kept_plain);
-    if (t.regions == 3) out["labels"] = kept_plain / 5 + (kept_plain % 5 != 0);
+    if (t.labels_rans && kept_plain)
+      out["labels"] = {rans_header_bytes(t.regions), rans_max_bytes(kept_plain, t.regions)};  // its decoder checks
+    else if (t.regions == 2)
+      out["labels"] = bytes_for(kept_plain);
+    else if (t.regions == 3)
+      out["labels"] = kept_plain / 5 + (kept_plain % 5 != 0);
     if (t.kept_salient) out["residual"] = bytes_for(uint64_t(t.kept_salient));
     const uint64_t slots = uint64_t(2 * t.regions + 4);
     out["params"] = checked_mul(checked_mul(checked_mul(rows, blocks, what), slots, what), uint64_t(t.params_bits / 8),
                                 what);
     if (t.params_bits == 8) out["param_scales"] = checked_mul(checked_mul(rows, slots, what), 2, what);
-    for (auto it = out.begin(); it != out.end();) it = it->second ? std::next(it) : out.erase(it);  // empty: absent
+    for (auto it = out.begin(); it != out.end();) it = it->second.max ? std::next(it) : out.erase(it);  // empty: absent
     return out;
   }
   if (t.codec == kCodecInt8Group) {
@@ -380,9 +399,11 @@ std::shared_ptr<const StbFile> StbFile::open(const std::string& path, bool verif
       comp.offset = uint64_t(c.at("offset", cwhat).as_int(cwhat + " offset", 0, kMaxOffset));
       comp.length = uint64_t(c.at("length", cwhat).as_int(cwhat + " length", 1, kMaxOffset));
       comp.crc32c = uint32_t(c.at("crc32c", cwhat).as_int(cwhat + " crc32c", 0, 0xFFFFFFFFll));
-      if (comp.length != exp->second)
+      const LengthRange& need = exp->second;
+      if (comp.length < need.min || comp.length > need.max)
         throw FormatError(cwhat + " is " + std::to_string(comp.length) + " bytes, but its shape and codec need " +
-                          std::to_string(exp->second));
+                          (need.min == need.max ? std::to_string(need.min)
+                                                : std::to_string(need.min) + " to " + std::to_string(need.max)));
       if (comp.offset % kAlignment != 0) throw FormatError(cwhat + " offset is not 64-byte aligned");
       if (comp.offset > data_size || comp.length > data_size - comp.offset)
         throw FormatError(cwhat + " lies outside the file");

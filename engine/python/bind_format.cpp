@@ -6,6 +6,7 @@
 #include "stbllm/binary_groups.h"
 #include "stbllm/format.h"
 #include "stbllm/qgroup.h"
+#include "stbllm/rans.h"
 
 namespace py = pybind11;
 
@@ -52,6 +53,38 @@ void bind_format(py::module_& m) {
         return stb::crc32c(info.ptr, n, crc);
       },
       py::arg("data"), py::arg("crc") = 0, "CRC-32C of a contiguous buffer (continue from `crc`).");
+
+  m.def(
+      "rans_encode",
+      [](py::array_t<uint8_t, py::array::c_style | py::array::forcecast> symbols, int alphabet) {
+        std::vector<uint8_t> out;
+        {
+          py::gil_scoped_release release;
+          out = stb::rans_encode(symbols.data(), size_t(symbols.size()), alphabet);
+        }
+        py::array_t<uint8_t> a({py::ssize_t(out.size())});
+        std::copy(out.begin(), out.end(), a.mutable_data());
+        return a;
+      },
+      py::arg("symbols"), py::arg("alphabet"),
+      "Order-0 rANS stream of uint8 symbols < alphabet (docs/format.md, label_coder \"rans\").");
+  m.def(
+      "rans_decode",
+      [](py::array_t<uint8_t, py::array::c_style | py::array::forcecast> stream, size_t count, int alphabet) {
+        py::array_t<uint8_t> out({py::ssize_t(count)});
+        uint8_t* dst = out.mutable_data();
+        const uint8_t* data = stream.data();
+        const size_t length = size_t(stream.size());
+        {
+          py::gil_scoped_release release;
+          stb::RansDecoder decoder(data, length, alphabet, "rans stream");
+          for (size_t i = 0; i < count; ++i) dst[i] = uint8_t(decoder.next());
+          decoder.finish();
+        }
+        return out;
+      },
+      py::arg("stream"), py::arg("count"), py::arg("alphabet"),
+      "The `count` symbols of a rANS stream; raises FormatError unless the stream holds exactly those.");
 
   py::class_<FileHandle, std::shared_ptr<FileHandle>>(m, "StbFile")
       .def(py::init([](const std::string& path, bool verify_checksums) {

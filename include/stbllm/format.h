@@ -54,6 +54,7 @@ struct TensorEntry {
   int64_t salient_columns = 0;
   int64_t kept_salient = 0;
   int params_bits = 16;  // stb.binary-groups.v2: 16 (fp16 params) or 8 (int8 codes under per-(row, slot) scales)
+  bool labels_rans = false;  // stb.binary-groups.v2: labels rANS-coded ("label_coder": "rans"), else fixed width
   std::map<std::string, Component> components;
 
   const Component& component(const std::string& key) const;  // throws FormatError when missing

@@ -1,10 +1,11 @@
 """The compact storage of stb.binary-groups.v2 (docs/format.md): encode the planes a calibrated binarizer produces
-into the file's streams, and decode them back. Pure numpy; the C++ reader (engine/format/binary_groups.cpp)
+into the file's streams, and decode them back. Numpy, but for the rANS label coder, which is the runtime's own
+(engine/format/rans.cpp: sequential decoding does not vectorize); the C++ reader (engine/format/binary_groups.cpp)
 decodes the same streams for the runtime.
 
 Every stream stores only what the data needs: the N:M mask as one colex rank of the kept subset per group of M,
-signs of kept weights only, region labels of kept non-salient weights only (5 base-3 labels per byte when there are
-three regions), order-2 signs of kept salient weights only.
+signs of kept weights only, region labels of kept non-salient weights only (rANS-coded, about n·H bits; or fixed
+width, 5 base-3 labels per byte when there are three regions), order-2 signs of kept salient weights only.
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import math
 
 import numpy as np
 
+from . import _core
 from ._core import FormatError
 
 CODEC = "stb.binary-groups.v2"
+LABEL_CODER = "rans"  # the one entropy coder of the labels stream ("label_coder" param)
 
 # BINOMIAL[n, k] = C(n, k) for n, k <= 64, as uint64 (C(64, 32) < 2**63).
 BINOMIAL = np.zeros((65, 65), dtype=np.uint64)
@@ -138,8 +141,11 @@ def decode_mask(stream: np.ndarray, rows: int, cols: int, n: int, m: int) -> np.
     return keep
 
 
-def encode_labels(labels: np.ndarray, regions: int) -> np.ndarray:
-    """Region labels 0..regions-1 (1-D) -> the `labels` stream: 1 bit each for 2 regions, 5 per byte for 3."""
+def encode_labels(labels: np.ndarray, regions: int, coder: str | None = None) -> np.ndarray:
+    """Region labels 0..regions-1 (1-D) -> the `labels` stream: with coder "rans" an order-0 rANS stream
+    (about n·H bits); else fixed width, 1 bit each for 2 regions, 5 per byte for 3."""
+    if coder == LABEL_CODER:
+        return _core.rans_encode(np.ascontiguousarray(labels, dtype=np.uint8), regions)
     if regions == 2:
         return _pack(labels == 1)
     trits = np.zeros(-(-labels.size // 5) * 5, dtype=np.uint8)
@@ -148,7 +154,9 @@ def encode_labels(labels: np.ndarray, regions: int) -> np.ndarray:
         np.uint8)
 
 
-def decode_labels(stream: np.ndarray, count: int, regions: int) -> np.ndarray:
+def decode_labels(stream: np.ndarray, count: int, regions: int, coder: str | None = None) -> np.ndarray:
+    if coder == LABEL_CODER:  # the runtime's decoder: a rANS stream is sequential, too slow for a numpy loop
+        return _core.rans_decode(np.asarray(stream, dtype=np.uint8), count, regions)
     if regions == 2:
         return _unpack(stream, count, "labels").astype(np.uint8)
     stream = np.asarray(stream, dtype=np.uint8)
@@ -160,10 +168,6 @@ def decode_labels(stream: np.ndarray, count: int, regions: int) -> np.ndarray:
     if digits[count:].any():
         raise FormatError("labels stream has non-zero padding digits")
     return digits[:count].astype(np.uint8)
-
-
-def label_stream_bytes(count: int, regions: int) -> int:
-    return 0 if regions == 1 else -(-count // 8) if regions == 2 else -(-count // 5)
 
 
 def expand_params(codes, scales) -> np.ndarray:
@@ -196,12 +200,13 @@ def param_codes(params, scales) -> np.ndarray:
 
 
 def encode(signs, labels, salient, residual, params, regions: int, block: int, mask=None, nm=None,
-           param_scales=None):
+           param_scales=None, label_coder: str | None = LABEL_CODER):
     """The planes of a calibrated binarizer -> (params JSON, components, paper bits). signs: bool [rows, cols]
     first-order signs (True = +1); labels: uint8 [rows, cols] region of each non-salient weight; salient: bool
     [cols]; residual: bool [rows, cols] order-2 signs (read in salient columns only); params: [rows, blocks,
     2*regions + 4] (stored fp16); mask/nm: exact N:M keep-mask (False = exactly zero) and its (N, M), or None;
-    param_scales: fp16 [rows, 2*regions + 4] to store params as 8-bit codes under them (params_bits = 8), or None."""
+    param_scales: fp16 [rows, 2*regions + 4] to store params as 8-bit codes under them (params_bits = 8), or None;
+    label_coder: "rans" (default) to entropy-code the labels, None for the fixed-width labels."""
     signs, rows, cols = sign_plane(signs, block)
     if not 1 <= regions <= 3:
         raise ValueError("regions must be 1, 2 or 3")
@@ -229,17 +234,21 @@ def encode(signs, labels, salient, residual, params, regions: int, block: int, m
     kept_salient = keep & salient[None, :]
     kept_plain = keep & ~salient[None, :]
     components["signs"] = _pack(signs[keep])
-    if regions > 1:
+    if regions > 1 and kept_plain.any():
         plain_labels = labels[kept_plain]
         if (plain_labels >= regions).any():
             raise ValueError(f"a region label is >= regions ({regions})")
-        components["labels"] = encode_labels(plain_labels, regions)
+        if label_coder not in (None, LABEL_CODER):
+            raise ValueError(f"label_coder must be {LABEL_CODER!r} or None, got {label_coder!r}")
+        components["labels"] = encode_labels(plain_labels, regions, label_coder)
     components["salient"] = _pack(salient)
     n_kept_salient = int(kept_salient.sum())
     if n_kept_salient:
         components["residual"] = _pack(residual[kept_salient])
     json_params = {"block": int(block), "nm": nm, "regions": int(regions), "salient_columns": int(salient.sum()),
                    "kept_salient": n_kept_salient}
+    if regions > 1 and label_coder:
+        json_params["label_coder"] = label_coder
     if param_scales is None:
         components["params"] = params
     else:
@@ -268,7 +277,8 @@ def dequantize(component, shape, p: dict) -> np.ndarray:
     s[keep] = _unpack(component("signs"), int(keep.sum()), "signs")
     labels = np.zeros((rows, cols), dtype=np.int64)
     if regions > 1:
-        labels[kept_plain] = decode_labels(component("labels"), int(kept_plain.sum()), regions)
+        labels[kept_plain] = decode_labels(component("labels"), int(kept_plain.sum()), regions,
+                                           p.get("label_coder"))
     t = np.zeros((rows, cols), dtype=bool)
     if int(kept_salient.sum()) != p["kept_salient"]:
         raise FormatError(f"{int(kept_salient.sum())} kept salient weights, params say {p['kept_salient']}")

@@ -89,8 +89,8 @@ def binary_groups_streams(reader: StbReader, name: str) -> dict:
     kept_plain = int((keep & ~salient[None, :]).sum())
     out["signs"] = _stream(stored("signs"), (binary_groups._unpack(stream("signs"), kept, "signs"), 1))
     regions = p["regions"]
-    if regions > 1:
-        labels = binary_groups.decode_labels(stream("labels"), kept_plain, regions)
+    if regions > 1 and kept_plain:
+        labels = binary_groups.decode_labels(stream("labels"), kept_plain, regions, p.get("label_coder"))
         out["labels"] = _stream(stored("labels"), (labels, (regions - 1).bit_length()))
     out["salient"] = _stream(stored("salient"), (salient, 1))
     if p["kept_salient"]:

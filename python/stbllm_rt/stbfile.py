@@ -196,12 +196,14 @@ class StbWriter:
         self._add(name, CODEC_SIGN_BLOCK, (rows, cols), {"block": int(block), "nm": nm}, components, kept)
 
     def add_binary_groups(self, name: str, signs, labels, salient, residual, params, regions: int,
-                          block: int = 128, mask=None, nm=None, param_scales=None) -> None:
+                          block: int = 128, mask=None, nm=None, param_scales=None,
+                          label_coder: str | None = binary_groups.LABEL_CODER) -> None:
         """stb.binary-groups.v2 (docs/format.md; arguments: stbllm_rt.binary_groups.encode). Stores only what the
         data needs: exact N:M masks as one code per group, signs and labels of kept weights only."""
         try:
             params_json, components, paper_bits = binary_groups.encode(signs, labels, salient, residual, params,
-                                                                       regions, block, mask, nm, param_scales)
+                                                                       regions, block, mask, nm, param_scales,
+                                                                       label_coder)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if params_json["nm"] is not None:

@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--params-bits", type=int, choices=(16, 8), default=None,
                      help="billm / stbllm alphas and means: 16 = fp16 (default), 8 = 8-bit codes under one fp16 "
                           "scale per (row, slot) (quantizes each layer twice)")
+    cal.add_argument("--label-coder", choices=("rans", "fixed"), default=None,
+                     help="billm / stbllm / arb-x region labels: rans = entropy-coded (default; about 0.9 bits per "
+                          "label at STBLLM's three regions instead of 1.6), fixed = the fixed-width layout readers "
+                          "before it know; lossless either way")
     cal.add_argument("--regions", type=int, choices=(1, 2, 3), default=None,
                      help="billm / stbllm: groups the non-salient kept weights are split into by searched break "
                           "points, each with its own scale and mean (default: 2 for billm, 3 for stbllm)")
@@ -211,6 +215,7 @@ def main(argv=None) -> int:
                          recipe=args.recipe, calibration=calibration_options(args),
                          importance=args.importance, layerwise=False if args.no_layerwise else None,
                          arb_iters=args.arb_iters, params_bits=args.params_bits, regions=args.regions,
+                         label_coder=args.label_coder,
                          svid=args.svid, kd_steps=args.kd_steps, kd_lr=args.kd_lr, target_bpw=args.target_bpw,
                          bpw_scope=args.bpw_scope, candidates=args.candidates, save_recipe=args.save_recipe)
     except ConvertError as e:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 ALLOWED_M = (2, 4, 8, 16, 32, 64)
+LABEL_CODERS = ("rans", "fixed")  # stb.binary-groups.v2 region labels: entropy-coded (default) or fixed width
 _METHODS: dict[str, type] = {}
 
 
@@ -122,7 +123,8 @@ class Method:
             option = next(iter(options))
             needs = {"group": "a q2, q3 or q4 method", "svid": "onebit-svid", "kd_steps": "onebit-svid",
                      "kd_lr": "onebit-svid", "arb_iters": "arb-x or arb-rc",
-                     "params_bits": "billm or stbllm", "regions": "billm or stbllm"}.get(
+                     "params_bits": "billm or stbllm", "regions": "billm or stbllm",
+                     "label_coder": "billm, stbllm or arb-x"}.get(
                 option, "a calibrated method (billm, stbllm, arb-x, arb-rc)")
             raise ConvertError(f"--{option.replace('_', '-')} needs {needs}, not {self.name}")
         self.nm = nm
@@ -190,7 +192,9 @@ class CalibratedMethod(Method):
     """Binarization with salient columns, searched regions and block OBC (binarize.quantize_groups), stored as
     stb.binary-groups.v2. Options: importance (N:M pruning metric), layerwise (per-layer N:M allocation that keeps
     the requested average), lamda / hyper_m (the allocation's spread and outlier threshold), params_bits (16: fp16
-    alphas and mus; 8: 8-bit codes under one fp16 scale per (row, slot), found by a first quantization pass)."""
+    alphas and mus; 8: 8-bit codes under one fp16 scale per (row, slot), found by a first quantization pass),
+    label_coder ("rans": entropy-coded region labels, the default; "fixed": the fixed-width labels older readers
+    know; lossless either way)."""
 
     calibrated = True
     regions = 0
@@ -198,7 +202,7 @@ class CalibratedMethod(Method):
     default_layerwise = True
 
     def __init__(self, nm=None, block=128, importance=None, layerwise=None, lamda=2.0, hyper_m=6.0, params_bits=16,
-                 regions=None, **options):
+                 regions=None, label_coder=None, **options):
         from .binarize import IMPORTANCE
 
         super().__init__(nm, block, **options)
@@ -208,6 +212,9 @@ class CalibratedMethod(Method):
             if int(regions) not in (1, 2, 3):
                 raise ConvertError(f"--regions {regions}: choose 1, 2 or 3")
             self.regions = int(regions)
+        self.label_coder = label_coder or LABEL_CODERS[0]
+        if self.label_coder not in LABEL_CODERS:
+            raise ConvertError(f"--label-coder {self.label_coder}: choose {' or '.join(LABEL_CODERS)}")
         self.params_bits = int(params_bits)
         if self.params_bits not in (8, 16):
             raise ConvertError(f"--params-bits {self.params_bits}: choose 16 or 8")
@@ -225,6 +232,8 @@ class CalibratedMethod(Method):
                 p.update(layerwise_lamda=self.lamda, layerwise_hyper_m=self.hyper_m)
         if self.params_bits != 16:
             p["params_bits"] = self.params_bits
+        if self.label_coder != LABEL_CODERS[0]:
+            p["label_coder"] = self.label_coder
         return p
 
     def quantize(self, w, u, keep, h=None):
@@ -248,7 +257,8 @@ class CalibratedMethod(Method):
                                  salient=result.salient.numpy(), residual=result.residual.numpy(),
                                  params=params.astype(np.float16), regions=result.regions, block=result.block,
                                  mask=None if result.keep is None else result.keep.numpy(), nm=nm,
-                                 param_scales=None if scales is None else scales.astype(np.float16))
+                                 param_scales=None if scales is None else scales.astype(np.float16),
+                                 label_coder=None if self.label_coder == "fixed" else self.label_coder)
 
 
 @register("billm")
@@ -322,6 +332,11 @@ class ARBRC(ARBMethod):
     """ARB-RC: per block W ~ diag(a_r) B diag(a_c) on all kept weights plus a second row-column plane on the
     searched salient columns (order 2), no mean, alternating refinement; stored as stb.row-col-sign.v1, which the
     runtime multiplies by scaling the input by a_c and running the sign kernels."""
+
+    def __init__(self, nm=None, block=128, label_coder=None, **options):
+        if label_coder is not None:
+            raise ConvertError("--label-coder needs billm, stbllm or arb-x, not arb-rc (its codec has no labels)")
+        super().__init__(nm, block, **options)
 
     def quantize(self, w, u, keep, h=None):
         from .arb import quantize_rowcol
