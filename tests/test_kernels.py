@@ -152,3 +152,38 @@ def test_int8_extremes_do_not_overflow(kernels):
     x = np.full((1, cols), 5.0, np.float32)
     lin = _core.Linear("int8-group", 2, cols, values=values, scales=np.ones((2, 2), np.float16).view(np.uint16))
     np.testing.assert_allclose(lin.forward(x), [[127 * 5.0 * cols, -127 * 5.0 * cols]], rtol=1e-6)
+
+
+def _silu64(a):
+    a = a.astype(np.float64)
+    return a / (1 + np.exp(-a))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 16, 33, 1536 * 3 + 5])
+def test_silu_gate_is_bit_identical_on_every_path_and_within_2_ulp(kernels, monkeypatch, n):
+    """SiLU gating (engine/cpu/silu.h): every path the same bits as the scalar one, within ~2 ulp of float64."""
+    rng = np.random.default_rng(n)
+    gate = (rng.standard_normal(n) * 6).astype(np.float32)
+    gate[: min(n, 6)] = [0.0, -0.0, 100.0, -100.0, 87.5, -88.5][: min(n, 6)]
+    up = rng.standard_normal(n).astype(np.float32)
+    got, path = _core.activation(gate, up)
+    assert path == kernels
+    monkeypatch.setenv("STBLLM_KERNELS", "scalar")
+    reference, _ = _core.activation(gate, up)
+    np.testing.assert_array_equal(got.view(np.uint32), reference.view(np.uint32))
+    np.testing.assert_allclose(got, _silu64(gate) * up, rtol=3e-7, atol=1e-30)
+    alone, _ = _core.activation(None, gate)
+    np.testing.assert_allclose(alone, _silu64(gate), rtol=3e-7, atol=1e-30)
+
+
+def test_silu_of_special_values(kernels, monkeypatch):
+    """+inf stays inf, NaN stays NaN, tiny values halve, huge ones pass or vanish; -inf (a broken model) just gets
+    the same bits on every path."""
+    x = np.array([np.inf, np.nan, 1e-40, -1e-40, 3.4e38, -3.4e38, -np.inf] * 3, np.float32)
+    got, _ = _core.activation(None, x)
+    assert got[0] == np.inf and np.isnan(got[1]) and got[4] == x[4] and abs(got[5]) < 1e-30
+    np.testing.assert_allclose(got[2:4], x[2:4] / 2, rtol=1e-6)
+    monkeypatch.setenv("STBLLM_KERNELS", "scalar")
+    np.testing.assert_array_equal(got.view(np.uint32), _core.activation(None, x)[0].view(np.uint32))
+    relu, _ = _core.activation(x[:1], np.ones(1, np.float32), silu=False)
+    assert relu.tolist() == [np.inf]

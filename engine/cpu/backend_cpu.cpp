@@ -494,13 +494,14 @@ class CpuBackend final : public Backend {
   // Split over the pool only in chunks of ~50 µs of work or more: smaller ones cost more in waking and waiting for
   // the workers than they save (measured: docs/performance.md, batched decode).
   void activation(const float* gate, float* up, size_t n, bool silu) override {
-    constexpr size_t kChunk = 16384;
+    constexpr size_t kChunk = 65536;  // SIMD SiLU: ~0.3-0.6 ns a value
     pool_.run(int64_t((n + kChunk - 1) / kChunk), [&](int64_t c) {
-      for (size_t i = size_t(c) * kChunk; i < std::min(n, size_t(c + 1) * kChunk); ++i) {
-        const float a = gate ? gate[i] : up[i];
-        const float act = silu ? a / (1.0f + std::exp(-a)) : std::max(a, 0.0f);
-        up[i] = gate ? act * up[i] : act;
+      const size_t begin = size_t(c) * kChunk, end = std::min(n, begin + kChunk);
+      if (silu) {
+        k_.silu_gate(gate ? gate + begin : nullptr, up + begin, int64_t(end - begin));
+        return;
       }
+      for (size_t i = begin; i < end; ++i) up[i] = gate ? std::max(gate[i], 0.0f) * up[i] : std::max(up[i], 0.0f);
     });
   }
 

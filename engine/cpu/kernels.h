@@ -30,6 +30,9 @@ struct Kernels {
   // (engine/cpu/attend.h). The paths differ only in dot_f32's summation order.
   void (*attend)(const float* q, const float* keys, const float* values, int64_t kv_stride, int first, int last,
                  int hd, float scale, float* scores, float* out);
+  // up[i] = silu(gate[i]) · up[i] for i < n (gate null: up[i] = silu(up[i])), bit-identical on every path
+  // (engine/cpu/silu.h).
+  void (*silu_gate)(const float* gate, float* up, int64_t n);
   // x[cols] -> q[q8_groups(cols) * kQ8Group] (zero padded), d[q8_groups(cols)].
   void (*quantize_q8)(const float* x, int64_t cols, int8_t* q, float* d);
   // One stb.sign-block.v1 weight row against n quantized activation rows (q: n × q8_groups(cols)·kQ8Group int8,

@@ -3,6 +3,7 @@
 #include "cpu/attend.h"
 #include "cpu/int8_tiles.h"
 #include "cpu/kernels_groups.h"
+#include "cpu/silu.h"
 #include "cpu/sign_lut.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -117,12 +118,40 @@ void attend(const float* q, const float* keys, const float* values, int64_t kv_s
   attend_with(dot_f32, add_scaled, q, keys, values, kv_stride, first, last, hd, scale, scores, out);
 }
 
+// engine/cpu/silu.h's exp, 8 lanes, the same operations in the same order as silu::exp_ref.
+__m256 exp_ps(__m256 x0) {
+  const __m256 hi = _mm256_set1_ps(silu::kExpMax);
+  const __m256 x = _mm256_max_ps(_mm256_min_ps(x0, hi), _mm256_set1_ps(silu::kExpMin));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(silu::kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(silu::kLn2Hi))),
+                                 _mm256_mul_ps(n, _mm256_set1_ps(silu::kLn2Lo)));
+  __m256 p = _mm256_set1_ps(silu::kP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(silu::kP[i]));
+  const __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_blendv_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(bits)), _mm256_set1_ps(INFINITY),
+                          _mm256_cmp_ps(x0, hi, _CMP_GT_OQ));
+}
+
+void silu_gate(const float* gate, float* up, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 u = _mm256_loadu_ps(up + i), a = gate ? _mm256_loadu_ps(gate + i) : u;
+    const __m256 act = _mm256_div_ps(a, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(zero, a))));
+    _mm256_storeu_ps(up + i, gate ? _mm256_mul_ps(act, u) : act);
+  }
+  silu::silu_gate_ref(gate, up, i, n);
+}
+
 }  // namespace
 
 const Kernels* avx2_kernels() {
   // Binary and int8 matrices always take the lookup and tile kernels here (the backend repacks them);
   // sign_row_q8 and int8_row_q8 are the portable ones for completeness.
-  static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, attend, quantize_q8, scalar_kernels().sign_row_q8,
+  static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, attend, silu_gate, quantize_q8,
+                         scalar_kernels().sign_row_q8,
                          scalar_kernels().int8_row_q8, avx2_qgroup_row_q8, avx2_sign_lut(), avx2_groups(),
                          avx2_int8_tiles()};
   return &k;

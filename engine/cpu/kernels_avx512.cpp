@@ -10,6 +10,7 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include "cpu/sign_lut_tiles.h"
+#include "cpu/silu.h"
 
 namespace stb::cpu {
 
@@ -68,6 +69,33 @@ void sign_lut_rows(const SignLut& l, int64_t tile0, int64_t tile1, const uint8_t
   sign_lut_tiles(l, tile0, tile1, tables, d, out, GroupSumsAvx512{});
 }
 
+// engine/cpu/silu.h's exp, 16 lanes, the same operations in the same order as silu::exp_ref.
+__m512 exp_ps(__m512 x0) {
+  const __m512 hi = _mm512_set1_ps(silu::kExpMax);
+  const __m512 x = _mm512_max_ps(_mm512_min_ps(x0, hi), _mm512_set1_ps(silu::kExpMin));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(silu::kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(silu::kLn2Hi))),
+                                 _mm512_mul_ps(n, _mm512_set1_ps(silu::kLn2Lo)));
+  __m512 p = _mm512_set1_ps(silu::kP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(silu::kP[i]));
+  const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x0, hi, _CMP_GT_OQ), _mm512_mul_ps(y, _mm512_castsi512_ps(bits)),
+                              _mm512_set1_ps(INFINITY));
+}
+
+void silu_gate(const float* gate, float* up, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 u = _mm512_loadu_ps(up + i), a = gate ? _mm512_loadu_ps(gate + i) : u;
+    const __m512 act = _mm512_div_ps(a, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(zero, a))));
+    _mm512_storeu_ps(up + i, gate ? _mm512_mul_ps(act, u) : act);
+  }
+  silu::silu_gate_ref(gate, up, i, n);
+}
+
 }  // namespace
 
 const Kernels* avx512_kernels() {
@@ -82,8 +110,9 @@ const Kernels* avx512_kernels() {
   // Without VNNI the int8 tiles run the AVX2 kernel (AVX-512BW alone would gain little over it).
   static const Int8TileKernels* int8 = avx512_int8_tiles() ? avx512_int8_tiles() : base->int8_tiles;
   static const Kernels k{"avx512",          base->dot_f32,     base->dot_f16_rows, base->f16_to_f32,
-                         base->attend,      base->quantize_q8, base->sign_row_q8,  base->int8_row_q8,
-                         avx512_qgroup_row_q8, &lut,           avx512_groups(),    int8};
+                         base->attend,      silu_gate,         base->quantize_q8,  base->sign_row_q8,
+                         base->int8_row_q8, avx512_qgroup_row_q8, &lut,            avx512_groups(),
+                         int8};
   return &k;
 }
 

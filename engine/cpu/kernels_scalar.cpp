@@ -5,6 +5,7 @@
 
 #include "cpu/attend.h"
 #include "cpu/kernels.h"
+#include "cpu/silu.h"
 #include "stbllm/qgroup.h"
 
 namespace stb::cpu {
@@ -140,6 +141,8 @@ void attend(const float* q, const float* keys, const float* values, int64_t kv_s
   attend_with(dot_f32, add_scaled, q, keys, values, kv_stride, first, last, hd, scale, scores, out);
 }
 
+void silu_gate(const float* gate, float* up, int64_t n) { silu::silu_gate_ref(gate, up, 0, n); }
+
 }  // namespace
 
 void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int group, int n, float* xsum) {
@@ -156,8 +159,8 @@ void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int g
 }
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar",    dot_f32,     dot_f16_rows,  f16_to_f32, attend, quantize_q8,
-                         sign_row_q8, int8_row_q8, qgroup_row_q8, nullptr,    nullptr, nullptr};
+  static const Kernels k{"scalar",    dot_f32,     dot_f16_rows,  f16_to_f32, attend, silu_gate, quantize_q8,
+                         sign_row_q8, int8_row_q8, qgroup_row_q8, nullptr,    nullptr,   nullptr};
   return k;
 }
 

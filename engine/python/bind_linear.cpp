@@ -52,6 +52,28 @@ struct Linear {
 }  // namespace
 
 void bind_linear(py::module_& m) {
+  m.def(
+      "activation",
+      [](py::object gate, const Array<float>& up, bool silu, int threads) {
+        Array<float> out(std::vector<py::ssize_t>(up.shape(), up.shape() + up.ndim()));  // the backend writes in place
+        std::copy(up.data(), up.data() + up.size(), out.mutable_data());
+        Array<float> g;
+        if (!gate.is_none()) {
+          g = Array<float>::ensure(gate);
+          if (!g || g.size() != up.size()) throw py::value_error("gate and up must have the same size");
+        }
+        auto backend = stb::make_cpu_backend(threads);
+        const float* gp = gate.is_none() ? nullptr : g.data();
+        float* dst = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          backend->activation(gp, dst, size_t(out.size()), silu);
+        }
+        return py::make_tuple(out, backend->kernels());
+      },
+      py::arg("gate"), py::arg("up"), py::arg("silu") = true, py::arg("threads") = 1,
+      "The CPU backend's gated activation on copies: (silu(gate) or relu(gate)) * up, or of up alone when gate is "
+      "None; returns (result, kernel path).");
   py::class_<Linear>(m, "Linear")
       .def(py::init([](const std::string& codec, int64_t rows, int64_t cols, py::object values, py::object signs,
                        py::object mask, py::object scales, int block, py::object bias, int threads,
