@@ -290,6 +290,18 @@ def test_8bit_params_only_for_binarizers_with_plain_alphas():
         make_method("billm", params_bits=4)
 
 
+def test_label_coder_option_is_checked():
+    from stbllm_convert.methods import ConvertError
+
+    assert make_method("arb-x", label_coder="fixed").label_coder == "fixed"
+    assert make_method("billm").label_coder == "rans"
+    with pytest.raises(ConvertError, match="choose rans or fixed"):
+        make_method("stbllm", nm=(6, 8), label_coder="huffman")
+    for method in ("sign", "arb-rc", "q3"):
+        with pytest.raises(ConvertError, match="--label-coder needs billm, stbllm or arb-x"):
+            make_method(method, label_coder="fixed")
+
+
 def _p8_file(tmp_path):
     planes, _ = _compact_planes(np.random.default_rng(5), np.array([0.5, 1e-7, 0, 2.0, 3.0, 0.25], np.float16), 1)
     writer = StbWriter(_metadata())

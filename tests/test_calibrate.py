@@ -264,6 +264,13 @@ def test_eval_backends_agree_and_cli_writes_json(calibrated, tmp_path):
                  "--json", str(out), "-q"]) == 0
     saved = json.loads(out.read_text())
     assert saved["windows"] == 2 and saved["method"] == "stbllm" and saved["ppl"] > 1
+    # the default is the DESIGN protocol's first 16 windows; --max-windows 0 takes them all
+    every = perplexity(path, text, seqlen=8, backend="cpu", progress=False)["windows"]
+    for extra, windows in (([], 16), (["--max-windows", "0"], every)):
+        assert main([str(path), "--text", str(text), "--seqlen", "8", "--backend", "cpu", "--json", str(out), "-q",
+                     *extra]) == 0
+        assert json.loads(out.read_text())["windows"] == windows
+    assert windows > 16
 
 
 # ---- the real model -----------------------------------------------------------------------------------------------
