@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-layerwise", action="store_true",
                      help="the same N:M in every layer (stbllm allocates N per layer by default)")
     cal.add_argument("--params-bits", type=int, choices=(16, 8), default=None,
-                     help="billm / stbllm alphas and means: 16 = fp16 (default), 8 = 8-bit codes under one fp16 "
-                          "scale per (row, slot) (quantizes each layer twice)")
+                     help="billm / stbllm alphas and means: 8 = 8-bit codes under one fp16 scale per (row, slot) "
+                          "(default; quantizes each layer twice), 16 = fp16")
     cal.add_argument("--label-coder", choices=("rans", "fixed"), default=None,
                      help="billm / stbllm / arb-x region labels: rans = entropy-coded (default; about 0.9 bits per "
                           "label at STBLLM's three regions instead of 1.6), fixed = the fixed-width layout readers "
