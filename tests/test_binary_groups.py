@@ -430,6 +430,10 @@ def test_two_salient_groups_round_trip(tmp_path, regions, nm, cols, params_bits)
                                       planes["params"].view(np.uint16).reshape(-1))
     np.testing.assert_array_equal(reader.dequantize(NAME), _reference(planes))
     assert writer.bit_report()["groups"]["labels"]["bytes"] >= -(-kept_salient // 8)  # the group bits count
+    from stbllm_rt.entropy import binary_groups_streams
+    streams = binary_groups_streams(reader, NAME)
+    assert streams["salient_labels"]["stored_bits"] == 8 * -(-kept_salient // 8)
+    assert streams["params.salient_alpha"]["symbols"] == 11 * -(-cols // 128) * 4  # α₁, α₂ of both groups
 
 
 def _cgb_file(tmp_path):

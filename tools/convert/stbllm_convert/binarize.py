@@ -393,10 +393,9 @@ def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
         q1, a, mu, sg = binarize_part(w1, sal_mask, 2, gram, 2 * regions)
         params[:, b, 2 * regions:2 * regions + 4] = torch.stack([a[:, 0], mu[:, 0], a[:, 1], mu[:, 1]], 1)
         if salient_groups == 2:
-            split = _split_salient(w1[:, cols_sel], sal_mask[:, cols_sel],
-                                   None if gram is None else gram[cols_sel][:, cols_sel], q1[:, cols_sel],
-                                   lambda x, mask, group: binarize_part(x, mask, 2, None if gram is None else
-                                                                        gram[cols_sel][:, cols_sel],
+            sal_gram = None if gram is None else gram[cols_sel][:, cols_sel]
+            split = _split_salient(w1[:, cols_sel], sal_mask[:, cols_sel], sal_gram, q1[:, cols_sel],
+                                   lambda x, mask, group: binarize_part(x, mask, 2, sal_gram,
                                                                         2 * regions + 4 * group))
             if split is not None:
                 q_sal, group_params, sg_sal, high = split
