@@ -313,10 +313,11 @@ def dequantize(component, shape, p: dict) -> np.ndarray:
         params = component("params").view("<f2").reshape(rows, -1, slots).astype(np.float32)
     per_col = np.repeat(params, block, axis=1)[:, :cols]  # [rows, cols, slots]
 
-    def slot(index):
-        return np.take_along_axis(per_col, index[..., None], axis=2)[..., 0]
+    def slot(index, columns=slice(None)):
+        return np.take_along_axis(per_col[:, columns], index[..., None], axis=2)[..., 0]
     values = slot(2 * labels) * pm(s) + slot(2 * labels + 1)
-    first = 2 * regions + 4 * group  # alpha1 of each weight's salient group
-    salient_values = (slot(first) * pm(s) + slot(first + 1)) + (slot(first + 2) * pm(t) + slot(first + 3))
-    values[:, salient] = salient_values[:, salient]
+    first = 2 * regions + 4 * group[:, salient]  # alpha1 of each salient weight's group
+    s_sal, t_sal = pm(s[:, salient]), pm(t[:, salient])
+    values[:, salient] = ((slot(first, salient) * s_sal + slot(first + 1, salient))
+                          + (slot(first + 2, salient) * t_sal + slot(first + 3, salient)))
     return np.where(keep, values, np.float32(0))
