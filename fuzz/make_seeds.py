@@ -40,10 +40,11 @@ def exact_nm_mask(rng, rows: int, cols: int, n: int, m: int) -> np.ndarray:
 
 
 def binary_groups_file(path: Path, rng, rows: int, cols: int, regions: int, nm, salient_fraction: float,
-                       block: int = 64, params_bits: int = 16, label_coder: str | None = "rans") -> None:
+                       block: int = 64, params_bits: int = 16, label_coder: str | None = "rans",
+                       salient_groups: int = 1) -> None:
     w = StbWriter(METADATA)
     mask = None if nm is None else exact_nm_mask(rng, rows, cols, *nm)
-    shape = (rows, -(-cols // block), 2 * regions + 4)
+    shape = (rows, -(-cols // block), binary_groups.param_slots(regions, salient_groups))
     scales = None if params_bits == 16 else rng.random((rows, shape[2])).astype(np.float16)
     params = (rng.standard_normal(shape) if scales is None else
               binary_groups.expand_params(rng.integers(-127, 128, shape), scales))
@@ -51,7 +52,8 @@ def binary_groups_file(path: Path, rng, rows: int, cols: int, regions: int, nm, 
                         labels=rng.integers(0, regions, (rows, cols)).astype(np.uint8),
                         salient=rng.random(cols) < salient_fraction, residual=rng.random((rows, cols)) < 0.5,
                         params=params, regions=regions, block=block, mask=mask, nm=nm, param_scales=scales,
-                        label_coder=label_coder)
+                        label_coder=label_coder,
+                        salient_labels=rng.random((rows, cols)) < 0.5 if salient_groups == 2 else None)
     w.write(path)
 
 
@@ -94,6 +96,14 @@ def codec_files(out: Path, rng) -> None:
         for salient_count in (0, 5):
             tag = (f"{nm[0]}of{nm[1]}" if nm else "dense") + f"-s{salient_count}"
             row_col_sign_file(out / f"row-col-sign-{tag}.stb", rng, rows=3, cols=77, nm=nm, salient_count=salient_count)
+
+
+def salient_group_files(out: Path, rng) -> None:
+    """stb.binary-groups.v2 with two salient groups (ARB's column-group bitmap: salient_groups 2)."""
+    for nm, params_bits in ((None, 16), ((6, 8), 16), ((6, 8), 8)):
+        tag = (f"{nm[0]}of{nm[1]}" if nm else "dense") + f"-s20-g2-p{params_bits}"
+        binary_groups_file(out / f"binary-groups-r2-{tag}.stb", rng, rows=3, cols=77, regions=2, nm=nm,
+                           salient_fraction=0.2, params_bits=params_bits, salient_groups=2)
 
 
 def qgroup_files(out: Path, rng) -> None:
@@ -144,6 +154,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     codec_files(out, rng)
+    salient_group_files(out, rng)
     qgroup_files(out, rng)
     model_files(out)
     malformed_files(out, rng)

@@ -34,13 +34,17 @@ def test_colex_codes_are_a_bijection(m, n):
     np.testing.assert_array_equal(binary_groups._colex_unrank(ranks, m, n), keep)
 
 
-def _random_planes(rng, rows, cols, regions, nm, block=128, salient_fraction=0.05):
+def _random_planes(rng, rows, cols, regions, nm, block=128, salient_fraction=0.05, salient_groups=1):
     keep = None if nm is None else B.nm_keep(rng.random((rows, cols)), *nm)
     salient = rng.random(cols) < salient_fraction
-    params = rng.standard_normal((rows, -(-cols // block), 2 * regions + 4)).astype(np.float16)
-    return dict(signs=rng.random((rows, cols)) < 0.5, labels=rng.integers(0, regions, (rows, cols)).astype(np.uint8),
-                salient=salient, residual=rng.random((rows, cols)) < 0.5, params=params, regions=regions,
-                block=block, mask=keep, nm=nm)
+    params = rng.standard_normal((rows, -(-cols // block), 2 * regions + 4 * salient_groups)).astype(np.float16)
+    planes = dict(signs=rng.random((rows, cols)) < 0.5,
+                  labels=rng.integers(0, regions, (rows, cols)).astype(np.uint8), salient=salient,
+                  residual=rng.random((rows, cols)) < 0.5, params=params, regions=regions, block=block, mask=keep,
+                  nm=nm)
+    if salient_groups == 2:
+        planes["salient_labels"] = rng.random((rows, cols)) < 0.5
+    return planes
 
 
 def _reference(planes):
@@ -51,10 +55,10 @@ def _reference(planes):
     s = np.where(planes["signs"], 1, -1).astype(np.float32)
     t = np.where(planes["residual"], 1, -1).astype(np.float32)
     g = planes["labels"].astype(np.int64)
-    r = 2 * planes["regions"]
+    r = 2 * planes["regions"] + 4 * planes.get("salient_labels", np.zeros((rows, cols), bool)).astype(np.int64)
     pick = lambda k: np.take_along_axis(per_col, k[..., None], axis=2)[..., 0]  # noqa: E731
     values = pick(2 * g) * s + pick(2 * g + 1)
-    salient_values = (per_col[..., r] * s + per_col[..., r + 1]) + (per_col[..., r + 2] * t + per_col[..., r + 3])
+    salient_values = (pick(r) * s + pick(r + 1)) + (pick(r + 2) * t + pick(r + 3))
     values = np.where(planes["salient"][None, :], salient_values, values)
     return values if planes["mask"] is None else np.where(planes["mask"], values, np.float32(0))
 
@@ -408,3 +412,90 @@ def test_regions_option_only_for_billm_and_stbllm():
         make_method("arb-x", regions=3)
     with pytest.raises(ConvertError, match="1, 2 or 3"):
         make_method("billm", regions=4)
+
+
+# ---- two salient groups (ARB-LLM's column-group bitmap, salient_groups = 2) ---------------------------------------
+
+@pytest.mark.parametrize("regions, nm, cols, params_bits", [
+    (2, None, 130, 16), (3, (6, 8), 576, 16), (1, (5, 8), 203, 16), (2, (4, 8), 64, 8), (3, None, 200, 8)])
+def test_two_salient_groups_round_trip(tmp_path, regions, nm, cols, params_bits):
+    """The group stream (one bit per kept salient weight) and 4 more params per (row, block), fp16 or 8-bit, read
+    back by the C++ reader and the Python decoder exactly as the format's rule says."""
+    rng = np.random.default_rng(cols + regions)
+    planes = _random_planes(rng, 11, cols, regions, nm, salient_fraction=0.2, salient_groups=2)
+    slots = 2 * regions + 8
+    if params_bits == 8:
+        scales = rng.choice(_every_safe_scale()[1000:20000], (11, slots)).astype(np.float16)
+        codes = rng.integers(-127, 128, planes["params"].shape).astype(np.int8)
+        planes.update(params=binary_groups.expand_params(codes, scales), param_scales=scales)
+    writer = StbWriter(_metadata())
+    writer.add_binary_groups(NAME, **planes)
+    writer.write(tmp_path / "cgb.stb")
+    reader = StbReader(tmp_path / "cgb.stb")
+    info = reader.tensor_info(NAME)
+    kept_salient = int((np.ones((11, cols), bool) if nm is None else planes["mask"])[:, planes["salient"]].sum())
+    assert info["params"]["salient_groups"] == 2 and info["params"]["kept_salient"] == kept_salient
+    assert info["components"]["salient_labels"]["length"] == -(-kept_salient // 8)
+    assert info["components"]["params"]["length"] == 11 * -(-cols // 128) * slots * params_bits // 8
+    if params_bits == 8:
+        np.testing.assert_array_equal(reader._file.binary_groups_params(NAME),
+                                      planes["params"].view(np.uint16).reshape(-1))
+    np.testing.assert_array_equal(reader.dequantize(NAME), _reference(planes))
+    assert writer.bit_report()["groups"]["labels"]["bytes"] >= -(-kept_salient // 8)  # the group bits count
+    from stbllm_rt.entropy import binary_groups_streams
+    streams = binary_groups_streams(reader, NAME)
+    assert streams["salient_labels"]["stored_bits"] == 8 * -(-kept_salient // 8)
+    assert streams["params.salient_alpha"]["symbols"] == 11 * -(-cols // 128) * 4  # α₁, α₂ of both groups
+
+
+def _cgb_file(tmp_path):
+    planes = _random_planes(np.random.default_rng(4), 7, 203, 2, (5, 8), salient_fraction=0.2, salient_groups=2)
+    writer = StbWriter(_metadata())
+    writer.add_binary_groups(NAME, **planes)
+    path = tmp_path / "cgb.stb"
+    writer.write(path)
+    return path
+
+
+@pytest.mark.parametrize("case, match", [
+    ("groups_3", "salient_groups"), ("groups_1", "salient_groups"), ("no_stream", "components"),
+    ("stream_length", "need"), ("params_length", "need"), ("no_groups_param", "components"),
+])
+def test_malformed_two_group_files_are_rejected_at_open(tmp_path, case, match):
+    path = _cgb_file(tmp_path)
+    StbReader(path)  # the untouched file opens
+    raw, header, data_offset = _split(path)
+    t = header["tensors"][NAME]
+    {"groups_3": lambda: t["params"].update(salient_groups=3),
+     "groups_1": lambda: t["params"].update(salient_groups=1),
+     "no_stream": lambda: t["components"].pop("salient_labels"),
+     "stream_length": lambda: t["components"]["salient_labels"].update(
+         length=t["components"]["salient_labels"]["length"] + 1),
+     "params_length": lambda: t["components"]["params"].update(length=t["components"]["params"]["length"] - 8),
+     "no_groups_param": lambda: t["params"].pop("salient_groups")}[case]()
+    _rebuild(path, header, raw[data_offset:])
+    with pytest.raises(FormatError, match=match):
+        StbReader(path)
+
+
+def test_two_group_padding_bits_are_refused(tmp_path):
+    """A set bit past the last group bit: the Python decoder refuses it (the runtime's decoder: test_arb.py)."""
+    path = _cgb_file(tmp_path)
+    kept_salient = StbReader(path).tensor_info(NAME)["params"]["kept_salient"]
+    assert kept_salient % 8
+    _tamper_component(path, NAME, "salient_labels", lambda b: b.__setitem__(len(b) - 1, b[len(b) - 1] | 0x80))
+    with pytest.raises(FormatError, match="salient_labels stream has non-zero padding"):
+        StbReader(path).dequantize(NAME)
+
+
+def test_quantizer_with_two_salient_groups_round_trips_bit_exactly(tmp_path):
+    w, _, h = _correlated_layer(24, 200, tokens=512, seed=4)
+    keep = torch.from_numpy(B.nm_keep(w.abs().numpy(), 6, 8))
+    result = B.quantize_groups(w, B.inverse_hessian_factor(h, w.clone()), keep, 2, salient_groups=2)
+    assert result.stats["salient_split_blocks"] > 0 and result.salient_labels.any()
+    writer = StbWriter(_metadata())
+    make_method("billm", nm=(6, 8)).write(writer, NAME, result, (6, 8))
+    writer.write(tmp_path / "q.stb")
+    reader = StbReader(tmp_path / "q.stb")
+    assert reader.tensor_info(NAME)["params"]["salient_groups"] == 2
+    np.testing.assert_array_equal(reader.dequantize(NAME), result.q.numpy())

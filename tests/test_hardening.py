@@ -305,18 +305,29 @@ PROPERTY = settings(max_examples=60, derandomize=True, deadline=None, database=N
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module")
-def seed_files(tmp_path_factory):
-    """The fuzzer's seeds (fuzz/make_seeds.py): one small file per codec and tiny models, as bytes."""
+def _seeds(tmp_path_factory, *makers):
+    """The fuzzer's seeds (fuzz/make_seeds.py) that the named functions make, as bytes by file name."""
     path = Path(__file__).parent.parent / "fuzz" / "make_seeds.py"
     spec = importlib.util.spec_from_file_location("make_seeds", path)
     make_seeds = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_seeds)
     out = tmp_path_factory.mktemp("seeds")
     rng = np.random.default_rng(0)
-    make_seeds.codec_files(out, rng)
-    make_seeds.model_files(out)
+    for maker in makers:
+        getattr(make_seeds, maker)(out, *(() if maker == "model_files" else (rng,)))
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def seed_files(tmp_path_factory):
+    """One small file per codec and tiny models."""
+    return _seeds(tmp_path_factory, "codec_files", "model_files")
+
+
+@pytest.fixture(scope="module")
+def salient_group_seeds(tmp_path_factory):
+    """Binary-groups files with two salient groups."""
+    return _seeds(tmp_path_factory, "salient_group_files")
 
 
 @PROPERTY
@@ -324,7 +335,17 @@ def seed_files(tmp_path_factory):
 def test_python_reader_on_flipped_bytes(seed_files, tmp_path, data):
     """Bytes of the data section changed (the JSON header has its own test below, the fixed header the tests
     above): the codecs' streams hold what their lengths cannot express (mask codes, label bytes, padding)."""
-    raw = bytearray(seed_files[data.draw(st.sampled_from(sorted(seed_files)))])
+    _flip_bytes_and_use(seed_files, tmp_path, data)
+
+
+@PROPERTY
+@given(data=st.data())
+def test_python_reader_on_flipped_bytes_of_two_salient_groups(salient_group_seeds, tmp_path, data):
+    _flip_bytes_and_use(salient_group_seeds, tmp_path, data)
+
+
+def _flip_bytes_and_use(files, tmp_path, data):
+    raw = bytearray(files[data.draw(st.sampled_from(sorted(files)))])
     (data_offset,) = struct.unpack_from("<Q", raw, 32)
     for _ in range(data.draw(st.integers(1, 6))):
         raw[data.draw(st.integers(data_offset, len(raw) - 1))] ^= data.draw(st.integers(1, 255))

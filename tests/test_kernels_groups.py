@@ -10,20 +10,22 @@ from stbllm_rt import _core
 from stbllm_rt.stbfile import pack_bits
 
 
-def random_groups(rng, rows, cols, block, regions, nm=None, n_salient=0):
+def random_groups(rng, rows, cols, block, regions, nm=None, n_salient=0, salient_groups=1):
     """Random planes of one matrix. Signs and labels under pruned weights are random too (the format writes 0 there;
-    kernels must not read them)."""
+    kernels must not read them). salient_groups 2: each salient weight's group (ARB's column-group bitmap) is random
+    and the params hold four more slots per block."""
     keep = random_mask(rng, rows, cols, *nm) if nm else np.ones((rows, cols), bool)
     salient = np.zeros(cols, bool)
     salient[rng.choice(cols, n_salient, replace=False)] = True
     labels = rng.integers(0, regions, size=(rows, cols))
     labels[:, salient] = 0
     blocks = -(-cols // block)
-    params = np.empty((rows, blocks, 2 * regions + 4), np.float16)
+    params = np.empty((rows, blocks, 2 * regions + 4 * salient_groups), np.float16)
     params[..., 0::2] = 0.01 + rng.random(params[..., 0::2].shape)  # alphas
     params[..., 1::2] = rng.standard_normal(params[..., 1::2].shape) * 0.3  # mus
     return dict(signs=rng.random((rows, cols)) < 0.5, keep=keep, labels=labels, salient=salient,
-                residual=rng.random((rows, cols)) < 0.5, params=params, block=block, regions=regions)
+                residual=rng.random((rows, cols)) < 0.5, params=params, block=block, regions=regions,
+                salient_labels=rng.random((rows, cols)) < 0.5 if salient_groups == 2 else None)
 
 
 def dequantize(p):
@@ -35,8 +37,12 @@ def dequantize(p):
     alpha = np.take_along_axis(per_col, 2 * p["labels"][..., None], axis=2)[..., 0]
     mu = np.take_along_axis(per_col, 2 * p["labels"][..., None] + 1, axis=2)[..., 0]
     w = alpha * s + mu
-    sal = per_col[..., 2 * p["regions"]:]
-    salient_w = (sal[..., 0] * s + sal[..., 1]) + (sal[..., 2] * t + sal[..., 3])
+    group = np.zeros(p["signs"].shape, np.int64) if p["salient_labels"] is None else p["salient_labels"].astype(np.int64)
+    first = 2 * p["regions"] + 4 * group  # α₁ of the weight's salient group
+
+    def slot(k):
+        return np.take_along_axis(per_col, (first + k)[..., None], axis=2)[..., 0]
+    salient_w = (slot(0) * s + slot(1)) + (slot(2) * t + slot(3))
     w = np.where(p["salient"][None, :], salient_w, w)
     return np.where(p["keep"], w, np.float32(0))
 
@@ -45,12 +51,15 @@ def linear(p, nm, bias=None, threads=2):
     rows, cols = p["signs"].shape
     salient = p["salient"]
     planes = (p["regions"] - 1).bit_length()  # label bit planes of the runtime Matrix
+    groups = p["salient_labels"]
     return _core.Linear(
         "binary-groups", rows, cols, signs=pack_bits(p["signs"]), mask=pack_bits(p["keep"]) if nm else None,
         labels=np.stack([pack_bits((p["labels"] >> i) & 1 == 1) for i in range(planes)]) if planes else None,
         salient=pack_bits(salient[None, :])[0],
         residual=pack_bits(p["residual"][:, salient].reshape(1, -1))[0] if salient.any() else None,
-        params=p["params"].view(np.uint16), block=p["block"], regions=p["regions"], bias=bias, threads=threads)
+        params=p["params"].view(np.uint16), block=p["block"], regions=p["regions"], bias=bias, threads=threads,
+        salient_labels=None if groups is None else (
+            pack_bits(groups[:, salient].reshape(1, -1))[0] if salient.any() else np.zeros(0, np.uint64)))
 
 
 def check(p, nm, n, seed, bias=False):
@@ -113,3 +122,24 @@ def test_repacked_bytes_and_bad_labels(kernels):
     if kernels != "scalar":
         with pytest.raises(ValueError, match="region label 3"):
             linear(p, None)
+
+
+@pytest.mark.parametrize("rows, cols, block, nm, n_salient", [
+    (7, 64, 64, None, 9), (33, 576, 128, (6, 8), 40), (16, 1000, 256, (4, 8), 77), (5, 200, 128, None, 200),
+    (9, 130, 64, (3, 8), 1), (4, 5, 64, (6, 8), 3), (12, 320, 64, (5, 8), 0)])
+@pytest.mark.parametrize("regions", [1, 3])
+def test_two_salient_groups(kernels, rows, cols, block, nm, n_salient, regions):
+    """ARB's column-group bitmap: each salient weight takes the params of its group (ragged blocks, dense and N:M,
+    every path); with 1 region the params are 2 + 8 per block, with 3 regions 14."""
+    rng = np.random.default_rng(rows * cols + n_salient + regions)
+    p = random_groups(rng, rows, cols, block, regions, nm=nm, n_salient=n_salient, salient_groups=2)
+    check(p, nm, 3, seed=regions, bias=True)
+    check(p, nm, 17, seed=regions + 1)
+
+
+def test_two_salient_groups_codebook_entries_are_bit_exact(kernels):
+    rng = np.random.default_rng(8)
+    cols = 192
+    p = random_groups(rng, 40, cols, 64, regions=2, nm=(6, 8), n_salient=30, salient_groups=2)
+    x = np.eye(cols, dtype=np.float32)
+    np.testing.assert_array_equal(linear(p, (6, 8)).forward(x).T, dequantize(p))

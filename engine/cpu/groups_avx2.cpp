@@ -1,6 +1,6 @@
 // AVX2 binary-groups kernel (layout: kernels_groups.h, with salient chunks): vpermps indexes only 8 entries, so
 // each (row, block) has two 8-entry codebooks, the regions' for the steps and the salient one for the salient
-// chunks; every 8 weights take one lookup.
+// chunks; every 8 weights take one lookup (salient chunks with two salient groups: one per group and a blend).
 #include "cpu/kernels_groups.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -25,15 +25,17 @@ struct GroupsAvx2 {
     __m256i alpha, mu;
     __m256 sign, region_active;
     int salient_at;  // index of α₁ in a block's params
+    bool two_groups;  // ARB's column-group bitmap: a second salient group's params follow the first's
   };
-  static Consts consts(int regions) {
+  static Consts consts(int regions, int salient_groups) {
     alignas(32) int alpha[8] = {}, mu[8] = {}, active[8] = {};
     alignas(32) float sign[8] = {};
     for (int e = 1; e <= 2 * regions; ++e)
       alpha[e] = 2 * ((e - 1) / 2), mu[e] = alpha[e] + 1, sign[e] = (e - 1) & 1 ? 1.f : -1.f, active[e] = -1;
     return {_mm256_load_si256(reinterpret_cast<const __m256i*>(alpha)),
             _mm256_load_si256(reinterpret_cast<const __m256i*>(mu)), _mm256_load_ps(sign),
-            _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(active))), 2 * regions};
+            _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(active))), 2 * regions,
+            salient_groups == 2};
   }
 
   using Table = __m256;  // the region codebook
@@ -46,14 +48,18 @@ struct GroupsAvx2 {
     return _mm256_and_ps(c.region_active, _mm256_fmadd_ps(_mm256_permutevar8x32_ps(p, c.alpha), c.sign,
                                                           _mm256_permutevar8x32_ps(p, c.mu)));
   }
-  // Entries 4 + 2s + t: (α₁·s + μ₁) + (α₂·t + μ₂), each term rounded on its own as in the format.
+  // Entries 8h + 4 + 2s + t: (α₁·s + μ₁) + (α₂·t + μ₂) of salient group h, each term rounded on its own as in
+  // the format; entries 8–15 stay 0 with one group.
   static void store_salient(const uint16_t* params, const Consts& c, float* book) {
-    const __m256 sal = load8(params + c.salient_at);  // α₁ μ₁ α₂ μ₂ in lanes 0-3
-    auto lane = [&](int i) { return _mm256_permutevar8x32_ps(sal, _mm256_set1_epi32(i)); };
+    const __m256 sal = load8(params + c.salient_at);  // α₁ μ₁ α₂ μ₂ of group 0 in lanes 0-3, of group 1 in 4-7
     const __m256 s = _mm256_setr_ps(0, 0, 0, 0, -1, -1, 1, 1), t = _mm256_setr_ps(0, 0, 0, 0, -1, 1, -1, 1);
     const __m256 salient_active = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
-    _mm256_storeu_ps(book, _mm256_and_ps(salient_active, _mm256_add_ps(_mm256_fmadd_ps(lane(0), s, lane(1)),
-                                                                       _mm256_fmadd_ps(lane(2), t, lane(3)))));
+    for (int h = 0; h < 2; ++h) {
+      auto lane = [&](int i) { return _mm256_permutevar8x32_ps(sal, _mm256_set1_epi32(4 * h + i)); };
+      const __m256 entries = _mm256_and_ps(salient_active, _mm256_add_ps(_mm256_fmadd_ps(lane(0), s, lane(1)),
+                                                                         _mm256_fmadd_ps(lane(2), t, lane(3))));
+      _mm256_storeu_ps(book + 8 * h, h < 1 + c.two_groups ? entries : _mm256_setzero_ps());
+    }
   }
 
   struct Step {
@@ -72,12 +78,16 @@ struct GroupsAvx2 {
     constexpr int k = Sub / 2, h = Sub % 2;
     return _mm256_permutevar8x32_ps(table, _mm256_srli_epi32(step.half[h], 4 * k));
   }
-  // Slot i of the chunk: nibble i of its 32-bit word.
-  static __m256 salient_weights(const float* book, const uint8_t* codes) {
+  // Slot i of the chunk: nibble i of its 32-bit word; with two groups, its bit 3 picks the book's second half.
+  static __m256 salient_weights(const float* book, const uint8_t* codes, const Consts& c) {
     int32_t word;
     std::memcpy(&word, codes, sizeof word);
     const __m256i nibble_shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    return _mm256_permutevar8x32_ps(_mm256_loadu_ps(book), _mm256_srlv_epi32(_mm256_set1_epi32(word), nibble_shifts));
+    const __m256i index = _mm256_srlv_epi32(_mm256_set1_epi32(word), nibble_shifts);
+    const __m256 first = _mm256_permutevar8x32_ps(_mm256_loadu_ps(book), index);
+    if (!c.two_groups) return first;
+    const __m256 second = _mm256_permutevar8x32_ps(_mm256_loadu_ps(book + 8), index);
+    return _mm256_blendv_ps(first, second, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
   }
 
   static __m256 zero() { return _mm256_setzero_ps(); }

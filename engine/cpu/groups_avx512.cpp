@@ -20,13 +20,17 @@ struct GroupsAvx512 {
 
   // Lanes 1-6: the regions' α·s + μ; lanes 8-11: the salient first term α₁·s + μ₁, lanes 12-15 its second term
   // α₂·t + μ₂, each with one rounding (α·s is exact) as the format's order of operations. Per lane: which params
-  // give α and μ, and the sign; lanes outside `active` (pruned, no region) are 0.
+  // give α and μ, and the sign; lanes outside `active` (pruned, no region) are 0. With two salient groups lanes
+  // 12-15 hold the second group's first terms instead, and alpha2/mu2/sign2 give both groups' second terms.
   struct Consts {
     __m512i alpha, mu;
     __m512 sign;
     __mmask16 active;
+    bool two_groups;
+    __m512i alpha2, mu2;
+    __m512 sign2;
   };
-  static Consts consts(int regions) {
+  static Consts consts(int regions, int salient_groups) {
     alignas(64) int alpha[16] = {}, mu[16] = {};
     alignas(64) float sign[16] = {};
     unsigned active = 0;
@@ -40,14 +44,27 @@ struct GroupsAvx512 {
       sign[e] = (second ? i & 1 : i & 2) ? 1.f : -1.f;
       active |= 1u << e;
     }
-    return {_mm512_load_si512(alpha), _mm512_load_si512(mu), _mm512_load_ps(sign), __mmask16(active)};
+    alignas(64) int alpha2[16] = {}, mu2[16] = {};
+    alignas(64) float sign2[16] = {};
+    const bool two = salient_groups == 2;
+    for (int e = 8; e < 16; ++e) {  // entry 8 + 4h + 2s + t of group h
+      const int h = (e - 8) / 4;
+      if (two) alpha[e] = 2 * regions + 4 * h, mu[e] = alpha[e] + 1, sign[e] = e & 2 ? 1.f : -1.f;
+      alpha2[e] = 2 * regions + 4 * h + 2, mu2[e] = alpha2[e] + 1, sign2[e] = e & 1 ? 1.f : -1.f;
+    }
+    return {_mm512_load_si512(alpha), _mm512_load_si512(mu), _mm512_load_ps(sign), __mmask16(active), two,
+            _mm512_load_si512(alpha2), _mm512_load_si512(mu2), _mm512_load_ps(sign2)};
   }
 
-  // Entries 12-15 keep their second terms: no code reads them.
+  // With one salient group entries 12-15 keep their second terms: no code reads them.
   static __m512 table(const uint16_t* params, const Consts& c) {
     const __m512 p = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params)));
     const __m512 terms = _mm512_maskz_fmadd_ps(c.active, _mm512_permutexvar_ps(c.alpha, p), c.sign,
                                                _mm512_permutexvar_ps(c.mu, p));
+    if (c.two_groups) {
+      const __m512 second = _mm512_fmadd_ps(_mm512_permutexvar_ps(c.alpha2, p), c.sign2, _mm512_permutexvar_ps(c.mu2, p));
+      return _mm512_mask_add_ps(terms, 0xFF00, terms, second);
+    }
     const __m512 second = _mm512_shuffle_f32x4(terms, terms, 0xFF);  // 128-bit lane 3 (entries 12-15) everywhere
     return _mm512_mask_add_ps(terms, 0x0F00, terms, second);
   }

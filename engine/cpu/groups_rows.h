@@ -4,11 +4,11 @@
 // GEMM over n rows decodes each weight ⌈n / kPassTokens⌉ times, not n times.
 //
 // An ISA supplies: Vec, kLanes (floats per Vec), kPassTokens and kPassRows (the largest pass: activation rows ×
-// weight rows, sized to its registers), Consts consts(regions), Table table(params, consts), Step load_step(32
-// code bytes), Vec weights<Sub>(table, step) (columns Sub·kLanes .. +kLanes of the step), zero(), load(float*),
-// fma(a, b, c), add(a, b), hsum(Vec); and kSalientChunks, with, if true, store_salient(params, consts, float[8])
-// (a block's salient codebook) and Vec salient_weights(float[8] codebook, 4 code bytes) (the 8 weights of a
-// salient chunk; kLanes is 8 then).
+// weight rows, sized to its registers), Consts consts(regions, salient_groups), Table table(params, consts), Step
+// load_step(32 code bytes), Vec weights<Sub>(table, step) (columns Sub·kLanes .. +kLanes of the step), zero(),
+// load(float*), fma(a, b, c), add(a, b), hsum(Vec); and kSalientChunks, with, if true, store_salient(params,
+// consts, float[kSalientBook]) (a block's salient codebook) and Vec salient_weights(codebook, 4 code bytes,
+// consts) (the 8 weights of a salient chunk; kLanes is 8 then).
 //
 // Salient chunks run after the row's blocks, in one loop over the matrix's chunks: its trip count is the same for
 // every row, where a loop per block mispredicts its exit as the blocks' chunk counts vary. Their codebooks are
@@ -31,7 +31,7 @@ inline void unroll_each(F&& f, std::integer_sequence<int, I...>) {
 
 // Activations of a pass: step s of its first activation row at steps + s·step_stride, salient chunk c at
 // salient + c·chunk_stride, the next activation rows 64 (8) floats further; and room for a row group's salient
-// codebooks (kPassRows × blocks × 8 floats, with salient chunks).
+// codebooks (kPassRows × blocks × kSalientBook floats, with salient chunks).
 struct GroupsPassInput {
   const float* steps;
   int64_t step_stride;
@@ -57,12 +57,12 @@ void groups_row_group(const BinaryGroupsCodes& g, const typename Isa::Consts& co
     salient_codes[i] = g.salient_codes.data() + (row + i) * g.salient_slots() / 2;
     params[i] = g.params.data() + (row + i) * g.blocks * g.params_per_block;
   }
-  float* salient_books = x.salient_books;  // [R][blocks][8]
+  float* salient_books = x.salient_books;  // [R][blocks][kSalientBook]
   if constexpr (Isa::kSalientChunks) {
     for (int i = 0; i < R; ++i)
       for (int64_t b = 0; b < g.blocks; ++b)
         Isa::store_salient(params[i] + b * g.params_per_block, consts,
-                           &salient_books[(i * g.blocks + b) * kGroupsChunk]);
+                           &salient_books[(i * g.blocks + b) * kSalientBook]);
   }
   typename Isa::Vec acc[R][NT][kChains];
   for (auto& per_row : acc)
@@ -93,8 +93,8 @@ void groups_row_group(const BinaryGroupsCodes& g, const typename Isa::Consts& co
     auto chunk = [&](int64_t c, auto chain) {
       typename Isa::Vec w[R];
       for (int i = 0; i < R; ++i)
-        w[i] = Isa::salient_weights(&salient_books[(i * g.blocks + g.chunk_block[c]) * kGroupsChunk],
-                                    salient_codes[i] + c * (kGroupsChunk / 2));
+        w[i] = Isa::salient_weights(&salient_books[(i * g.blocks + g.chunk_block[c]) * kSalientBook],
+                                    salient_codes[i] + c * (kGroupsChunk / 2), consts);
       for (int t = 0; t < NT; ++t) {
         const auto xv = Isa::load(x.salient + c * x.chunk_stride + t * kGroupsChunk);
         for (int i = 0; i < R; ++i) acc[i][t][chain] = Isa::fma(w[i], xv, acc[i][t][chain]);
@@ -138,9 +138,9 @@ int groups_rows_largest_pass(const BinaryGroupsCodes& g, const typename Isa::Con
 template <class Isa>
 void groups_rows(const BinaryGroupsCodes& g, int64_t row0, int64_t row1, const float* x, int n, float* out,
                  int64_t out_stride) {
-  const auto consts = Isa::consts(g.regions);
+  const auto consts = Isa::consts(g.regions, g.salient_groups);
   const float* salient = x + n * g.padded_cols;
-  std::vector<float> salient_books(Isa::kSalientChunks ? size_t(Isa::kPassRows * g.blocks * kGroupsChunk) : 0);
+  std::vector<float> salient_books(Isa::kSalientChunks ? size_t(Isa::kPassRows * g.blocks * kSalientBook) : 0);
   for (int t = 0; t < n;) {
     const GroupsPassInput pass{x + t * kGroupsStep, int64_t(n) * kGroupsStep, salient + t * kGroupsChunk,
                                int64_t(n) * kGroupsChunk, salient_books.data()};

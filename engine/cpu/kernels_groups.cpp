@@ -18,7 +18,8 @@ void describe_binary_groups(const TensorEntry& w, const BinaryGroupsPlanes& plan
   m.blocks_per_row = int((m.cols + w.block - 1) / w.block);
   m.regions = w.regions;
   m.label_planes = planes.label_planes;
-  m.params_per_block = 2 * w.regions + 4;
+  m.salient_groups = w.salient_groups;
+  m.params_per_block = w.param_slots();
   m.salient_columns = w.salient_columns;
   m.signs = planes.signs.data();
   m.salient = planes.salient.data();
@@ -27,6 +28,7 @@ void describe_binary_groups(const TensorEntry& w, const BinaryGroupsPlanes& plan
   if (!planes.mask.empty()) m.mask = planes.mask.data();
   if (m.label_planes) m.labels = planes.labels.data();
   if (m.salient_columns) m.residual = planes.residual.data();
+  if (!planes.salient_labels.empty()) m.salient_labels = planes.salient_labels.data();
   m.bytes = planes.bytes() + (planes.params.empty() ? w.component("params").length : 0);
 }
 
@@ -38,10 +40,9 @@ float dot_binary_groups(const Matrix& m, int64_t row, const float* x) {
   const uint16_t* row_params = m.params + row * m.blocks_per_row * m.params_per_block;
   int64_t residual_bit = row * m.salient_columns;  // index of this row's next salient column's order-2 sign
   float acc = 0;
-  float p[10];
+  float p[2 * 3 + 4 * 2];
   for (int64_t b = 0; b < m.blocks_per_row; ++b) {
     for (int i = 0; i < m.params_per_block; ++i) p[i] = half_to_float(row_params[b * m.params_per_block + i]);
-    const float* sal = p + 2 * m.regions;  // alpha1, mu1, alpha2, mu2
     const int64_t end = std::min<int64_t>(m.cols, (b + 1) * m.block);
     float sum = 0;
     for (int64_t j = b * m.block; j < end; ++j) {
@@ -54,6 +55,8 @@ float dot_binary_groups(const Matrix& m, int64_t row, const float* x) {
       float w;
       if (is_salient) {
         const float t = (m.residual[r_bit >> 6] >> (r_bit & 63)) & 1 ? 1.f : -1.f;
+        const bool second = m.salient_labels && ((m.salient_labels[r_bit >> 6] >> (r_bit & 63)) & 1);
+        const float* sal = p + 2 * m.regions + 4 * second;  // alpha1, mu1, alpha2, mu2 of the weight's group
         w = (sal[0] * s + sal[1]) + (sal[2] * t + sal[3]);
       } else {
         int label = 0;
@@ -89,6 +92,7 @@ BinaryGroupsCodes build_binary_groups_codes(const Matrix& m, bool salient_chunks
   BinaryGroupsCodes g;
   g.rows = m.rows, g.cols = m.cols, g.padded_cols = (m.cols + kGroupsStep - 1) / kGroupsStep * kGroupsStep;
   g.block = m.block, g.blocks = m.blocks_per_row, g.regions = m.regions, g.params_per_block = m.params_per_block;
+  g.salient_groups = m.salient_groups;
   const size_t n_params = size_t(m.rows) * m.blocks_per_row * m.params_per_block;
   g.params.assign(n_params + kGroupsParamsPad, 0);
   std::copy(m.params, m.params + n_params, g.params.begin());
@@ -121,12 +125,13 @@ BinaryGroupsCodes build_binary_groups_codes(const Matrix& m, bool salient_chunks
       unsigned code;
       if (is_salient(j)) {
         const int64_t i = r * m.salient_columns + rank[j];
+        const unsigned second = m.salient_labels ? unsigned((m.salient_labels[i >> 6] >> (i & 63)) & 1) : 0;
         const unsigned st = 2 * s + ((m.residual[i >> 6] >> (i & 63)) & 1);
         if (salient_chunks) {  // slot i of a chunk: nibble i of its little-endian 32-bit word
-          row_salient[slot[j] / 2] |= uint8_t((4 + st) << (4 * (slot[j] % 2)));
+          row_salient[slot[j] / 2] |= uint8_t((8 * second + 4 + st) << (4 * (slot[j] % 2)));
           continue;  // code 0 in the steps
         }
-        code = 8 + st;
+        code = 8 + 4 * second + st;
       } else {
         unsigned label = 0;
         for (int p = 0; p < m.label_planes; ++p) label |= unsigned((m.labels[p * plane + word] >> bit) & 1) << p;

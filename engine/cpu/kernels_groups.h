@@ -4,8 +4,10 @@
 // Runtime layout (built once at load from the planes; the planes are not read afterwards): one 4-bit code per
 // weight indexing a 16-entry float codebook of the weight's (row, block), which the kernels build in registers
 // from the block's fp16 params:
-//   0 = pruned (0.0), 1 + 2g + s = region g (α_g·s + μ_g), 8 + 2s + t = salient ((α₁·s + μ₁) + (α₂·t + μ₂)),
-// with s, t = 1 for a set sign / residual bit (+1), 0 for a clear one (−1); codes 7 and 12–15 are never written.
+//   0 = pruned (0.0), 1 + 2g + s = region g (α_g·s + μ_g), 8 + 4h + 2s + t = salient group h
+//   ((α₁·s + μ₁) + (α₂·t + μ₂) with the group's params),
+// with s, t = 1 for a set sign / residual bit (+1), 0 for a clear one (−1); code 7 is never written, nor 12–15 with
+// one salient group.
 // Every codebook entry is computed with the format's exact operations, so each weight is bit-identical to the
 // format's dequantized value; kernels differ from the reference only in float summation order.
 // Codes of a row come in steps of 64 columns (32 bytes, rows zero padded to whole steps): 16-bit word i of a step
@@ -17,6 +19,8 @@
 // columns are also gathered into chunks of 8 slots (the last one zero padded), and their codes move there: code 0
 // in the steps, 4 + 2s + t (or 0 if pruned) in nibble i of its chunk's 32-bit word for slot i. The steps then need
 // one lookup per 8 weights and each salient chunk one more; the activations gain the gathered salient inputs.
+// With two salient groups a chunk code is 8h + 4 + 2s + t: the salient codebook has 16 entries (8 per group, the
+// first four of each 0), and bit 3 of a code picks the group's half.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -38,7 +42,7 @@ constexpr int kGroupsParamsPad = 16;  // zero halves after the last block's para
 
 struct BinaryGroupsCodes {
   int64_t rows = 0, cols = 0, padded_cols = 0;  // padded_cols: cols rounded up to whole steps
-  int block = 0, blocks = 0, regions = 0, params_per_block = 0;
+  int block = 0, blocks = 0, regions = 0, params_per_block = 0, salient_groups = 1;
   std::vector<uint8_t> codes;    // [rows][padded_cols / 2]
   std::vector<uint16_t> params;  // fp16 [rows][blocks][params_per_block], then kGroupsParamsPad zeros
   // Salient chunks (empty without them), block by block: chunk_block[c] is chunk c's block, salient_cols[slot] the
@@ -57,6 +61,7 @@ struct BinaryGroupsCodes {
 };
 
 constexpr int kGroupsChunk = 8;  // slots per salient chunk
+constexpr int kSalientBook = 16;  // floats of a (row, block)'s salient chunk codebook: 8 per salient group
 
 // Builds the runtime layout from m's BinaryGroups planes (portable code; once per matrix at load), with salient
 // chunks if asked. Throws std::invalid_argument for a region label >= m.regions (its code would alias another

@@ -106,7 +106,7 @@ uint16_t float_to_half(float f) {
 
 std::vector<uint16_t> binary_groups_expand_params(const TensorEntry& t) {
   const std::string what = "tensor '" + t.name + "'";
-  const int64_t rows = t.shape.at(0), blocks = (t.shape.at(1) + t.block - 1) / t.block, slots = 2 * t.regions + 4;
+  const int64_t rows = t.shape.at(0), blocks = (t.shape.at(1) + t.block - 1) / t.block, slots = t.param_slots();
   const auto* codes = reinterpret_cast<const int8_t*>(t.component("params").data);
   const auto* scales = reinterpret_cast<const uint16_t*>(t.component("param_scales").data);
   for (int64_t i = 0; i < rows * slots; ++i)
@@ -150,6 +150,7 @@ BinaryGroupsPlanes decode_binary_groups(const TensorEntry& t) {
   p.signs.assign(size_t(rows * words), 0);
   p.labels.assign(size_t(p.label_planes * rows * words), 0);
   p.residual.assign(size_t((rows * t.salient_columns + 63) / 64), 0);
+  if (t.salient_groups == 2) p.salient_labels.assign(p.residual.size(), 0);
   p.salient.assign(size_t(words), 0);
   std::memcpy(p.salient.data(), t.component("salient").data, size_t((cols + 7) / 8));
   if (t.params_bits == 8) p.params = binary_groups_expand_params(t);
@@ -172,7 +173,8 @@ BinaryGroupsPlanes decode_binary_groups(const TensorEntry& t) {
       throw FormatError(what + ": mask stream has non-zero padding bits");
   }
 
-  const BitReader signs(stream("signs"), what), labels(stream("labels"), what), residual(stream("residual"), what);
+  const BitReader signs(stream("signs"), what), labels(stream("labels"), what), residual(stream("residual"), what),
+      salient_labels(stream("salient_labels"), what);
   const Component* labels_c = stream("labels");
   std::unique_ptr<RansDecoder> rans;  // a rANS label stream is absent only when no weight has a label
   if (t.labels_rans && labels_c) rans = std::make_unique<RansDecoder>(labels_c->data, labels_c->length, t.regions, what);
@@ -204,6 +206,7 @@ BinaryGroupsPlanes decode_binary_groups(const TensorEntry& t) {
         if (residual_pos >= uint64_t(t.kept_salient))
           throw FormatError(what + ": more kept salient weights than kept_salient");
         const uint64_t k = uint64_t(r * t.salient_columns + salient_index++);
+        if (!p.salient_labels.empty() && salient_labels.bit(residual_pos)) p.salient_labels[k / 64] |= 1ull << (k % 64);
         if (residual.bit(residual_pos++)) p.residual[k / 64] |= 1ull << (k % 64);
       } else if (p.label_planes) {
         const int label = next_label();
@@ -218,6 +221,8 @@ BinaryGroupsPlanes decode_binary_groups(const TensorEntry& t) {
   if (!signs.padding_clear(sign_pos)) throw FormatError(what + ": sign stream has non-zero padding bits");
   if (!residual.padding_clear(residual_pos))
     throw FormatError(what + ": residual stream has non-zero padding bits");
+  if (!salient_labels.padding_clear(residual_pos))
+    throw FormatError(what + ": salient_labels stream has non-zero padding bits");
   if (rans) {
     rans->finish();  // a rANS stream has no padding: it must end exactly with the last label
   } else if (t.regions == 2) {

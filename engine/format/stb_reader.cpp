@@ -197,6 +197,8 @@ std::map<std::string, LengthRange> expected_components(TensorEntry& t, const Jso
         if (t.regions == 1) throw FormatError(what + ": label_coder needs regions > 1 (one region has no labels)");
         t.labels_rans = true;
       }
+      if (const JsonValue* sg = params->find("salient_groups"))  // absent: one salient group
+        t.salient_groups = int(sg->as_int(what + " salient_groups (only 2 is defined)", 2, 2));
     }
     if (rowcol)
       t.salient_columns = params->at("salient_columns", what + " params")
@@ -204,7 +206,7 @@ std::map<std::string, LengthRange> expected_components(TensorEntry& t, const Jso
     for (const auto& kv : params->as_object(what + " params"))
       if (kv.first != "block" && kv.first != "nm" &&
           !(groups && (kv.first == "regions" || kv.first == "salient_columns" || kv.first == "kept_salient" ||
-                       kv.first == "params_bits" || kv.first == "label_coder")) &&
+                       kv.first == "params_bits" || kv.first == "label_coder" || kv.first == "salient_groups")) &&
           !(rowcol && kv.first == "salient_columns"))
         throw FormatError(what + ": unknown param '" + kv.first + "'");
     const uint64_t words = (cols + 63) / 64;
@@ -245,7 +247,8 @@ std::map<std::string, LengthRange> expected_components(TensorEntry& t, const Jso
     else if (t.regions == 3)
       out["labels"] = kept_plain / 5 + (kept_plain % 5 != 0);
     if (t.kept_salient) out["residual"] = bytes_for(uint64_t(t.kept_salient));
-    const uint64_t slots = uint64_t(2 * t.regions + 4);
+    if (t.kept_salient && t.salient_groups == 2) out["salient_labels"] = bytes_for(uint64_t(t.kept_salient));
+    const uint64_t slots = uint64_t(t.param_slots());
     out["params"] = checked_mul(checked_mul(checked_mul(rows, blocks, what), slots, what), uint64_t(t.params_bits / 8),
                                 what);
     if (t.params_bits == 8) out["param_scales"] = checked_mul(checked_mul(rows, slots, what), 2, what);

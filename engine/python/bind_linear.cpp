@@ -78,7 +78,7 @@ void bind_linear(py::module_& m) {
       .def(py::init([](const std::string& codec, int64_t rows, int64_t cols, py::object values, py::object signs,
                        py::object mask, py::object scales, int block, py::object bias, int threads,
                        py::object labels, py::object salient, py::object residual, py::object params, int regions,
-                       py::object offsets, int bits, int group) {
+                       py::object offsets, int bits, int group, py::object salient_labels) {
              auto l = std::make_unique<Linear>();
              stb::Matrix& mt = l->matrix;
              // Converts, checks the exact shape (the kernels trust it), and keeps the array alive.
@@ -115,7 +115,7 @@ void bind_linear(py::module_& m) {
                if (regions < 1 || regions > 3) throw py::value_error("regions must be 1, 2 or 3");
                mt.codec = stb::MatrixCodec::BinaryGroups, mt.block = block, mt.regions = regions;
                mt.words_per_row = int((cols + 63) / 64), mt.blocks_per_row = int((cols + block - 1) / block);
-               mt.label_planes = regions > 2 ? 2 : regions - 1, mt.params_per_block = 2 * regions + 4;
+               mt.label_planes = regions > 2 ? 2 : regions - 1, mt.params_per_block = 2 * regions + 4 * (salient_labels.is_none() ? 1 : 2);
                mt.signs = take(uint64_t{}, signs, "signs", {rows, mt.words_per_row});
                if (!mask.is_none()) mt.mask = take(uint64_t{}, mask, "mask", {rows, mt.words_per_row});
                if (mt.label_planes)
@@ -126,6 +126,12 @@ void bind_linear(py::module_& m) {
                  throw py::value_error("salient has bits past the last column");
                if (mt.salient_columns)
                  mt.residual = take(uint64_t{}, residual, "residual", {(rows * mt.salient_columns + 63) / 64});
+               if (!salient_labels.is_none()) {  // ARB's column-group bitmap: two salient groups
+                 mt.salient_groups = 2;
+                 if (mt.salient_columns)
+                   mt.salient_labels = take(uint64_t{}, salient_labels, "salient_labels",
+                                            {(rows * mt.salient_columns + 63) / 64});
+               }
                mt.params = take(uint16_t{}, params, "params", {rows, mt.blocks_per_row, mt.params_per_block});
              } else if (codec == "qgroup") {  // the file's components (docs/format.md)
                if (bits < 2 || bits > 4) throw py::value_error("bits must be 2, 3 or 4");
@@ -149,7 +155,7 @@ void bind_linear(py::module_& m) {
            py::arg("block") = 128, py::arg("bias") = py::none(), py::arg("threads") = 0,
            py::arg("labels") = py::none(), py::arg("salient") = py::none(), py::arg("residual") = py::none(),
            py::arg("params") = py::none(), py::arg("regions") = 3, py::arg("offsets") = py::none(),
-           py::arg("bits") = 4, py::arg("group") = 64)
+           py::arg("bits") = 4, py::arg("group") = 64, py::arg("salient_labels") = py::none())
       .def("forward", &Linear::forward, py::arg("x"))
       .def("time", &Linear::time, py::arg("x"), py::arg("iters") = 10, py::arg("repeats") = 3)
       .def_property_readonly("kernels", [](const Linear& l) { return l.backend->kernels(); })

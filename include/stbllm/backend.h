@@ -37,8 +37,9 @@ struct Matrix {
   const uint64_t* labels = nullptr;    // label_planes planes of [rows, words_per_row]; null when 1 region
   const uint64_t* salient = nullptr;   // [words_per_row] salient-column bitmap, shared by all rows
   const uint64_t* residual = nullptr;  // rows x salient_columns order-2 sign bits, row-major; null when none
-  const uint16_t* params = nullptr;    // fp16 [rows, blocks_per_row, params_per_block]
-  int regions = 0, label_planes = 0, params_per_block = 0;
+  const uint64_t* salient_labels = nullptr;  // like residual: set = second salient group; null with one group
+  const uint16_t* params = nullptr;    // fp16 [rows, blocks_per_row, params_per_block = 2 regions + 4 salient_groups]
+  int regions = 0, label_planes = 0, params_per_block = 0, salient_groups = 1;
   int64_t salient_columns = 0;
   // RowColSign (stb.row-col-sign.v1): signs, mask, scales (= the row scales), block as SignBlock, plus
   const uint16_t* col_scales = nullptr;           // fp16 [cols]

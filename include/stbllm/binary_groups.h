@@ -23,11 +23,14 @@ struct BinaryGroupsPlanes {
   std::vector<uint64_t> labels;    // label_planes × [rows, W], bit p of the region label in plane p; may be empty
   std::vector<uint64_t> salient;   // [W], the salient columns
   std::vector<uint64_t> residual;  // rows × salient_columns bits, row-major (bit r·S + k); 0 for pruned weights
-  std::vector<uint16_t> params;    // fp16 [rows, blocks, 2R + 4] expanded from 8-bit codes; empty when the file
+  std::vector<uint64_t> salient_labels;  // like residual: set = the weight's salient group is the second; empty
+                                         // with one salient group
+  std::vector<uint16_t> params;    // fp16 [rows, blocks, 2R + 4G] expanded from 8-bit codes; empty when the file
                                    // stores fp16 params (then they are read in place)
   int label_planes = 0;
   uint64_t bytes() const {
-    return 8 * (signs.size() + mask.size() + labels.size() + salient.size() + residual.size()) + 2 * params.size();
+    return 8 * (signs.size() + mask.size() + labels.size() + salient.size() + residual.size() +
+                salient_labels.size()) + 2 * params.size();
   }
 };
 

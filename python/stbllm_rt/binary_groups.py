@@ -199,26 +199,36 @@ def param_codes(params, scales) -> np.ndarray:
     return codes
 
 
+def param_slots(regions: int, salient_groups: int = 1) -> int:
+    """Params per (row, block): alpha, mu of each region, then alpha1, mu1, alpha2, mu2 of each salient group."""
+    return 2 * regions + 4 * salient_groups
+
+
 def encode(signs, labels, salient, residual, params, regions: int, block: int, mask=None, nm=None,
-           param_scales=None, label_coder: str | None = LABEL_CODER):
+           param_scales=None, label_coder: str | None = LABEL_CODER, salient_labels=None):
     """The planes of a calibrated binarizer -> (params JSON, components, paper bits). signs: bool [rows, cols]
     first-order signs (True = +1); labels: uint8 [rows, cols] region of each non-salient weight; salient: bool
     [cols]; residual: bool [rows, cols] order-2 signs (read in salient columns only); params: [rows, blocks,
-    2*regions + 4] (stored fp16); mask/nm: exact N:M keep-mask (False = exactly zero) and its (N, M), or None;
-    param_scales: fp16 [rows, 2*regions + 4] to store params as 8-bit codes under them (params_bits = 8), or None;
-    label_coder: "rans" (default) to entropy-code the labels, None for the fixed-width labels."""
+    param_slots(regions, G)] (stored fp16); mask/nm: exact N:M keep-mask (False = exactly zero) and its (N, M), or
+    None; param_scales: fp16 [rows, slots] to store params as 8-bit codes under them (params_bits = 8), or None;
+    label_coder: "rans" (default) to entropy-code the labels, None for the fixed-width labels; salient_labels: bool
+    [rows, cols], the salient group (True = the second) of each salient weight (ARB's column-group bitmap:
+    salient_groups G = 2), or None for one salient group."""
     signs, rows, cols = sign_plane(signs, block)
     if not 1 <= regions <= 3:
         raise ValueError("regions must be 1, 2 or 3")
     params = np.asarray(params, dtype="<f2")
-    shape = (rows, -(-cols // block), 2 * regions + 4)
+    salient_groups = 1 if salient_labels is None else 2
+    shape = (rows, -(-cols // block), param_slots(regions, salient_groups))
     if params.shape != shape:
         raise ValueError(f"params must have shape {shape}, got {params.shape}")
     salient = np.asarray(salient, dtype=bool)
     labels = np.asarray(labels, dtype=np.uint8)
     residual = np.asarray(residual, dtype=bool)
-    if salient.shape != (cols,) or labels.shape != (rows, cols) or residual.shape != (rows, cols):
-        raise ValueError("salient must be [cols], labels and residual [rows, cols]")
+    salient_labels = None if salient_labels is None else np.asarray(salient_labels, dtype=bool)
+    if salient.shape != (cols,) or labels.shape != (rows, cols) or residual.shape != (rows, cols) or (
+            salient_labels is not None and salient_labels.shape != (rows, cols)):
+        raise ValueError("salient must be [cols], labels, residual and salient_labels [rows, cols]")
     if (mask is None) != (nm is None):
         raise ValueError("a mask and its nm pattern go together")
     keep = np.ones((rows, cols), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
@@ -245,8 +255,12 @@ def encode(signs, labels, salient, residual, params, regions: int, block: int, m
     n_kept_salient = int(kept_salient.sum())
     if n_kept_salient:
         components["residual"] = _pack(residual[kept_salient])
+        if salient_labels is not None:
+            components["salient_labels"] = _pack(salient_labels[kept_salient])
     json_params = {"block": int(block), "nm": nm, "regions": int(regions), "salient_columns": int(salient.sum()),
                    "kept_salient": n_kept_salient}
+    if salient_groups > 1:
+        json_params["salient_groups"] = salient_groups
     if regions > 1 and label_coder:
         json_params["label_coder"] = label_coder
     if param_scales is None:
@@ -283,20 +297,27 @@ def dequantize(component, shape, p: dict) -> np.ndarray:
     if int(kept_salient.sum()) != p["kept_salient"]:
         raise FormatError(f"{int(kept_salient.sum())} kept salient weights, params say {p['kept_salient']}")
     t[kept_salient] = _unpack(component("residual"), p["kept_salient"], "residual")
+    salient_groups = p.get("salient_groups", 1)
+    group = np.zeros((rows, cols), dtype=np.int64)  # the salient group of each kept salient weight
+    if salient_groups == 2:
+        group[kept_salient] = _unpack(component("salient_labels"), p["kept_salient"], "salient_labels")
 
     def pm(bits):
         return np.where(bits, np.float32(1), np.float32(-1))
 
-    slots = 2 * regions + 4
+    slots = param_slots(regions, salient_groups)
     if p.get("params_bits") == 8:
         params = expand_params(component("params").view(np.int8).reshape(rows, -1, slots),
                                component("param_scales").view("<f2").reshape(rows, slots)).astype(np.float32)
     else:
         params = component("params").view("<f2").reshape(rows, -1, slots).astype(np.float32)
-    per_col = np.repeat(params, block, axis=1)[:, :cols]  # [rows, cols, 2*regions + 4]
-    alpha = np.take_along_axis(per_col, (2 * labels)[..., None], axis=2)[..., 0]
-    mu = np.take_along_axis(per_col, (2 * labels + 1)[..., None], axis=2)[..., 0]
-    values = alpha * pm(s) + mu
-    sp = per_col[:, salient, 2 * regions:]
-    values[:, salient] = (sp[..., 0] * pm(s[:, salient]) + sp[..., 1]) + (sp[..., 2] * pm(t[:, salient]) + sp[..., 3])
+    per_col = np.repeat(params, block, axis=1)[:, :cols]  # [rows, cols, slots]
+
+    def slot(index, columns=slice(None)):
+        return np.take_along_axis(per_col[:, columns], index[..., None], axis=2)[..., 0]
+    values = slot(2 * labels) * pm(s) + slot(2 * labels + 1)
+    first = 2 * regions + 4 * group[:, salient]  # alpha1 of each salient weight's group
+    s_sal, t_sal = pm(s[:, salient]), pm(t[:, salient])
+    values[:, salient] = ((slot(first, salient) * s_sal + slot(first + 1, salient))
+                          + (slot(first + 2, salient) * t_sal + slot(first + 3, salient)))
     return np.where(keep, values, np.float32(0))

@@ -96,12 +96,16 @@ def binary_groups_streams(reader: StbReader, name: str) -> dict:
     if p["kept_salient"]:
         out["residual"] = _stream(stored("residual"),
                                   (binary_groups._unpack(stream("residual"), p["kept_salient"], "residual"), 1))
-    slots = 2 * regions + 4
+        if "salient_labels" in present:
+            out["salient_labels"] = _stream(stored("salient_labels"), (binary_groups._unpack(
+                stream("salient_labels"), p["kept_salient"], "salient_labels"), 1))
+    slots = binary_groups.param_slots(regions, p.get("salient_groups", 1))
     eight_bit = p.get("params_bits") == 8
     words = stream("params").view(np.int8 if eight_bit else "<u2").reshape(rows, -1, slots)
     width = words.itemsize * 8
     r = 2 * regions
-    for kind, slot_ids in zip(PARAM_KINDS, (range(0, r, 2), range(1, r, 2), (r, r + 2), (r + 1, r + 3))):
+    for kind, slot_ids in zip(PARAM_KINDS, (range(0, r, 2), range(1, r, 2), range(r, slots, 2),
+                                            range(r + 1, slots, 2))):
         values = words[..., list(slot_ids)]
         out[f"params.{kind}"] = _stream(values.size * width, (values, width))
     if eight_bit:

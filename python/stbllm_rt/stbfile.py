@@ -65,7 +65,8 @@ def fixed_header(features: int, header_json: bytes, file_size: int) -> bytes:
 
 
 # Bit-report line of each component of the binary codecs.
-COMPONENT_GROUPS = {"signs": "signs", "mask": "masks", "labels": "labels", "salient": "salient_bitmap",
+COMPONENT_GROUPS = {"signs": "signs", "mask": "masks", "labels": "labels", "salient_labels": "labels",
+                    "salient": "salient_bitmap",
                     "residual": "residual_signs", "scales": "scales", "params": "scales", "param_scales": "scales", "row_scales": "scales",
                     "col_scales": "scales", "residual_row_scales": "scales", "residual_col_scales": "scales",
                     "codes": "codes", "offsets": "scales"}
@@ -197,13 +198,13 @@ class StbWriter:
 
     def add_binary_groups(self, name: str, signs, labels, salient, residual, params, regions: int,
                           block: int = 128, mask=None, nm=None, param_scales=None,
-                          label_coder: str | None = binary_groups.LABEL_CODER) -> None:
+                          label_coder: str | None = binary_groups.LABEL_CODER, salient_labels=None) -> None:
         """stb.binary-groups.v2 (docs/format.md; arguments: stbllm_rt.binary_groups.encode). Stores only what the
         data needs: exact N:M masks as one code per group, signs and labels of kept weights only."""
         try:
             params_json, components, paper_bits = binary_groups.encode(signs, labels, salient, residual, params,
                                                                        regions, block, mask, nm, param_scales,
-                                                                       label_coder)
+                                                                       label_coder, salient_labels)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if params_json["nm"] is not None:

@@ -121,6 +121,35 @@ def search_salient_columns(t: torch.Tensor, keep: torch.Tensor, limit: int = SAL
     return chosen
 
 
+SALIENT_SPLIT_QUANTILES = 81  # break point candidates of ARB's column-group bitmap: quantiles 0.1, 0.11, ..., 0.9
+
+
+def search_salient_split(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """ARB-LLM's column-group bitmap: the break point p that splits the masked (salient) weights x [rows, n] by
+    magnitude into a low (|x| < p) and a high (|x| >= p) group, each binarized at order 2 with its own params per
+    row. Candidates are the quantiles linspace(0.1, 0.9) of the non-zero |x| on mask, scored by the two groups'
+    order-2 residual binarization error (in closed form, as search_salient_columns); the best one is returned if it
+    beats a single group, else inf (one group; also when nothing is kept)."""
+    values = torch.where(mask, x.double(), math.inf)
+    magnitudes = values[mask & (x != 0)].abs()
+    if magnitudes.numel() == 0:
+        return math.inf
+    cand = torch.quantile(magnitudes, torch.linspace(0.1, 0.9, SALIENT_SPLIT_QUANTILES, dtype=torch.float64))
+    kept = _SortedSets(values)
+    finite = torch.isfinite(kept.sorted)
+    square = torch.where(finite, kept.sorted, 0.0) ** 2
+    high = finite[:, None] & (kept.sorted.abs()[:, None] >= cand[None, :, None])  # [rows, candidates, n]
+    errors = []
+    for members in (high, finite[:, None] & ~high):
+        group = _SortedSets(kept.sorted, members)
+        errors.append(_order2_sse_from_counts(group.n, group.s1, (members * square[:, None]).sum(2),
+                                              group.at_least).sum(0))
+    split = errors[0] + errors[1]
+    whole = _order2_sse_from_counts(kept.n, kept.s1, square.sum(1, keepdim=True), kept.at_least).sum()
+    best = int(torch.argmin(split))
+    return float(cand[best]) if split[best] < whole else math.inf
+
+
 class _SortedSets:
     """Subsets of each row's values: their sizes n and sums s1, and at_least(th) -> (count, sum) of the members
     >= th for thresholds th [rows, K], by one binary search in the row's sorted values and a look-up in the
@@ -288,11 +317,12 @@ class GroupsResult:
     labels: torch.Tensor       # [rows, cols] uint8 region of kept non-salient weights (0 elsewhere)
     salient: torch.Tensor      # [cols] bool salient columns
     residual: torch.Tensor     # [rows, cols] bool order-2 signs (meaningful in salient columns only)
-    params: torch.Tensor       # [rows, blocks, 2*regions + 4] float32 holding fp16 values
+    params: torch.Tensor       # [rows, blocks, 2*regions + 4*salient groups] float32 holding fp16 values
     regions: int
     block: int
     stats: dict
-    param_scales: torch.Tensor | None = None  # [rows, 2*regions + 4] when params are 8-bit codes under them
+    param_scales: torch.Tensor | None = None  # [rows, slots] when params are 8-bit codes under them
+    salient_labels: torch.Tensor | None = None  # [rows, cols] bool, the second salient group (two groups only)
 
 
 def inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -310,7 +340,8 @@ def inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor | None = None) -> to
 
 def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None, regions: int,
                     block: int = 128, compensate: bool = True, binarizer=None,
-                    h: torch.Tensor | None = None, param_scales: torch.Tensor | None = None) -> GroupsResult:
+                    h: torch.Tensor | None = None, param_scales: torch.Tensor | None = None,
+                    salient_groups: int = 1) -> GroupsResult:
     """Block-OBC binarization of w [rows, cols] (float32) with u, the upper Cholesky factor of the damped inverse
     Hessian. Per block of `block` columns, from the current (compensated) weights: saliency T = w^2 / u_jj^2;
     searched salient columns get order-2 residual binarization; the other kept weights are split by searched
@@ -321,8 +352,13 @@ def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
     binarizer(x, mask, order, gram) -> (q, alphas, mus, signs) replaces `binarize` (ARB: arb.arb_binarize); gram is
     the block's slice of h (the layer's input Gram matrix, up to scale), or None when h is not given.
 
-    param_scales [rows, 2*regions + 4] (fp16 values): every alpha and mu is rounded to an 8-bit code under its
-    slot's scale (round_to_codes) when it is computed, so the compensation sees what the file will hold."""
+    param_scales [rows, 2*regions + 4*salient_groups] (fp16 values): every alpha and mu is rounded to an 8-bit code
+    under its slot's scale (round_to_codes) when it is computed, so the compensation sees what the file will hold.
+
+    salient_groups 2 (ARB-LLM's column-group bitmap): each block's salient weights may be split at a searched
+    magnitude break point (search_salient_split) into a low and a high group, each binarized at order 2 with its
+    own params (the high group's in the last four slots); the block keeps the split only where its error (weighted
+    by the block's Gram matrix when h is given, as ARB-X measures it) is below the single group's."""
     if binarizer is not None and param_scales is not None:
         raise ValueError("8-bit params need the default binarizer")
 
@@ -342,9 +378,11 @@ def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
     residual = torch.zeros_like(w, dtype=torch.bool)
     labels = torch.zeros((rows, cols), dtype=torch.uint8, device=w.device)
     salient = torch.zeros(cols, dtype=torch.bool, device=w.device)
-    params = torch.zeros((rows, nblocks, 2 * regions + 4), dtype=torch.float32, device=w.device)
+    params = torch.zeros((rows, nblocks, 2 * regions + 4 * salient_groups), dtype=torch.float32, device=w.device)
+    salient_labels = torch.zeros((rows, cols), dtype=torch.bool, device=w.device) if salient_groups == 2 else None
     diag = torch.diag(u)
     region_counts = torch.zeros(regions + 1, dtype=torch.float64)
+    split_blocks = 0
     for b in range(nblocks):
         s, e = b * block, min(cols, (b + 1) * block)
         w1, k1 = w[:, s:e], keep_all[:, s:e]
@@ -353,7 +391,19 @@ def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
         sal_mask = cols_sel[None] & k1
         gram = None if h is None else h[s:e, s:e]
         q1, a, mu, sg = binarize_part(w1, sal_mask, 2, gram, 2 * regions)
-        params[:, b, 2 * regions:] = torch.stack([a[:, 0], mu[:, 0], a[:, 1], mu[:, 1]], 1)
+        params[:, b, 2 * regions:2 * regions + 4] = torch.stack([a[:, 0], mu[:, 0], a[:, 1], mu[:, 1]], 1)
+        if salient_groups == 2:
+            sal_gram = None if gram is None else gram[cols_sel][:, cols_sel]
+            split = _split_salient(w1[:, cols_sel], sal_mask[:, cols_sel], sal_gram, q1[:, cols_sel],
+                                   lambda x, mask, group: binarize_part(x, mask, 2, sal_gram,
+                                                                        2 * regions + 4 * group))
+            if split is not None:
+                q_sal, group_params, sg_sal, high = split
+                q1, sg = torch.zeros_like(q1), torch.zeros_like(sg)
+                q1[:, cols_sel], sg[:, :, cols_sel] = q_sal, sg_sal
+                params[:, b, 2 * regions:] = group_params
+                salient_labels[:, s:e][:, cols_sel] = high
+                split_blocks += 1
         signs[:, s:e] |= sg[0]
         residual[:, s:e] = sg[1]
         rest = ~cols_sel[None] & k1
@@ -379,5 +429,29 @@ def quantize_groups(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
     kept = float(region_counts.sum())
     stats = {"salient_columns": int(salient.sum()),
              "region_fractions": [round(float(c) / kept, 4) if kept else 0.0 for c in region_counts]}
+    if salient_groups == 2:
+        stats["salient_split_blocks"] = round(split_blocks / nblocks, 4)
     return GroupsResult(q=q, signs=signs, keep=keep, labels=labels, salient=salient, residual=residual,
-                        params=params, regions=regions, block=block, stats=stats, param_scales=param_scales)
+                        params=params, regions=regions, block=block, stats=stats, param_scales=param_scales,
+                        salient_labels=salient_labels)
+
+
+def _split_salient(x, mask, gram, q_whole, binarize_group):
+    """ARB's column-group bitmap on a block's salient columns x [rows, n] (kept: mask): the low and high groups at
+    the searched break point, each binarized at order 2 by binarize_group(x, mask, group) -> (q, alphas, mus,
+    signs). Returns (q, params [rows, 8] (alpha1, mu1, alpha2, mu2 of each group), signs [2, rows, n], high) when
+    the split has less error than q_whole, the single group's result (S-weighted with gram), else None."""
+    p = search_salient_split(x, mask)
+    high = mask & (x.abs() >= p)
+    if not high.any() or not (mask & ~high).any():
+        return None
+
+    def error(q):
+        r = (x - q) * mask
+        return float(((r @ gram) * r).sum()) if gram is not None else float((r * r).sum())
+    parts = [binarize_group(x, group_mask, group) for group, group_mask in enumerate((mask & ~high, high))]
+    q = parts[0][0] + parts[1][0]
+    if error(q) >= error(q_whole):
+        return None
+    params = torch.cat([torch.stack([a[:, 0], mu[:, 0], a[:, 1], mu[:, 1]], 1) for _, a, mu, _ in parts], 1)
+    return q, params, parts[0][3] | parts[1][3], high

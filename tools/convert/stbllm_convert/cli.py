@@ -36,7 +36,7 @@ methods:
          zero in the file. Stored as stb.binary-groups.v2.
   arb-x  ARB-LLM's ARB-X (calibrated): BiLLM's structure, each part binarized by alternating refinement of its
          mean, scales and signs (--arb-iters rounds, default 15), then of the mean and scales under the block's
-         input Gram matrix. Optional --nm N:M. Stored as stb.binary-groups.v2.
+         input Gram matrix. Optional --nm N:M, --cgb (column-group bitmap). Stored as stb.binary-groups.v2.
   arb-rc ARB-LLM's ARB-RC (calibrated): per block W ~ diag(a_r) B diag(a_c) with no mean, a second row-column
          plane on the salient columns, alternating refinement. Optional --nm N:M. Stored as stb.row-col-sign.v1.
   onebit-svid  OneBit's sign-value-independent decomposition W ~ sign(W) (a b^T), a and b the rank-1 factors
@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work-dir")
     arb = p.add_argument_group("arb-x, arb-rc, onebit-svid")
     arb.add_argument("--arb-iters", type=int, default=None, help="alternating refinement rounds (default: 15)")
+    arb.add_argument("--cgb", action="store_true", default=None,
+                     help="arb-x: ARB-LLM's column-group bitmap, each block's salient weights split at a searched "
+                          "magnitude break point into two groups with their own scales and means (1 more bit per "
+                          "salient weight, 4 more params per row and block)")
     arb.add_argument("--svid", choices=["power", "nmf"], default=None,
                      help="rank-1 factorization of |W| for onebit-svid: power iteration (default; the optimum) or "
                           "multiplicative-update NMF as in OneBit's code")
@@ -214,7 +218,7 @@ def main(argv=None) -> int:
                          head_bits=args.head_bits, embed_bits=args.embed_bits, group=args.group, rules=args.rules,
                          recipe=args.recipe, calibration=calibration_options(args),
                          importance=args.importance, layerwise=False if args.no_layerwise else None,
-                         arb_iters=args.arb_iters, params_bits=args.params_bits, regions=args.regions,
+                         arb_iters=args.arb_iters, cgb=args.cgb, params_bits=args.params_bits, regions=args.regions,
                          label_coder=args.label_coder,
                          svid=args.svid, kd_steps=args.kd_steps, kd_lr=args.kd_lr, target_bpw=args.target_bpw,
                          bpw_scope=args.bpw_scope, candidates=args.candidates, save_recipe=args.save_recipe)

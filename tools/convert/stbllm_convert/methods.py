@@ -124,7 +124,7 @@ class Method:
             needs = {"group": "a q2, q3 or q4 method", "svid": "onebit-svid", "kd_steps": "onebit-svid",
                      "kd_lr": "onebit-svid", "arb_iters": "arb-x or arb-rc",
                      "params_bits": "billm or stbllm", "regions": "billm or stbllm",
-                     "label_coder": "billm, stbllm or arb-x"}.get(
+                     "label_coder": "billm, stbllm or arb-x", "cgb": "arb-x"}.get(
                 option, "a calibrated method (billm, stbllm, arb-x, arb-rc)")
             raise ConvertError(f"--{option.replace('_', '-')} needs {needs}, not {self.name}")
         self.nm = nm
@@ -261,7 +261,9 @@ class CalibratedMethod(Method):
                                  params=params.astype(np.float16), regions=result.regions, block=result.block,
                                  mask=None if result.keep is None else result.keep.numpy(), nm=nm,
                                  param_scales=None if scales is None else scales.astype(np.float16),
-                                 label_coder=None if self.label_coder == "fixed" else self.label_coder)
+                                 label_coder=None if self.label_coder == "fixed" else self.label_coder,
+                                 salient_labels=None if result.salient_labels is None
+                                 else result.salient_labels.numpy())
 
 
 @register("billm")
@@ -314,9 +316,15 @@ class ARBMethod(CalibratedMethod):
 class ARBX(ARBMethod):
     """ARB-X: after the weight-space rounds, as many rounds refine each part's mean and scales under the block's
     input Gram matrix S (the diagonal block of the Hessian the driver accumulates while it streams the calibration
-    inputs). Second order shares one mean: stored in stb.binary-groups.v2 as mu1 = mu, mu2 = 0."""
+    inputs). Second order shares one mean: stored in stb.binary-groups.v2 as mu1 = mu, mu2 = 0. With cgb (ARB-LLM's
+    column-group bitmap) each block's salient weights are split by a searched magnitude break point into two
+    groups with their own order-2 params (stb.binary-groups.v2 with salient_groups 2)."""
 
     regions = 2
+
+    def __init__(self, nm=None, block=128, cgb=False, **options):
+        super().__init__(nm, block, **options)
+        self.cgb = bool(cgb)
 
     def quantize(self, w, u, keep, h=None):
         from .arb import arb_binarize
@@ -324,11 +332,15 @@ class ARBX(ARBMethod):
 
         def binarizer(x, mask, order, gram):
             return arb_binarize(x, mask, order, self.arb_iters, gram)
-        return quantize_groups(w, u, keep, self.regions, self.block, binarizer=binarizer, h=h)
+        return quantize_groups(w, u, keep, self.regions, self.block, binarizer=binarizer, h=h,
+                               salient_groups=2 if self.cgb else 1)
 
     def params(self):
-        return {**super().params(), "salient": "order-2 alternating refinement (shared mean), searched columns",
-                "refinement": "ARB-X (input Gram matrix per block)"}
+        p = {**super().params(), "salient": "order-2 alternating refinement (shared mean), searched columns",
+             "refinement": "ARB-X (input Gram matrix per block)"}
+        if self.cgb:
+            p["salient_groups"] = "CGB: high/low magnitude split of each block's salient weights, searched"
+        return p
 
 
 @register("arb-rc")
