@@ -121,12 +121,14 @@ def perplexity(model_path, text=None, seqlen: int = 2048, max_windows: int | Non
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                epilog="example: stbllm-eval smollm2.fp16.stb --seqlen 2048 --max-windows 16")
+                                epilog="example: stbllm-eval smollm2.fp16.stb (the protocol: 16 windows of 2048 tokens)")
     p.add_argument("model", metavar="MODEL", help="a .stb file, or a .gguf file (torch backend: evaluated with its "
                                                   "weights dequantized by transformers, for comparison rows)")
     p.add_argument("--text", metavar="FILE", default=None, help="text to evaluate (default: the Wikipedia sample)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--max-windows", type=int, default=16,
+                   help="evaluate only the first K windows (default 16: the DESIGN protocol; 0 = every window of "
+                        "the text)")
     p.add_argument("--backend", choices=["torch", "cpu"], default="torch",
                    help="torch: the transformers oracle on the dequantized weights; cpu: the C++ runtime")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
@@ -134,10 +136,10 @@ def main(argv=None) -> int:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from .errors import ConvertError
-    if args.seqlen < 2 or (args.max_windows is not None and args.max_windows < 1):
-        p.error("--seqlen must be >= 2 and --max-windows >= 1")
+    if args.seqlen < 2 or args.max_windows < 0:
+        p.error("--seqlen must be >= 2 and --max-windows >= 0")
     try:
-        result = perplexity(args.model, args.text, args.seqlen, args.max_windows, args.backend, args.threads,
+        result = perplexity(args.model, args.text, args.seqlen, args.max_windows or None, args.backend, args.threads,
                             progress=False if args.quiet else None)
     except (OSError, ValueError, RuntimeError, ConvertError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

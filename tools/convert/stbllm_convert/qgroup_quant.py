@@ -6,10 +6,11 @@ centre by each factor of SHRINK, codes rounded to nearest, then one weighted lea
 to those codes; the candidate with the smallest weighted squared error wins. The weights of that error are the
 inputs' second moments diag(H) when calibrated (what the layer output feels), uniform otherwise.
 
-`quantize_rtn` rounds every column to nearest (calibration-free). `quantize_gptq` is GPTQ: columns are quantized in
-order and each one's error is pushed into the not yet quantized columns through the upper Cholesky factor of the
-damped inverse Hessian (lazy batches of 128 columns); a group's scale and offset are fitted when its first column
-comes up, from the weights as compensated so far. Every scale and offset is rounded to fp16 before use, and
+`quantize_rtn` rounds every column to nearest (calibration-free). `quantize_gptq` is GPTQ: columns are quantized one
+at a time, by default (QGroupMethod) in act-order (descending diag H), and each one's error is pushed into the not
+yet quantized columns through the upper Cholesky factor of the damped inverse Hessian permuted alike (lazy batches of
+128 columns); groups stay runs of `group` consecutive columns (the file's layout), and a group's scale and offset are
+fitted when the first of its columns comes up, from its weights as compensated so far. Every scale and offset is rounded to fp16 before use, and
 dequantized values are computed as the format does (product rounded, then the sum), so the file reproduces the
 quantizer's output bit for bit.
 """
