@@ -15,7 +15,8 @@ Sensitivity, measured once on the full-precision model over the calibration wind
 - Tables (file scope, when --head-bits / --embed-bits are not given): the head is a linear over the final hidden
   states (same formula); the embedding's loss is 1/2 * sum over the tokens seen of G_emb (E_row)^2, G_emb the
   squared gradient of the NLL at the token's embedding (a tied table pays both). Each of 16/8/4/3 bits is measured
-  on the table as the file would store it.
+  on the table as the file would store it (a calibrated k-bit head: GPTQ with the full-precision model's head input
+  Hessian, where the conversion uses the quantized model's).
 Cost: one forward+backward of the model per window, plus one quantization per (linear, candidate): with the default
 candidates four GPTQ runs per linear, i.e. about four q3 conversions (sign and fp16 cost little).
 
@@ -93,14 +94,15 @@ def written_bytes(add) -> int:
     return sum(g["bytes"] for g in writer.bit_report()["groups"].values())
 
 
-def stored_table(w: np.ndarray, bits: int, group: int) -> np.ndarray:
-    """The values of an embedding / head table as the file stores it at `bits` (convert.add_table)."""
+def stored_table(w: np.ndarray, bits: int, group: int, head_hessian=None) -> np.ndarray:
+    """The values of an embedding / head table as the file stores it at `bits` (convert.add_table; head_hessian:
+    the head's input Hessian when the conversion calibrates the head)."""
     from stbllm_rt.stbfile import StbReader, StbWriter
 
     from .convert import add_table
 
     writer = StbWriter({})
-    add_table(writer, "output.weight", w, bits, group)
+    add_table(writer, "output.weight", w, bits, group, head_hessian)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "table.stb"
         writer.write(path)
@@ -289,13 +291,16 @@ def linear_sensitivity(model, runner, plan, windows, fisher: Fisher, free: set, 
     return table
 
 
-def table_sensitivity(w: np.ndarray, fisher: Fisher, as_head: bool, as_embedding: bool, group: int) -> dict:
-    """{bits: estimated loss} of a table for each of TABLE_CHOICES."""
+def table_sensitivity(w: np.ndarray, fisher: Fisher, as_head: bool, as_embedding: bool, group: int,
+                      calibrated: bool) -> dict:
+    """{bits: estimated loss} of a table for each of TABLE_CHOICES; calibrated: whether the conversion GPTQs a
+    k-bit head with its input Hessian (here the full-precision model's, fisher.head_hessian)."""
     import torch
 
     out = {}
+    hessian = fisher.head_hessian if as_head and calibrated else None
     for bits in TABLE_CHOICES:
-        e = torch.from_numpy(np.asarray(w, np.float32) - stored_table(w, bits, group))
+        e = torch.from_numpy(np.asarray(w, np.float32) - stored_table(w, bits, group, hessian))
         loss = 0.0
         if as_head:
             loss += output_loss(fisher.outputs["head"], e, fisher.head_hessian)
@@ -449,7 +454,8 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
         else:
             table = next(s for s in plan.all() if s.name == name)
             by_bits = table_sensitivity(src.planned_tensor(table), fisher, as_head=tied or name == "output.weight",
-                                        as_embedding=name == "token_embd.weight", group=group)
+                                        as_embedding=name == "token_embd.weight", group=group,
+                                        calibrated=any(m.calibrated for m in methods.values()))
             table_losses[name] = {str(b): round(by_bits[b], 6) for b in TABLE_CHOICES}
             losses.append([by_bits[b] for b in opts])
     del model, runner

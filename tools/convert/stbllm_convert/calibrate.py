@@ -107,6 +107,7 @@ class LayerRunner:
         self.position_weights = inner.embed_positions.weight if arch == "opt" else None
         self.position_offset = config.get("position_offset", 0)
         self.rotary = None if arch == "opt" else inner.rotary_emb
+        self.final_norm = inner.final_layer_norm if arch == "opt" else inner.norm  # its output is the head's input
         i, j = torch.arange(seqlen)[:, None], torch.arange(seqlen)[None]
         visible = j <= i
         window = config.get("sliding_window")
@@ -362,6 +363,23 @@ class Calibrator:
         self.layer_log.append(log)
         if self.work_dir is not None:
             self._save_checkpoint(i, saved, log)
+
+    def head_hessian(self):
+        """H = (2/N) sum x x^T (float32) of the LM head's input x over the calibration windows: the final norm of the
+        last quantized layer's outputs. Call after the last add_layer."""
+        import torch
+
+        layers = len(self.plan.layers)
+        if self.next_layer != layers:
+            raise AssertionError(f"the head's Hessian needs all {layers} layers added first")
+        if self.inputs is None:  # every layer came from a checkpoint: the last one saved its outputs
+            self.inputs = self._load_inputs(layers)
+        total, tokens = 0, 0
+        with torch.no_grad():
+            for hidden in self.inputs:
+                x = self.runner.final_norm(hidden).reshape(-1, hidden.shape[-1]).float()
+                total, tokens = total + x.t() @ x, tokens + x.shape[0]
+        return total * (2.0 / tokens)
 
     def _method(self, layer: int, name: str):
         return self.recipe.method_for(layer, name.split(".")[2])

@@ -8,6 +8,8 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+
 from . import __version__
 from .arch import canonical_config, tensor_plan
 from .errors import ConvertError, ConvertWarning
@@ -49,15 +51,22 @@ def _calibration_tokenizer(spec, blob):
     return Tokenizer(spec, blob)
 
 
-def add_table(writer, name: str, w, bits: int, group: int) -> None:
-    """An embedding table or LM head: fp16 (16), int8 per group of 64 (8) or k-bit groups rounded to nearest (4, 3,
-    2; stb.qgroup.v1 with `group` columns per scale)."""
+def add_table(writer, name: str, w, bits: int, group: int, head_hessian=None) -> None:
+    """An embedding table or LM head: fp16 (16), int8 per group of 64 (8) or k-bit groups (4, 3, 2; stb.qgroup.v1
+    with `group` columns per scale), rounded to nearest or, given the head's input Hessian, GPTQ with it (as a
+    linear over the final hidden states: act-order, group fits weighted by diag H)."""
     if bits == 16:
         writer.add_f16(name, to_f16(name, w))
     elif bits == 8:
         writer.add_int8_group(name, w)
-    else:
+    elif head_hessian is None:
         make_method(f"q{bits}-rtn", group=group).add_linear(writer, name, w)
+    else:
+        import torch
+
+        method = make_method(f"q{bits}", group=group)
+        method.write(writer, name, method.quantize(torch.from_numpy(np.asarray(w, np.float32)), None, None,
+                                                   head_hessian), None)
 
 
 def build_recipe(method=None, nm=None, block: int = 128, group=None, rules=(), recipe=None, **method_options):
@@ -183,6 +192,12 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
             "embed_bits": embed_bits,
             "date": date,
         }
+        # A k-bit head (the tied table, else output.weight) is GPTQ'd with its input Hessian when there is a
+        # calibration pass: it is written after the last layer, whose outputs give that Hessian.
+        head_name = "token_embd.weight" if config["tie_word_embeddings"] else "output.weight"
+        calibrated_head = calibrated and head_bits <= 4
+        if head_bits <= 4:
+            provenance["head_quantizer"] = "gptq" if calibrated_head else "round-to-nearest"
         if not recipe_obj.uniform:
             provenance["recipe"] = recipe_obj.describe()
         if allocation is not None:
@@ -191,6 +206,8 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
                             "provenance": provenance})
 
         def add_plain(spec, w):
+            if spec.name == head_name and calibrated_head:
+                return
             if spec.kind in ("norm", "bias"):
                 writer.add_f32(spec.name, w)
             elif spec.name == "token_embd.weight":
@@ -220,6 +237,9 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
                 calibrator.add_layer(writer, i)
         for spec in plan.post:
             add_plain(spec, src.planned_tensor(spec))
+        if calibrated_head:
+            head = next(spec for spec in plan.all() if spec.name == head_name)
+            add_table(writer, head_name, src.planned_tensor(head), head_bits, table_group, calibrator.head_hessian())
         context = SimpleNamespace(src=src, arch=arch, config=config, plan=plan,
                                   tokenizer=lambda: _calibration_tokenizer(tok_spec, tok_blob),
                                   calibration=calibration or CalibrationOptions(), progress=progress)

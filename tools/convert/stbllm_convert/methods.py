@@ -466,8 +466,8 @@ def check_group(group: int) -> int:
 
 class QGroupMethod(Method):
     """k-bit group quantization (stb.qgroup.v1): per (row, group of --group input columns) an fp16 scale and offset,
-    w = scale · code + offset; k + 32/group honest bits per weight. GPTQ error compensation on the calibration
-    driver (qgroup_quant.py); the -rtn variants round to nearest without calibration."""
+    w = scale · code + offset; k + 32/group honest bits per weight. GPTQ error compensation with act-order on the
+    calibration driver (qgroup_quant.py); the -rtn variants round to nearest without calibration."""
 
     bits = 0
     calibrated = True
@@ -483,11 +483,14 @@ class QGroupMethod(Method):
                 "quantizer": "gptq" if self.calibrated else "round-to-nearest"}
 
     def quantize(self, w, u, keep, h=None):
-        from .qgroup_quant import quantize_gptq, quantize_rtn
+        from .qgroup_quant import act_order_factor, quantize_gptq, quantize_rtn
 
         if not self.calibrated:
             return quantize_rtn(w, self.bits, self.group)
-        return quantize_gptq(w, u, self.bits, self.group, None if h is None else h.diagonal())
+        if h is None:  # no Hessian: column order with the given factor
+            return quantize_gptq(w, u, self.bits, self.group)
+        order, factor = act_order_factor(h)
+        return quantize_gptq(w, factor, self.bits, self.group, h.diagonal(), order)
 
     def write(self, writer, name, result, nm) -> None:
         writer.add_qgroup(name, result.codes.numpy(), result.scales.numpy().astype(np.float16),

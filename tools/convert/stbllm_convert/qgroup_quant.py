@@ -6,10 +6,11 @@ centre by each factor of SHRINK, codes rounded to nearest, then one weighted lea
 to those codes; the candidate with the smallest weighted squared error wins. The weights of that error are the
 inputs' second moments diag(H) when calibrated (what the layer output feels), uniform otherwise.
 
-`quantize_rtn` rounds every column to nearest (calibration-free). `quantize_gptq` is GPTQ: columns are quantized in
-order and each one's error is pushed into the not yet quantized columns through the upper Cholesky factor of the
-damped inverse Hessian (lazy batches of 128 columns); a group's scale and offset are fitted when its first column
-comes up, from the weights as compensated so far. Every scale and offset is rounded to fp16 before use, and
+`quantize_rtn` rounds every column to nearest (calibration-free). `quantize_gptq` is GPTQ: columns are quantized one
+at a time, by default (QGroupMethod) in act-order (descending diag H), and each one's error is pushed into the not
+yet quantized columns through the upper Cholesky factor of the damped inverse Hessian permuted alike (lazy batches of
+128 columns); groups stay runs of `group` consecutive columns (the file's layout), and a group's scale and offset are
+fitted when the first of its columns comes up, from its weights as compensated so far. Every scale and offset is rounded to fp16 before use, and
 dequantized values are computed as the format does (product rounded, then the sum), so the file reproduces the
 quantizer's output bit for bit.
 """
@@ -101,30 +102,62 @@ def quantize_rtn(w: torch.Tensor, bits: int, group: int, importance: torch.Tenso
     return out
 
 
-def quantize_gptq(w: torch.Tensor, u: torch.Tensor, bits: int, group: int, importance: torch.Tensor | None = None
-                  ) -> QGroupResult:
-    """GPTQ with static groups in column order (no act-order). u: upper Cholesky factor of the damped inverse
-    Hessian; importance: diag(H) for the group fits (None: uniform)."""
-    w = w.clone().float()
+def act_order(h: torch.Tensor) -> torch.Tensor:
+    """GPTQ's act-order: the columns by descending diag(H) (ties in column order), the inputs with the most energy
+    first, so their errors can still be pushed into the many columns after them."""
+    return torch.argsort(torch.diagonal(h), descending=True, stable=True)
+
+
+_last_factor: list = [None, None]  # (H, its act-order and factor): one entry, see act_order_factor
+
+
+def act_order_factor(h: torch.Tensor):
+    """(act_order(h), the upper Cholesky factor of the damped inverse of H permuted by it). The last H's answer is
+    kept: q/k/v (and gate/up) share one H object, and the allocator tries every candidate on the same H."""
+    from .binarize import inverse_hessian_factor
+
+    if _last_factor[0] is not h:
+        order = act_order(h)
+        _last_factor[:] = h, (order, inverse_hessian_factor(h[order][:, order]))
+    return _last_factor[1]
+
+
+def quantize_gptq(w: torch.Tensor, u: torch.Tensor, bits: int, group: int, importance: torch.Tensor | None = None,
+                  order: torch.Tensor | None = None) -> QGroupResult:
+    """GPTQ with static groups of `group` consecutive columns (the file's layout) quantized in `order` (a
+    permutation of the columns, e.g. act_order(H); None: column order). u: upper Cholesky factor of the damped
+    inverse Hessian permuted by `order` (H[order][:, order]); importance: diag(H) in column order for the group fits
+    (None: uniform). A group is fitted when the first of its columns comes up, from its columns as compensated so
+    far (those beyond the lazy batch get the batch's pending updates first)."""
+    w = w.float()
     rows, cols = w.shape
+    order = torch.arange(cols, device=w.device) if order is None else order.to(w.device)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(cols, device=w.device)  # column -> its place in the order
+    w = w[:, order].clone()  # in quantization order from here on
     out = _empty(w, bits, group)
     levels = (1 << bits) - 1
-    batch = max(group, LAZY_BATCH // group * group)  # whole groups per lazy batch
-    scale = offset = None
-    for b0 in range(0, cols, batch):
-        b1 = min(b0 + batch, cols)
+    fitted = [False] * out.scales.shape[1]
+    for b0 in range(0, cols, LAZY_BATCH):
+        b1 = min(b0 + LAZY_BATCH, cols)
         w1, u1 = w[:, b0:b1].clone(), u[b0:b1, b0:b1]
         err = torch.zeros_like(w1)
         for i in range(b1 - b0):
-            j = b0 + i
-            if j % group == 0:
-                e = min(j + group, cols)
-                scale, offset = fit_group(w1[:, i:i + e - j], bits, None if importance is None else importance[j:e])
-                out.scales[:, j // group], out.offsets[:, j // group] = scale[:, 0], offset[:, 0]
+            column = int(order[b0 + i])
+            g = column // group
+            if not fitted[g]:
+                s, e = g * group, min(g * group + group, cols)
+                at = position[s:e]  # all at or after b0 + i: this is the group's first column in the order
+                x = torch.where((at < b1)[None], w1[:, (at - b0).clamp(max=b1 - b0 - 1)],
+                                w[:, at] - err[:, :i] @ u[b0:b0 + i, at])
+                scale, offset = fit_group(x, bits, None if importance is None else importance[s:e])
+                out.scales[:, g], out.offsets[:, g] = scale[:, 0], offset[:, 0]
+                fitted[g] = True
+            scale, offset = out.scales[:, g:g + 1], out.offsets[:, g:g + 1]
             x = w1[:, i:i + 1]
             codes = _codes(x, scale, offset, levels)
             q = dequantize(codes, scale, offset)
-            out.codes[:, j], out.q[:, j] = codes[:, 0].to(torch.uint8), q[:, 0]
+            out.codes[:, column], out.q[:, column] = codes[:, 0].to(torch.uint8), q[:, 0]
             err[:, i] = (x - q)[:, 0] / u1[i, i]
             w1[:, i:] -= err[:, i:i + 1] * u1[i:i + 1, i:]
         w[:, b1:] -= err @ u[b0:b1, b1:]
