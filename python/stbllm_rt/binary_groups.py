@@ -217,6 +217,8 @@ def encode(signs, labels, salient, residual, params, regions: int, block: int, m
     signs, rows, cols = sign_plane(signs, block)
     if not 1 <= regions <= 3:
         raise ValueError("regions must be 1, 2 or 3")
+    if label_coder not in (None, LABEL_CODER):
+        raise ValueError(f"label_coder must be {LABEL_CODER!r} or None, got {label_coder!r}")
     params = np.asarray(params, dtype="<f2")
     salient_groups = 1 if salient_labels is None else 2
     shape = (rows, -(-cols // block), param_slots(regions, salient_groups))
@@ -248,8 +250,6 @@ def encode(signs, labels, salient, residual, params, regions: int, block: int, m
         plain_labels = labels[kept_plain]
         if (plain_labels >= regions).any():
             raise ValueError(f"a region label is >= regions ({regions})")
-        if label_coder not in (None, LABEL_CODER):
-            raise ValueError(f"label_coder must be {LABEL_CODER!r} or None, got {label_coder!r}")
         components["labels"] = encode_labels(plain_labels, regions, label_coder)
     components["salient"] = _pack(salient)
     n_kept_salient = int(kept_salient.sum())

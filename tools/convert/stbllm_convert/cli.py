@@ -82,7 +82,7 @@ an existing OUT is left untouched).
 
 def build_parser() -> argparse.ArgumentParser:
     from .allocate import DEFAULT_CANDIDATES
-    from .methods import method_names
+    from .methods import LABEL_CODERS, method_names
 
     p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--params-bits", type=int, choices=(16, 8), default=None,
                      help="billm / stbllm alphas and means: 8 = 8-bit codes under one fp16 scale per (row, slot) "
                           "(default; quantizes each layer twice), 16 = fp16")
-    cal.add_argument("--label-coder", choices=("rans", "fixed"), default=None,
-                     help="billm / stbllm / arb-x region labels: rans = entropy-coded (default; about 0.9 bits per "
-                          "label at STBLLM's three regions instead of 1.6), fixed = the fixed-width layout readers "
+    cal.add_argument("--label-coder", choices=LABEL_CODERS, default=None,
+                     help="billm / stbllm / arb-x region labels: rans = entropy-coded (default; 1.06 bits per "
+                          "label on SmolLM2 STBLLM 6:8 instead of 1.6), fixed = the fixed-width layout readers "
                           "before it know; lossless either way")
     cal.add_argument("--regions", type=int, choices=(1, 2, 3), default=None,
                      help="billm / stbllm: groups the non-salient kept weights are split into by searched break "
