@@ -113,10 +113,12 @@ def test_repacked_bytes_and_bad_labels(kernels):
     p = random_groups(rng, rows, cols, block, regions=3, n_salient=3)
     if kernels != "scalar":  # the SIMD paths hold 4-bit codes and a copy of the params, not the planes
         # AVX2 adds its salient chunks: per block, its salient columns padded to chunks of 8 slots, each slot a
-        # 4-bit code per row and an int32 column index, each chunk an int32 block index.
+        # 4-bit code per row (after the row's steps; rows padded to 32 bytes) and an int32 column index, each chunk
+        # an int32 block index.
         per_block = [p["salient"][b:b + block].sum() for b in range(0, cols, block)]
         slots = sum(-(-k // 8) * 8 for k in per_block) if kernels == "avx2" else 0
-        assert linear(p, None).weight_bytes == (rows * (256 + slots) // 2 + (rows * 2 * 10 + 16) * 2
+        row_bytes = -(-(256 + slots) // 2 // 32) * 32
+        assert linear(p, None).weight_bytes == (rows * row_bytes + (rows * 2 * 10 + 16) * 2
                                                 + (slots + slots // 8) * 4)
     p["labels"][3, np.flatnonzero(~p["salient"])[0]] = 3  # no region 3 here: its code would alias a salient one
     if kernels != "scalar":

@@ -19,46 +19,37 @@ struct GroupsAvx2 {
   static constexpr int kLanes = 8, kPassTokens = 8, kPassRows = 1;
   static constexpr bool kSalientChunks = true;
 
-  // Region entries 1–6: α and μ of lane e's region and its sign (0 and a zero `region_active` lane for entries that
-  // are no region).
+  // Codebook lanes 2g + s (kernels_groups.h): α_g·s + μ_g; lanes from 2·regions on (the zero code 7 among them)
+  // are 0.
   struct Consts {
-    __m256i alpha, mu;
-    __m256 sign, region_active;
+    __m256 region_active;
     int salient_at;  // index of α₁ in a block's params
     bool two_groups;  // ARB's column-group bitmap: a second salient group's params follow the first's
   };
   static Consts consts(int regions, int salient_groups) {
-    alignas(32) int alpha[8] = {}, mu[8] = {}, active[8] = {};
-    alignas(32) float sign[8] = {};
-    for (int e = 1; e <= 2 * regions; ++e)
-      alpha[e] = 2 * ((e - 1) / 2), mu[e] = alpha[e] + 1, sign[e] = (e - 1) & 1 ? 1.f : -1.f, active[e] = -1;
-    return {_mm256_load_si256(reinterpret_cast<const __m256i*>(alpha)),
-            _mm256_load_si256(reinterpret_cast<const __m256i*>(mu)), _mm256_load_ps(sign),
-            _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(active))), 2 * regions,
+    alignas(32) int active[8] = {};
+    for (int e = 0; e < 2 * regions; ++e) active[e] = -1;
+    return {_mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(active))), 2 * regions,
             salient_groups == 2};
   }
 
+  // The params [α₀ μ₀ α₁ μ₁ ...] give lanes [α₀·(−1) + μ₀, μ₀·1 + α₀, ...]: one rounding each of α·s + μ (α·s is
+  // exact), the format's order of operations, with the pairs in place, so an in-lane swap does the permuting.
   using Table = __m256;  // the region codebook
-  static __m256 load8(const uint16_t* params) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(params)));
-  }
-  // α·s + μ with one rounding (α·s is exact), as the format's order of operations.
   static __m256 table(const uint16_t* params, const Consts& c) {
-    const __m256 p = load8(params);
-    return _mm256_and_ps(c.region_active, _mm256_fmadd_ps(_mm256_permutevar8x32_ps(p, c.alpha), c.sign,
-                                                          _mm256_permutevar8x32_ps(p, c.mu)));
+    const __m256 p = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(params)));
+    const __m256 minus_plus = _mm256_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1);
+    return _mm256_and_ps(c.region_active, _mm256_fmadd_ps(p, minus_plus, _mm256_permute_ps(p, 0xB1)));
   }
   // Entries 8h + 4 + 2s + t: (α₁·s + μ₁) + (α₂·t + μ₂) of salient group h, each term rounded on its own as in
-  // the format; entries 8–15 stay 0 with one group.
+  // the format. Entries 8h .. 8h + 3 (padding slots and pruned salient weights) are never written: the caller
+  // zeroes the books once.
   static void store_salient(const uint16_t* params, const Consts& c, float* book) {
-    const __m256 sal = load8(params + c.salient_at);  // α₁ μ₁ α₂ μ₂ of group 0 in lanes 0-3, of group 1 in 4-7
-    const __m256 s = _mm256_setr_ps(0, 0, 0, 0, -1, -1, 1, 1), t = _mm256_setr_ps(0, 0, 0, 0, -1, 1, -1, 1);
-    const __m256 salient_active = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
-    for (int h = 0; h < 2; ++h) {
-      auto lane = [&](int i) { return _mm256_permutevar8x32_ps(sal, _mm256_set1_epi32(4 * h + i)); };
-      const __m256 entries = _mm256_and_ps(salient_active, _mm256_add_ps(_mm256_fmadd_ps(lane(0), s, lane(1)),
-                                                                         _mm256_fmadd_ps(lane(2), t, lane(3))));
-      _mm256_storeu_ps(book + 8 * h, h < 1 + c.two_groups ? entries : _mm256_setzero_ps());
+    const __m128 minus_plus = _mm_setr_ps(-1, 1, -1, 1);
+    for (int h = 0; h < 1 + c.two_groups; ++h) {
+      const __m128 p = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(params + c.salient_at + 4 * h)));
+      const __m128 terms = _mm_fmadd_ps(p, minus_plus, _mm_permute_ps(p, 0xB1));  // μ₁∓α₁, μ₂∓α₂
+      _mm_storeu_ps(book + 8 * h + 4, _mm_add_ps(_mm_permute_ps(terms, 0x50), _mm_permute_ps(terms, 0xEE)));
     }
   }
 

@@ -7,8 +7,8 @@
 // weight rows, sized to its registers), Consts consts(regions, salient_groups), Table table(params, consts), Step
 // load_step(32 code bytes), Vec weights<Sub>(table, step) (columns Sub·kLanes .. +kLanes of the step), zero(),
 // load(float*), fma(a, b, c), add(a, b), hsum(Vec); and kSalientChunks, with, if true, store_salient(params,
-// consts, float[kSalientBook]) (a block's salient codebook) and Vec salient_weights(codebook, 4 code bytes,
-// consts) (the 8 weights of a salient chunk; kLanes is 8 then).
+// consts, float[kSalientBook]) (a block's salient codebook, into books the caller zeroed) and Vec
+// salient_weights(codebook, 4 code bytes, consts) (the 8 weights of a salient chunk; kLanes is 8 then).
 //
 // Salient chunks run after the row's blocks, in one loop over the matrix's chunks: its trip count is the same for
 // every row, where a loop per block mispredicts its exit as the blocks' chunk counts vary. Their codebooks are
@@ -41,10 +41,11 @@ struct GroupsPassInput {
 };
 
 // Rows [row, row + R) against NT activation rows: each activation load feeds R rows' FMAs, so the activations'
-// cache traffic per weight falls R-fold.
+// cache traffic per weight falls R-fold. Not inlined: inside the caller, with every instantiation beside it, GCC
+// kept the accumulators on the stack (a store and a reload per step: 1.6x slower on AVX2).
 template <class Isa, int NT, int R>
-void groups_row_group(const BinaryGroupsCodes& g, const typename Isa::Consts& consts, int64_t row,
-                      const GroupsPassInput& x, float* out, int64_t out_stride) {
+[[gnu::noinline]] void groups_row_group(const BinaryGroupsCodes& g, const typename Isa::Consts& consts, int64_t row,
+                                        const GroupsPassInput& x, float* out, int64_t out_stride) {
   constexpr int kSubs = kGroupsStep / Isa::kLanes;
   // Independent accumulators per (row, activation row): enough FMA chains in flight to hide the FMA latency.
   constexpr int kChains = std::max(1, std::min(4, 8 / (NT * R)));
@@ -54,15 +55,16 @@ void groups_row_group(const BinaryGroupsCodes& g, const typename Isa::Consts& co
   const uint16_t* params[R];
   for (int i = 0; i < R; ++i) {
     codes[i] = g.codes.data() + (row + i) * g.row_bytes();
-    salient_codes[i] = g.salient_codes.data() + (row + i) * g.salient_slots() / 2;
+    salient_codes[i] = codes[i] + g.step_bytes();
     params[i] = g.params.data() + (row + i) * g.blocks * g.params_per_block;
   }
   float* salient_books = x.salient_books;  // [R][blocks][kSalientBook]
   if constexpr (Isa::kSalientChunks) {
-    for (int i = 0; i < R; ++i)
-      for (int64_t b = 0; b < g.blocks; ++b)
-        Isa::store_salient(params[i] + b * g.params_per_block, consts,
-                           &salient_books[(i * g.blocks + b) * kSalientBook]);
+    if (!g.chunk_block.empty())
+      for (int i = 0; i < R; ++i)
+        for (int64_t b = 0; b < g.blocks; ++b)
+          Isa::store_salient(params[i] + b * g.params_per_block, consts,
+                             &salient_books[(i * g.blocks + b) * kSalientBook]);
   }
   typename Isa::Vec acc[R][NT][kChains];
   for (auto& per_row : acc)

@@ -96,7 +96,6 @@ BinaryGroupsCodes build_binary_groups_codes(const Matrix& m, bool salient_chunks
   const size_t n_params = size_t(m.rows) * m.blocks_per_row * m.params_per_block;
   g.params.assign(n_params + kGroupsParamsPad, 0);
   std::copy(m.params, m.params + n_params, g.params.begin());
-  g.codes.assign(size_t(m.rows * g.row_bytes()), 0);
   auto is_salient = [&](int64_t j) { return (m.salient[j >> 6] >> (j & 63)) & 1; };
   // rank[j] = how many salient columns precede column j (its index among the row's residual bits); slot[j] = its
   // salient chunk slot.
@@ -112,15 +111,20 @@ BinaryGroupsCodes build_binary_groups_codes(const Matrix& m, bool salient_chunks
       while (g.salient_slots() % kGroupsChunk) g.salient_cols.push_back(-1);
       g.chunk_block.resize(g.salient_slots() / kGroupsChunk, int32_t(b));
     }
-    g.salient_codes.assign(size_t(m.rows * g.salient_slots() / 2), 0);
   }
+  // Pruned weights, padding and (with chunks) the salient columns hold the layout's zero code in the steps; the
+  // salient chunks' padding slots hold 0.
+  const unsigned zero_code = salient_chunks ? kChunkedZeroCode : 0;
+  g.codes.assign(size_t(m.rows * g.row_bytes()), 0);
+  for (int64_t r = 0; r < m.rows; ++r)
+    std::fill_n(g.codes.begin() + r * g.row_bytes(), g.step_bytes(), uint8_t(zero_code * 0x11));
   const int64_t words = m.words_per_row, plane = m.rows * words;
   for (int64_t r = 0; r < m.rows; ++r) {
     uint8_t* row_codes = g.codes.data() + r * g.row_bytes();
-    uint8_t* row_salient = g.salient_codes.data() + r * g.salient_slots() / 2;
+    uint8_t* row_salient = row_codes + g.step_bytes();
     for (int64_t j = 0; j < m.cols; ++j) {
       const int64_t word = r * words + (j >> 6), bit = j & 63;
-      if (m.mask && !((m.mask[word] >> bit) & 1)) continue;  // code 0
+      if (m.mask && !((m.mask[word] >> bit) & 1)) continue;  // the zero code
       const unsigned s = (m.signs[word] >> bit) & 1;
       unsigned code;
       if (is_salient(j)) {
@@ -129,7 +133,7 @@ BinaryGroupsCodes build_binary_groups_codes(const Matrix& m, bool salient_chunks
         const unsigned st = 2 * s + ((m.residual[i >> 6] >> (i & 63)) & 1);
         if (salient_chunks) {  // slot i of a chunk: nibble i of its little-endian 32-bit word
           row_salient[slot[j] / 2] |= uint8_t((8 * second + 4 + st) << (4 * (slot[j] % 2)));
-          continue;  // code 0 in the steps
+          continue;  // the zero code in the steps
         }
         code = 8 + 4 * second + st;
       } else {
@@ -138,11 +142,12 @@ BinaryGroupsCodes build_binary_groups_codes(const Matrix& m, bool salient_chunks
         if (int(label) >= m.regions)
           throw std::invalid_argument("tensor '" + m.name + "': region label " + std::to_string(label) +
                                       " >= regions " + std::to_string(m.regions));
-        code = 1 + 2 * label + s;
+        code = (salient_chunks ? 0 : 1) + 2 * label + s;
       }
       // Column j = step·64 + 16k + i sits in nibble k of 16-bit word i of its step.
       const int64_t step = j / kGroupsStep, k = (j % kGroupsStep) / 16, i = j % 16;
-      row_codes[step * 32 + 2 * i + k / 2] |= uint8_t(code << (4 * (k % 2)));
+      uint8_t& byte = row_codes[step * 32 + 2 * i + k / 2];
+      byte = uint8_t((byte & ~(0xF << (4 * (k % 2)))) | code << (4 * (k % 2)));
     }
   }
   return g;

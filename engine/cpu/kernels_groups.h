@@ -15,10 +15,13 @@
 // shifts by 4k gives the lookup indices of 16 consecutive columns (vpermps reads only an index's low bits).
 //
 // Salient chunks (kernels with 8-entry lookups, AVX2): a codebook of 8 holds either the pruned and region entries
-// (0–6) or the pruned and salient ones, not both. Salient columns are shared by all rows, so each block's salient
-// columns are also gathered into chunks of 8 slots (the last one zero padded), and their codes move there: code 0
-// in the steps, 4 + 2s + t (or 0 if pruned) in nibble i of its chunk's 32-bit word for slot i. The steps then need
-// one lookup per 8 weights and each salient chunk one more; the activations gain the gathered salient inputs.
+// or the pruned and salient ones, not both. Salient columns are shared by all rows, so each block's salient
+// columns are also gathered into chunks of 8 slots (the last one zero padded), and their codes move there: the zero
+// code in the steps, 4 + 2s + t (or 0 if pruned) in nibble i of its chunk's 32-bit word for slot i. The steps then
+// need one lookup per 8 weights and each salient chunk one more; the activations gain the gathered salient inputs.
+// This layout also renumbers the steps' codes: region g with sign s is 2g + s and the zero code is 7
+// (kChunkedZeroCode), so the codebook is the params' (α, μ) pairs in place, [μ₀ − α₀, μ₀ + α₀, μ₁ − α₁, ...],
+// built without a cross-lane permute.
 // With two salient groups a chunk code is 8h + 4 + 2s + t: the salient codebook has 16 entries (8 per group, the
 // first four of each 0), and bit 3 of a code picks the group's half.
 #pragma once
@@ -43,24 +46,27 @@ constexpr int kGroupsParamsPad = 16;  // zero halves after the last block's para
 struct BinaryGroupsCodes {
   int64_t rows = 0, cols = 0, padded_cols = 0;  // padded_cols: cols rounded up to whole steps
   int block = 0, blocks = 0, regions = 0, params_per_block = 0, salient_groups = 1;
-  std::vector<uint8_t> codes;    // [rows][padded_cols / 2]
+  std::vector<uint8_t> codes;    // per row: padded_cols / 2 bytes of steps, then its salient chunks' codes
   std::vector<uint16_t> params;  // fp16 [rows][blocks][params_per_block], then kGroupsParamsPad zeros
   // Salient chunks (empty without them), block by block: chunk_block[c] is chunk c's block, salient_cols[slot] the
   // slot's column (-1: padding).
   std::vector<int32_t> chunk_block;
   std::vector<int32_t> salient_cols;
-  std::vector<uint8_t> salient_codes;  // [rows][salient slots / 2]
-  int64_t row_bytes() const { return padded_cols / 2; }
+  int64_t step_bytes() const { return padded_cols / 2; }
+  // A row's steps and salient codes sit together, so the row streams from memory as one run; rows start 32-byte
+  // aligned.
+  int64_t row_bytes() const { return (step_bytes() + salient_slots() / 2 + 31) / 32 * 32; }
   int64_t salient_slots() const { return int64_t(salient_cols.size()); }
   // Floats of the kernels' activations for n rows (groups_activations).
   int64_t activation_floats(int n) const { return n * (padded_cols + salient_slots()); }
   uint64_t bytes() const {
-    return codes.size() + salient_codes.size() + params.size() * sizeof(uint16_t) +
+    return codes.size() + params.size() * sizeof(uint16_t) +
            (chunk_block.size() + salient_cols.size()) * sizeof(int32_t);
   }
 };
 
 constexpr int kGroupsChunk = 8;  // slots per salient chunk
+constexpr unsigned kChunkedZeroCode = 7;  // pruned / padding / salient-in-steps code of the salient-chunk layout
 constexpr int kSalientBook = 16;  // floats of a (row, block)'s salient chunk codebook: 8 per salient group
 
 // Builds the runtime layout from m's BinaryGroups planes (portable code; once per matrix at load), with salient
