@@ -131,10 +131,14 @@ def _set_bit(index):
     ("regions", "regions"), ("salient_count", "salient"), ("unknown_param", "unknown param"),
     ("params_length", "need"), ("missing_labels", "components"), ("kept_salient", "kept_salient"),
     ("salient_past_end", "past the last column"), ("salient_popcount", "salient bitmap has"),
+    ("param_nan", "non-finite"), ("param_inf", "non-finite"),
 ])
 def test_malformed_headers_are_rejected_at_open(tmp_path, case, match):
     path, result = _groups_file(tmp_path, 3, (5, 8), cols=203, rows=7)
-    if case.startswith("salient_"):
+    if case.startswith("param_"):  # an fp16 param (the 3rd) set to NaN / +inf
+        _tamper_component(path, NAME, "params", lambda b: b.__setitem__(slice(4, 6), b"\x00\x7e" if case == "param_nan"
+                                                                         else b"\x00\x7c"))
+    elif case.startswith("salient_"):
         free = int((~result.salient).nonzero()[0][0])
         _tamper_component(path, NAME, "salient", _set_bit(205 if case == "salient_past_end" else free))
     else:

@@ -170,6 +170,15 @@ def _reads(path):
     return StbReader(path)
 
 
+@pytest.mark.parametrize("tensor", ["blk.0.attn_q.weight", "output.weight"])  # sign-block, int8-group
+@pytest.mark.parametrize("value", [b"\x00\x7e", b"\x00\x7c", b"\x00\xfc"])  # NaN, +inf, -inf
+def test_non_finite_scales_are_refused_at_open(sample_file, tensor, value):
+    StbReader(sample_file)  # untouched, it opens
+    _tamper_component(sample_file, tensor, "scales", lambda b: b.__setitem__(slice(2, 4), value))
+    with pytest.raises(FormatError, match="scales hold a non-finite value"):
+        StbReader(sample_file)
+
+
 def test_truncation_at_many_offsets(sample_file, tmp_path):
     raw = sample_file.read_bytes()
     offsets = sorted(set([0, 1, 7, 8, 16, 63, 64, 65, 100, len(raw) // 2, len(raw) - 1] +

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from stbllm_rt import FormatError, Model, StbReader, stbfile
 from test_corpus import repaired, use_everything
-from test_format import _rebuild, _split, rng, sample_file  # noqa: F401  (fixtures)
+from test_format import _rebuild, _split, _tamper_component, rng, sample_file  # noqa: F401  (fixtures)
 
 
 def run_cli(args, capsys):
@@ -647,3 +647,16 @@ def test_model_closed_while_another_thread_uses_it(runtime_files):
             call()
     with Model(runtime_files["f16"], threads=1) as again:
         assert np.array_equal(again.logits(PROMPT), expected_logits)
+
+
+@pytest.mark.parametrize("key", ["row_scales", "col_scales", "residual_row_scales", "residual_col_scales"])
+def test_non_finite_row_col_scales_are_refused_at_open(tmp_path, key):
+    """A NaN scale would only surface as NaN logits at generation: the reader refuses it at open."""
+    pytest.importorskip("torch")
+    from test_arb import _random_rowcol, _write
+    path = _write(tmp_path / "rc.stb", {"w": _random_rowcol()})
+    StbReader(path)
+    _tamper_component(path, "w", key, lambda b: b.__setitem__(slice(0, 2), b"\x00\x7e"))
+    with pytest.raises(FormatError, match=f"{key} hold a non-finite value"):
+        StbReader(path)
+

@@ -61,8 +61,21 @@ bool valid_tensor_name(const std::string& name) {
   return true;
 }
 
+// Every fp16 value of a scale-like component is finite: a NaN or infinite scale would only surface later as
+// NaN logits. (Weight tensors stored as fp16/fp32 are not scanned: that would read the whole file at open.)
+void check_finite_halves(const TensorEntry& t, const char* key) {
+  const auto it = t.components.find(key);
+  if (it == t.components.end()) return;
+  const Component& c = it->second;
+  for (uint64_t i = 0; i + 1 < c.length; i += 2)
+    if ((c.data[i + 1] & 0x7C) == 0x7C)  // fp16 exponent all ones: inf or NaN
+      throw FormatError("tensor '" + t.name + "': " + key + " hold a non-finite value (entry " + std::to_string(i / 2) +
+                        ")");
+}
+
 // The rules of stb.binary-groups.v2 cheap enough to check at open: the salient bitmap has exactly salient_columns
-// bits set and none past the last column; 8-bit params decode to finite fp16 values. The streams' contents are checked when a backend decodes them.
+// bits set and none past the last column; params are finite (8-bit ones decode to finite fp16 values). The streams'
+// contents are checked when a backend decodes them.
 void validate_binary_groups(const TensorEntry& t) {
   const std::string what = "tensor '" + t.name + "'";
   const int64_t cols = t.shape[1];
@@ -77,13 +90,16 @@ void validate_binary_groups(const TensorEntry& t) {
     throw FormatError(what + ": salient bitmap has " + std::to_string(count) + " columns set, params say " +
                       std::to_string(t.salient_columns));
   if (t.params_bits == 8) binary_groups_expand_params(t);  // its checks: codes, scales, fp16 range
+  else check_finite_halves(t, "params");
 }
 
-// The bit rules of stb.row-col-sign.v1 (docs/format.md), checked at open: the salient bitmap has exactly
-// salient_columns bits and none past the last column; sign and residual bits are clear for pruned weights and past
-// the last column of a row (a set bit there would be read as a weight by kernels that trust the planes).
+// The rules of stb.row-col-sign.v1 (docs/format.md), checked at open: its scales are finite; the salient bitmap has
+// exactly salient_columns bits and none past the last column; sign and residual bits are clear for pruned weights
+// and past the last column of a row (a set bit there would be read as a weight by kernels that trust the planes).
 void validate_row_col_sign(const TensorEntry& t) {
   const std::string what = "tensor '" + t.name + "'";
+  for (const char* key : {"row_scales", "col_scales", "residual_row_scales", "residual_col_scales"})
+    check_finite_halves(t, key);
   const int64_t rows = t.shape[0], cols = t.shape[1], words = (cols + 63) / 64;
   const auto plane = [&](const char* key) { return reinterpret_cast<const uint64_t*>(t.component(key).data); };
   const auto tail = [](int64_t width) { return width % 64 ? ~0ull << (width % 64) : 0ull; };
@@ -127,12 +143,7 @@ void validate_row_col_sign(const TensorEntry& t) {
 // padding columns of each row's last chunk are zero.
 void validate_qgroup(const TensorEntry& t) {
   const std::string what = "tensor '" + t.name + "'";
-  for (const char* key : {"scales", "offsets"}) {
-    const Component& c = t.component(key);
-    for (uint64_t i = 0; i + 1 < c.length; i += 2)
-      if ((c.data[i + 1] & 0x7C) == 0x7C)  // fp16 exponent all ones: inf or NaN
-        throw FormatError(what + ": " + key + " hold a non-finite value (entry " + std::to_string(i / 2) + ")");
-  }
+  for (const char* key : {"scales", "offsets"}) check_finite_halves(t, key);
   const int64_t rows = t.shape[0], cols = t.shape[1], chunks = qgroup_chunks(cols);
   if (cols % kQGroupChunk == 0) return;
   const uint8_t* codes = t.component("codes").data;
@@ -451,6 +462,7 @@ std::shared_ptr<const StbFile> StbFile::open(const std::string& path, bool verif
     if (t.codec == kCodecBinaryGroups) validate_binary_groups(t);
     else if (t.codec == kCodecRowColSign) validate_row_col_sign(t);
     else if (t.codec == kCodecQGroup) validate_qgroup(t);
+    else if (t.codec == kCodecSignBlock || t.codec == kCodecInt8Group) check_finite_halves(t, "scales");
   return f;
 }
 
