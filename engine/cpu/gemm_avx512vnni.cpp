@@ -13,6 +13,8 @@
 
 #include <cstring>
 
+#include "cpu/qgroup_avx512.h"
+
 namespace stb::cpu {
 
 namespace {
@@ -177,9 +179,26 @@ void int8_rows(const Int8Tiles& w, int64_t tile0, int64_t tile1, const int8_t* q
     }
 }
 
+// ---- stb.qgroup.v1 (qgroup_avx512.h) ----------------------------------------------------------------------------
+// One vpdpbusd per decoded pair of chunks and activation row instead of vpmaddubsw + vpmaddwd, and each decoded
+// pair serves 8 activation rows (the register budget of 32 zmm), not 4.
+
+struct VnniDot {
+  static __m512i dot(__m512i w, __m512i x) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x); }
+};
+
+void qgroup_row_q8(const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets, int bits, int group,
+                   int64_t cols, const int8_t* q, const float* d, const float* xsum, int n, float* out,
+                   int64_t out_stride, uint8_t*) {
+  avx512_qgroup_rows<VnniDot, kMaxRowsPerPass>(codes, scales, offsets, bits, group, cols, q, d, xsum, n, out,
+                                               out_stride);
+}
+
 }  // namespace
 
 SignGemm avx512_sign_gemm() { return cpu_has_avx512_vnni() ? sign_gemm : nullptr; }
+
+QGroupRowKernel avx512vnni_qgroup_row_q8() { return cpu_has_avx512_vnni() ? qgroup_row_q8 : nullptr; }
 
 const Int8TileKernels* avx512_int8_tiles() {
   static const Int8TileKernels k{int8_rows};
@@ -191,6 +210,7 @@ const Int8TileKernels* avx512_int8_tiles() {
 #else
 namespace stb::cpu {
 SignGemm avx512_sign_gemm() { return nullptr; }
+QGroupRowKernel avx512vnni_qgroup_row_q8() { return nullptr; }
 const Int8TileKernels* avx512_int8_tiles() { return nullptr; }
 }  // namespace stb::cpu
 #endif
