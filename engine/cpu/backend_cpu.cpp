@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "cpu/int8_tiles.h"
+#include "cpu/qgroup_tiles.h"
 #include "cpu/kernels.h"
 #include "cpu/kernels_groups.h"
 #include "cpu/sign_lut.h"
@@ -145,7 +146,7 @@ class CpuBackend final : public Backend {
     return m;
   }
 
-  // Sign-block, int8-group and binary-groups weights are repacked for the SIMD kernels where the kernel path has
+  // Sign-block, int8-group, qgroup and binary-groups weights are repacked for the SIMD kernels where the kernel path has
   // them; the original planes are not read by matmuls afterwards (an int8 embedding lookup still reads its rows
   // from the mapping), so the bytes the model holds are the repacked ones.
   void pack_matrix(Matrix& m) override {
@@ -163,6 +164,10 @@ class CpuBackend final : public Backend {
           cpu::build_int8_tiles(static_cast<const int8_t*>(m.values), m.scales, m.rows, m.cols)));
       m.packed = int8_tiles_.back().get();
       m.bytes = int8_tiles_.back()->bytes();
+    } else if (m.codec == MatrixCodec::QGroup && k_.qgroup_tiles) {
+      qgroup_tiles_.push_back(std::make_unique<cpu::QGroupTiles>(cpu::build_qgroup_tiles(m)));
+      m.packed = qgroup_tiles_.back().get();
+      m.bytes = qgroup_tiles_.back()->bytes();
     } else if (m.codec == MatrixCodec::BinaryGroups && k_.groups) {
       groups_.push_back(std::make_unique<cpu::BinaryGroupsCodes>(cpu::build_binary_groups_codes(m, k_.groups->salient_chunks)));
       m.packed = groups_.back().get();
@@ -328,6 +333,7 @@ class CpuBackend final : public Backend {
     if (w.codec == MatrixCodec::QGroup) {
       qgroup_sums_.resize(size_t(n) * w.blocks_per_row);
       cpu::qgroup_activation_sums(q8_values_.data(), q8_scales_.data(), cols, w.block, n, qgroup_sums_.data());
+      if (w.packed) return linear_qgroup_tiles(w, n, out);
     }
     pool_.run(n_chunks(rows), [&](int64_t c) {
       thread_local std::vector<int8_t> scratch;
@@ -405,6 +411,15 @@ class CpuBackend final : public Backend {
     over_tiles(tiles.tiles, [&](int64_t t0, int64_t t1) {
       k_.int8_tiles->rows(tiles, t0, t1, q8_values_.data(), q8_scales_.data(), q8_sums_.data(), n, out, w.rows);
       add_bias(w, n, t0 * cpu::kInt8TileRows, t1 * cpu::kInt8TileRows, out);
+    });
+  }
+
+  // k-bit group weights in 16-row tiles, activations quantized and their group sums in qgroup_sums_.
+  void linear_qgroup_tiles(const Matrix& w, int n, float* out) {
+    const auto& tiles = *static_cast<const cpu::QGroupTiles*>(w.packed);
+    over_tiles(tiles.tiles, [&](int64_t t0, int64_t t1) {
+      k_.qgroup_tiles->rows(tiles, t0, t1, q8_values_.data(), q8_scales_.data(), qgroup_sums_.data(), n, out, w.rows);
+      add_bias(w, n, t0 * cpu::kQGroupTileRows, t1 * cpu::kQGroupTileRows, out);
     });
   }
 
@@ -529,6 +544,7 @@ class CpuBackend final : public Backend {
   std::vector<std::unique_ptr<RowColPacked>> rowcols_;            // row-col-sign weights, likewise
   std::vector<float> row_col_x_;                                  // a row-col-sign matmul's scaled inputs
   std::vector<std::unique_ptr<cpu::Int8Tiles>> int8_tiles_;      // repacked int8-group weights, likewise
+  std::vector<std::unique_ptr<cpu::QGroupTiles>> qgroup_tiles_;  // repacked k-bit group weights, likewise
 };
 
 }  // namespace

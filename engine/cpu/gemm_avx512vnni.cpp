@@ -13,7 +13,7 @@
 
 #include <cstring>
 
-#include "cpu/qgroup_avx512.h"
+#include "cpu/qgroup_tiles.h"
 
 namespace stb::cpu {
 
@@ -179,26 +179,100 @@ void int8_rows(const Int8Tiles& w, int64_t tile0, int64_t tile1, const int8_t* q
     }
 }
 
-// ---- stb.qgroup.v1 (qgroup_avx512.h) ----------------------------------------------------------------------------
-// One vpdpbusd per decoded pair of chunks and activation row instead of vpmaddubsw + vpmaddwd, and each decoded
-// pair serves 8 activation rows (the register budget of 32 zmm), not 4.
+// ---- stb.qgroup.v1 on 16-row tiles (qgroup_tiles.h) -------------------------------------------------------------
+// Per unit of 16 columns the 4 quads decode into 4 vectors of codes (row r at bytes 4r..4r+3), each multiplied into
+// every activation row of the pass with one vpdpbusd. A segment of columns with one weight scale and one activation
+// scale (64 columns when the group is a multiple of 64, else 32) then costs one conversion and one FMA per
+// activation row for all 16 rows; the offsets' term is added per group at the end.
 
-struct VnniDot {
-  static __m512i dot(__m512i w, __m512i x) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x); }
-};
+template <int Bits>
+inline void unit_quads(const uint8_t* p, __m512i (&w)[4]) {
+  if constexpr (Bits == 4) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v = _mm512_loadu_si512(p + 64 * h);
+      w[2 * h] = _mm512_and_si512(v, low4);
+      w[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    }
+  } else {
+    const __m512i v = _mm512_loadu_si512(p), low2 = _mm512_set1_epi8(3);
+    w[0] = _mm512_and_si512(v, low2);
+    w[1] = _mm512_and_si512(_mm512_srli_epi16(v, 2), low2);
+    w[2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low2);
+    w[3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), low2);
+    if constexpr (Bits == 3)
+      for (int s = 0; s < 4; ++s)
+        w[s] = _mm512_or_si512(w[s], _mm512_maskz_set1_epi8(__mmask64(load_u64(p + 64 + 8 * s)), 4));
+  }
+}
 
-void qgroup_row_q8(const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets, int bits, int group,
-                   int64_t cols, const int8_t* q, const float* d, const float* xsum, int n, float* out,
-                   int64_t out_stride, uint8_t*) {
-  avx512_qgroup_rows<VnniDot, kMaxRowsPerPass>(codes, scales, offsets, bits, group, cols, q, d, xsum, n, out,
-                                               out_stride);
+template <int Bits, int T>
+void qgroup_tile_pass(const QGroupTiles& w, int64_t tile, const int8_t* q, int64_t q_stride, const float* d,
+                      int64_t d_stride, const float* xsum, float* out, int64_t out_stride) {
+  const int64_t unit_bytes = w.unit_bytes(), padded = w.units * kQGroupUnitCols;
+  const int64_t segment = w.group % 64 == 0 ? 64 : 32;  // columns with one weight scale and one activation scale
+  const uint8_t* codes = w.codes.data() + tile * w.units * unit_bytes;
+  const uint16_t* scales = w.scales.data() + tile * w.groups * kQGroupTileRows;
+  const uint16_t* offsets = w.offsets.data() + tile * w.groups * kQGroupTileRows;
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < padded; c0 += segment) {
+    __m512i sums[T];
+    for (int t = 0; t < T; ++t) sums[t] = _mm512_setzero_si512();
+    for (int64_t c = c0; c < c0 + segment && c < padded; c += kQGroupUnitCols) {
+      __m512i quads[4];
+      unit_quads<Bits>(codes + (c / kQGroupUnitCols) * unit_bytes, quads);
+      for (int t = 0; t < T; ++t)
+        for (int s = 0; s < 4; ++s)
+          sums[t] = _mm512_dpbusd_epi32(sums[t], quads[s], _mm512_set1_epi32(load_i32(q + t * q_stride + c + 4 * s)));
+    }
+    const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(scales + (c0 / w.group) * kQGroupTileRows)));
+    for (int t = 0; t < T; ++t)
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]), _mm512_mul_ps(ws, _mm512_set1_ps(d[t * d_stride + c0 / 64])),
+                               acc[t]);
+  }
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const __m512 wo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offsets + g * kQGroupTileRows)));
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wo, _mm512_set1_ps(xsum[t * w.groups + g]), acc[t]);
+  }
+  const int64_t r0 = tile * kQGroupTileRows;
+  for (int t = 0; t < T; ++t) store_rows(out + t * out_stride + r0, acc[t], w.rows - r0);
+}
+
+template <int Bits>
+void qgroup_tiles_bits(const QGroupTiles& w, int64_t tile0, int64_t tile1, const int8_t* q, const float* d,
+                       const float* xsum, int n, float* out, int64_t out_stride) {
+  const int64_t q8 = q8_groups(w.cols), q_stride = q8 * kQ8Group;
+  for (int64_t tile = tile0; tile < tile1; ++tile)
+    for (int t0 = 0; t0 < n; t0 += kMaxRowsPerPass) {
+      const int8_t* qt = q + t0 * q_stride;
+      const float* dt = d + t0 * q8;
+      const float* xt = xsum + t0 * w.groups;
+      float* ot = out + t0 * out_stride;
+      switch (n - t0 < kMaxRowsPerPass ? n - t0 : kMaxRowsPerPass) {
+#define STB_PASS(T) \
+  case T: qgroup_tile_pass<Bits, T>(w, tile, qt, q_stride, dt, q8, xt, ot, out_stride); break;
+        STB_PASS(1) STB_PASS(2) STB_PASS(3) STB_PASS(4) STB_PASS(5) STB_PASS(6) STB_PASS(7) STB_PASS(8)
+#undef STB_PASS
+      }
+    }
+}
+
+void qgroup_tiles_rows(const QGroupTiles& w, int64_t tile0, int64_t tile1, const int8_t* q, const float* d,
+                       const float* xsum, int n, float* out, int64_t out_stride) {
+  (w.bits == 4 ? qgroup_tiles_bits<4> : w.bits == 3 ? qgroup_tiles_bits<3> : qgroup_tiles_bits<2>)(
+      w, tile0, tile1, q, d, xsum, n, out, out_stride);
 }
 
 }  // namespace
 
 SignGemm avx512_sign_gemm() { return cpu_has_avx512_vnni() ? sign_gemm : nullptr; }
 
-QGroupRowKernel avx512vnni_qgroup_row_q8() { return cpu_has_avx512_vnni() ? qgroup_row_q8 : nullptr; }
+const QGroupTileKernels* avx512_qgroup_tiles() {
+  static const QGroupTileKernels k{qgroup_tiles_rows};
+  return cpu_has_avx512_vnni() ? &k : nullptr;
+}
 
 const Int8TileKernels* avx512_int8_tiles() {
   static const Int8TileKernels k{int8_rows};
@@ -210,7 +284,7 @@ const Int8TileKernels* avx512_int8_tiles() {
 #else
 namespace stb::cpu {
 SignGemm avx512_sign_gemm() { return nullptr; }
-QGroupRowKernel avx512vnni_qgroup_row_q8() { return nullptr; }
+const QGroupTileKernels* avx512_qgroup_tiles() { return nullptr; }
 const Int8TileKernels* avx512_int8_tiles() { return nullptr; }
 }  // namespace stb::cpu
 #endif

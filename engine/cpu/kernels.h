@@ -17,6 +17,7 @@ inline int64_t q8_groups(int64_t cols) { return (cols + kQ8Group - 1) / kQ8Group
 struct SignLutKernels;  // engine/cpu/sign_lut.h
 struct GroupsKernels;   // engine/cpu/kernels_groups.h
 struct Int8TileKernels; // engine/cpu/int8_tiles.h
+struct QGroupTileKernels; // engine/cpu/qgroup_tiles.h
 
 struct Kernels {
   const char* name;
@@ -57,6 +58,8 @@ struct Kernels {
   const GroupsKernels* groups;
   // stb.int8-group.v1 on repacked 16-row tiles; null on paths without it (they use int8_row_q8).
   const Int8TileKernels* int8_tiles;
+  // stb.qgroup.v1 on repacked 16-row tiles; null on paths without it (they use qgroup_row_q8).
+  const QGroupTileKernels* qgroup_tiles;
 };
 
 // xsum[t · groups + g] = Σ over the 32-column chunks c of group g of d_t[c / 2] · Σ_{j in c} q_t[j], for n quantized
@@ -65,16 +68,13 @@ struct Kernels {
 void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int group, int n, float* xsum);
 
 const Kernels& scalar_kernels();
-// The stb.qgroup.v1 row kernels of the SIMD paths (qgroup_avx2.cpp, qgroup_avx512.cpp; with VNNI the AVX-512 one
-// from gemm_avx512vnni.cpp, null where the build or the CPU lacks it).
+// The stb.qgroup.v1 row kernels of the SIMD paths (qgroup_avx2.cpp, qgroup_avx512.cpp).
 void avx2_qgroup_row_q8(const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets, int bits, int group,
                         int64_t cols, const int8_t* q, const float* d, const float* xsum, int n, float* out,
                         int64_t out_stride, uint8_t* scratch);
 void avx512_qgroup_row_q8(const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets, int bits, int group,
                           int64_t cols, const int8_t* q, const float* d, const float* xsum, int n, float* out,
                           int64_t out_stride, uint8_t* scratch);
-using QGroupRowKernel = decltype(&avx512_qgroup_row_q8);
-QGroupRowKernel avx512vnni_qgroup_row_q8();
 const Kernels* avx2_kernels();    // null when the build has no AVX2 path
 const Kernels* avx512_kernels();  // null when the build has no AVX-512 path
 

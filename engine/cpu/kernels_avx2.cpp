@@ -153,7 +153,7 @@ const Kernels* avx2_kernels() {
   static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, attend, silu_gate, quantize_q8,
                          scalar_kernels().sign_row_q8,
                          scalar_kernels().int8_row_q8, avx2_qgroup_row_q8, avx2_sign_lut(), avx2_groups(),
-                         avx2_int8_tiles()};
+                         avx2_int8_tiles(), nullptr};
   return &k;
 }
 

@@ -5,6 +5,7 @@
 // this path builds its tables in that order.
 #include "cpu/kernels.h"
 #include "cpu/int8_tiles.h"
+#include "cpu/qgroup_tiles.h"
 #include "cpu/kernels_groups.h"
 #include "cpu/sign_lut.h"
 
@@ -109,11 +110,10 @@ const Kernels* avx512_kernels() {
       : SignLutKernels{sign_lut_tables, sign_lut_rows, avx2_sign_gemm(), kAvx2SignGemmMinRows, 0};
   // Without VNNI the int8 tiles run the AVX2 kernel (AVX-512BW alone would gain little over it).
   static const Int8TileKernels* int8 = avx512_int8_tiles() ? avx512_int8_tiles() : base->int8_tiles;
-  static const QGroupRowKernel qgroup = avx512vnni_qgroup_row_q8() ? avx512vnni_qgroup_row_q8() : avx512_qgroup_row_q8;
   static const Kernels k{"avx512",          base->dot_f32,     base->dot_f16_rows, base->f16_to_f32,
                          base->attend,      silu_gate,         base->quantize_q8,  base->sign_row_q8,
-                         base->int8_row_q8, qgroup,             &lut,            avx512_groups(),
-                         int8};
+                         base->int8_row_q8, avx512_qgroup_row_q8, &lut,            avx512_groups(),
+                         int8,              avx512_qgroup_tiles()};
   return &k;
 }
 
