@@ -3,6 +3,7 @@
 // summed into int16). Float operations follow the scalar reference's order, so results are bit-identical to it.
 #include "cpu/int8_tiles.h"
 #include "cpu/kernels.h"
+#include "cpu/qgroup_tiles.h"
 #include "cpu/sign_lut.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -183,7 +184,113 @@ void int8_rows(const Int8Tiles& w, int64_t tile0, int64_t tile1, const int8_t* q
       }
 }
 
+// ---- stb.qgroup.v1 on 16-row tiles (qgroup_tiles.h) -------------------------------------------------------------
+// A pass takes half a tile (8 rows: the 32-byte halves of its quad vectors). Per unit of 16 columns the 4 quads'
+// vpmaddubsw products (u8 codes × s8 activations, at most 2 · 15 · 127 per int16) add up in int16 (at most 4 · 3810)
+// before one vpmaddwd widens them into the row's int32 sum; per segment of columns with one weight scale and one
+// activation scale, one conversion and one FMA per activation row serve the 8 rows.
+
+// The 4 quads of one half tile (8 rows) of one unit.
+template <int Bits>
+inline void half_unit_quads(const uint8_t* p, int half, __m256i (&w)[4]) {
+  auto load = [](const uint8_t* a) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)); };
+  if constexpr (Bits == 4) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = load(p + 64 * h + 32 * half);
+      w[2 * h] = _mm256_and_si256(v, low4);
+      w[2 * h + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    }
+  } else {
+    const __m256i v = load(p + 32 * half), low2 = _mm256_set1_epi8(3);
+    for (int s = 0; s < 4; ++s) w[s] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * s), low2);
+    if constexpr (Bits == 3) {  // bit j of the quad's 32-bit mask word -> byte j, then 4 where it is set
+      const __m256i spread = _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303);
+      const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+      for (int s = 0; s < 4; ++s) {
+        int32_t mask;
+        std::memcpy(&mask, p + 64 + 8 * s + 4 * half, 4);
+        const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(mask), spread);
+        const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+        w[s] = _mm256_or_si256(w[s], _mm256_and_si256(set, _mm256_set1_epi8(4)));
+      }
+    }
+  }
+}
+
+template <int Bits, int T>
+void qgroup_tile_pass(const QGroupTiles& w, int64_t tile, int half, const int8_t* q, int64_t q_stride,
+                      const float* d, int64_t d_stride, const float* xsum, float* out, int64_t out_stride) {
+  const int64_t unit_bytes = w.unit_bytes(), padded = w.units * kQGroupUnitCols;
+  const int64_t segment = w.group % 64 == 0 ? 64 : 32;  // columns with one weight scale and one activation scale
+  const uint8_t* codes = w.codes.data() + tile * w.units * unit_bytes;
+  const uint16_t* scales = w.scales.data() + tile * w.groups * kQGroupTileRows + 8 * half;
+  const uint16_t* offsets = w.offsets.data() + tile * w.groups * kQGroupTileRows + 8 * half;
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t c0 = 0; c0 < padded; c0 += segment) {
+    __m256i sums[T];
+    for (int t = 0; t < T; ++t) sums[t] = _mm256_setzero_si256();
+    for (int64_t c = c0; c < c0 + segment && c < padded; c += kQGroupUnitCols) {
+      __m256i quads[4];
+      half_unit_quads<Bits>(codes + (c / kQGroupUnitCols) * unit_bytes, half, quads);
+      for (int t = 0; t < T; ++t) {
+        __m256i pairs = _mm256_setzero_si256();
+        for (int s = 0; s < 4; ++s) {
+          int32_t x4;
+          std::memcpy(&x4, q + t * q_stride + c + 4 * s, 4);
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(quads[s], _mm256_set1_epi32(x4)));
+        }
+        sums[t] = _mm256_add_epi32(sums[t], _mm256_madd_epi16(pairs, ones16));
+      }
+    }
+    const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(scales + (c0 / w.group) * kQGroupTileRows)));
+    for (int t = 0; t < T; ++t)
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(ws, _mm256_set1_ps(d[t * d_stride + c0 / 64])),
+                               acc[t]);
+  }
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const __m256 wo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offsets + g * kQGroupTileRows)));
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wo, _mm256_set1_ps(xsum[t * w.groups + g]), acc[t]);
+  }
+  store_rows(acc, T, out, out_stride, tile * kQGroupTileRows + 8 * half, w.rows);
+}
+
+template <int Bits>
+void qgroup_tiles_bits(const QGroupTiles& w, int64_t tile0, int64_t tile1, const int8_t* q, const float* d,
+                       const float* xsum, int n, float* out, int64_t out_stride) {
+  constexpr int kPass = 4;  // activation rows per pass: 16 ymm registers hold their float and int32 sums
+  const int64_t q8 = q8_groups(w.cols), q_stride = q8 * kQ8Group;
+  for (int64_t tile = tile0; tile < tile1; ++tile)
+    for (int half = 0; half < 2 && tile * kQGroupTileRows + 8 * half < w.rows; ++half)
+      for (int t0 = 0; t0 < n; t0 += kPass) {
+        const int8_t* qt = q + t0 * q_stride;
+        const float* dt = d + t0 * q8;
+        const float* xt = xsum + t0 * w.groups;
+        float* ot = out + t0 * out_stride;
+        switch (n - t0 < kPass ? n - t0 : kPass) {
+#define STB_PASS(T) \
+  case T: qgroup_tile_pass<Bits, T>(w, tile, half, qt, q_stride, dt, q8, xt, ot, out_stride); break;
+          STB_PASS(1) STB_PASS(2) STB_PASS(3) STB_PASS(4)
+#undef STB_PASS
+        }
+      }
+}
+
+void qgroup_tiles_rows(const QGroupTiles& w, int64_t tile0, int64_t tile1, const int8_t* q, const float* d,
+                       const float* xsum, int n, float* out, int64_t out_stride) {
+  (w.bits == 4 ? qgroup_tiles_bits<4> : w.bits == 3 ? qgroup_tiles_bits<3> : qgroup_tiles_bits<2>)(
+      w, tile0, tile1, q, d, xsum, n, out, out_stride);
+}
+
 }  // namespace
+
+const QGroupTileKernels* avx2_qgroup_tiles() {
+  static const QGroupTileKernels k{qgroup_tiles_rows};
+  return &k;
+}
 
 const Int8TileKernels* avx2_int8_tiles() {
   static const Int8TileKernels k{int8_rows};
@@ -197,6 +304,7 @@ SignGemm avx2_sign_gemm() { return sign_gemm; }
 #else
 namespace stb::cpu {
 const Int8TileKernels* avx2_int8_tiles() { return nullptr; }
+const QGroupTileKernels* avx2_qgroup_tiles() { return nullptr; }
 SignGemm avx2_sign_gemm() { return nullptr; }
 }  // namespace stb::cpu
 #endif

@@ -2,6 +2,7 @@
 #include "cpu/kernels.h"
 #include "cpu/attend.h"
 #include "cpu/int8_tiles.h"
+#include "cpu/qgroup_tiles.h"
 #include "cpu/kernels_groups.h"
 #include "cpu/silu.h"
 #include "cpu/sign_lut.h"
@@ -153,7 +154,7 @@ const Kernels* avx2_kernels() {
   static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, attend, silu_gate, quantize_q8,
                          scalar_kernels().sign_row_q8,
                          scalar_kernels().int8_row_q8, avx2_qgroup_row_q8, avx2_sign_lut(), avx2_groups(),
-                         avx2_int8_tiles(), nullptr};
+                         avx2_int8_tiles(), avx2_qgroup_tiles()};
   return &k;
 }
 

@@ -108,12 +108,13 @@ const Kernels* avx512_kernels() {
   static const SignLutKernels lut = avx512_sign_gemm()
       ? SignLutKernels{sign_lut_tables, sign_lut_rows, avx512_sign_gemm(), 2, 2048}
       : SignLutKernels{sign_lut_tables, sign_lut_rows, avx2_sign_gemm(), kAvx2SignGemmMinRows, 0};
-  // Without VNNI the int8 tiles run the AVX2 kernel (AVX-512BW alone would gain little over it).
+  // Without VNNI the int8 and qgroup tiles run the AVX2 kernels (AVX-512BW alone would gain little over them).
   static const Int8TileKernels* int8 = avx512_int8_tiles() ? avx512_int8_tiles() : base->int8_tiles;
+  static const QGroupTileKernels* qgroup_tiles = avx512_qgroup_tiles() ? avx512_qgroup_tiles() : base->qgroup_tiles;
   static const Kernels k{"avx512",          base->dot_f32,     base->dot_f16_rows, base->f16_to_f32,
                          base->attend,      silu_gate,         base->quantize_q8,  base->sign_row_q8,
                          base->int8_row_q8, avx512_qgroup_row_q8, &lut,            avx512_groups(),
-                         int8,              avx512_qgroup_tiles()};
+                         int8,              qgroup_tiles};
   return &k;
 }
 

@@ -43,6 +43,7 @@ struct QGroupTileKernels {
                const float* xsum, int n, float* out, int64_t out_stride);
 };
 
+const QGroupTileKernels* avx2_qgroup_tiles();    // null when the build has no AVX2 path
 const QGroupTileKernels* avx512_qgroup_tiles();  // null without an AVX-512 VNNI path or CPU
 
 }  // namespace stb::cpu
