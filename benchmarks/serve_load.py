@@ -68,12 +68,13 @@ async def one_request(client: httpx.AsyncClient, prompt: str, seed: int, max_tok
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    text_times, tokens = [], 0
+    text_times, tokens, finished = [], 0, False
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             await response.aread()
             return {"ok": False, "status": response.status_code, "start": start, "end": time.perf_counter()}
         async for line in response.aiter_lines():
+            finished |= line == "data: [DONE]"
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -81,7 +82,8 @@ async def one_request(client: httpx.AsyncClient, prompt: str, seed: int, max_tok
                 tokens = chunk["usage"]["completion_tokens"]
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 text_times.append(time.perf_counter())
-    return {"ok": bool(text_times), "start": start, "end": time.perf_counter(), "tokens": tokens,
+    # Done when the stream ends with [DONE]; a completion may be empty text (the model ended at once).
+    return {"ok": finished, "start": start, "end": time.perf_counter(), "tokens": tokens,
             "ttft": text_times[0] - start if text_times else None, "gaps": list(np.diff(text_times))}
 
 
@@ -107,7 +109,7 @@ def summarize(results: list[dict], sent_limit: int) -> dict:
     done = [r for r in results if r["ok"]]
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     tokens = sum(r["tokens"] for r in done)
-    ttft = [r["ttft"] for r in done]
+    ttft = [r["ttft"] for r in done if r["ttft"] is not None]
     gaps = [g for r in done for g in r["gaps"]]
     pct = lambda xs, q: round(float(np.percentile(xs, q)) * 1000, 1) if xs else None  # noqa: E731
     return {"requests_planned": sent_limit, "requests_sent": len(results), "requests_completed": len(done),

@@ -176,6 +176,21 @@ def test_silu_gate_is_bit_identical_on_every_path_and_within_2_ulp(kernels, monk
     np.testing.assert_allclose(alone, _silu64(gate), rtol=3e-7, atol=1e-30)
 
 
+@pytest.mark.parametrize("n", [1, 7, 49152])
+def test_sampler_weights_are_bit_identical_on_every_path(kernels, monkeypatch, n):
+    """The sampler's softmax weights e^(l/T - max(l)/T) (engine/cpu/silu.h's exp): the same bits on every path,
+    within ~2 ulp of float64, and the most likely token weighs exactly 1."""
+    rng = np.random.default_rng(n)
+    logits = (rng.standard_normal(n) * 4).astype(np.float32)
+    got, path = _core.exp_weights(logits, 0.8)
+    assert path == kernels and got.dtype == np.float32 and got[np.argmax(logits)] == 1.0
+    monkeypatch.setenv("STBLLM_KERNELS", "scalar")
+    np.testing.assert_array_equal(got.view(np.uint32), _core.exp_weights(logits, 0.8)[0].view(np.uint32))
+    t = np.float32(0.8)
+    argument = logits / t - np.float32(logits.max() / t)  # in float32, as the kernels form it
+    np.testing.assert_allclose(got, np.exp(argument.astype(np.float64)), rtol=3e-7, atol=1e-37)
+
+
 def test_silu_of_special_values(kernels, monkeypatch):
     """+inf stays inf, NaN stays NaN, tiny values halve, huge ones pass or vanish; -inf (a broken model) just gets
     the same bits on every path."""

@@ -173,6 +173,22 @@ def test_sampling_is_reproducible(tiny):
     assert any(o != a for o in others)
 
 
+def test_unfiltered_sampling_follows_the_softmax(tiny):
+    """No top-k / top-p / min-p (the fast path): first tokens drawn with 1,500 seeds match softmax(logits / T): the
+    8 likeliest tokens' frequencies lie within 4.5 standard deviations of their probabilities."""
+    m = Model(tiny["f16"], threads=1)
+    ids = list(PROMPT)
+    logits = m.logits(ids)[-1].astype(np.float64) / 0.5
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    kw = dict(max_new_tokens=1, temperature=0.5, top_k=0, top_p=1.0, min_p=0.0, stop_token_ids=[])
+    draws = np.array([m.generate(ids, seed=s, **kw)[0] for s in range(1500)])
+    empirical = np.bincount(draws, minlength=p.size) / draws.size
+    top = np.argsort(p)[::-1][:8]
+    assert (np.abs(empirical[top] - p[top]) < 4.5 * np.sqrt(p[top] * (1 - p[top]) / draws.size)).all()
+    assert p[draws].min() > 1e-6  # nothing (nearly) impossible was drawn
+
+
 def test_top_k_one_is_greedy(tiny):
     m = Model(tiny["sign-nm"], threads=2)
     greedy = m.generate(PROMPT, max_new_tokens=8, temperature=0)

@@ -34,6 +34,9 @@ struct Kernels {
   // up[i] = silu(gate[i]) · up[i] for i < n (gate null: up[i] = silu(up[i])), bit-identical on every path
   // (engine/cpu/silu.h).
   void (*silu_gate)(const float* gate, float* up, int64_t n);
+  // out[i] = e^(logits[i] / temperature − top) for i < n with the same exp, bit-identical on every path (the
+  // sampler's softmax weights; top = max(logits) / temperature keeps them ≤ 1).
+  void (*exp_weights)(const float* logits, float temperature, float top, float* out, int64_t n);
   // x[cols] -> q[q8_groups(cols) * kQ8Group] (zero padded), d[q8_groups(cols)].
   void (*quantize_q8)(const float* x, int64_t cols, int8_t* q, float* d);
   // One stb.sign-block.v1 weight row against n quantized activation rows (q: n × q8_groups(cols)·kQ8Group int8,

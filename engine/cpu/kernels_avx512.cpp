@@ -97,6 +97,13 @@ void silu_gate(const float* gate, float* up, int64_t n) {
   silu::silu_gate_ref(gate, up, i, n);
 }
 
+void exp_weights(const float* logits, float temperature, float top, float* out, int64_t n) {
+  const auto t = _mm512_set1_ps(temperature), shift = _mm512_set1_ps(top);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, exp_ps(_mm512_sub_ps(_mm512_div_ps(_mm512_loadu_ps(logits + i), t), shift)));
+  silu::exp_weights_ref(logits, temperature, top, out, i, n);
+}
+
 }  // namespace
 
 const Kernels* avx512_kernels() {
@@ -112,7 +119,8 @@ const Kernels* avx512_kernels() {
   static const Int8TileKernels* int8 = avx512_int8_tiles() ? avx512_int8_tiles() : base->int8_tiles;
   static const QGroupTileKernels* qgroup_tiles = avx512_qgroup_tiles() ? avx512_qgroup_tiles() : base->qgroup_tiles;
   static const Kernels k{"avx512",          base->dot_f32,     base->dot_f16_rows, base->f16_to_f32,
-                         base->attend,      silu_gate,         base->quantize_q8,  base->sign_row_q8,
+                         base->attend,      silu_gate,         exp_weights,        base->quantize_q8,
+                         base->sign_row_q8,
                          base->int8_row_q8, avx512_qgroup_row_q8, &lut,            avx512_groups(),
                          int8,              qgroup_tiles};
   return &k;

@@ -143,6 +143,10 @@ void attend(const float* q, const float* keys, const float* values, int64_t kv_s
 
 void silu_gate(const float* gate, float* up, int64_t n) { silu::silu_gate_ref(gate, up, 0, n); }
 
+void exp_weights(const float* logits, float temperature, float top, float* out, int64_t n) {
+  silu::exp_weights_ref(logits, temperature, top, out, 0, n);
+}
+
 }  // namespace
 
 void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int group, int n, float* xsum) {
@@ -159,7 +163,7 @@ void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int g
 }
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar",    dot_f32,     dot_f16_rows,  f16_to_f32, attend, silu_gate, quantize_q8,
+  static const Kernels k{"scalar",    dot_f32,     dot_f16_rows,  f16_to_f32, attend, silu_gate, exp_weights, quantize_q8,
                          sign_row_q8, int8_row_q8, qgroup_row_q8, nullptr,    nullptr,   nullptr,
                          nullptr};
   return k;

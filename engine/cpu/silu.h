@@ -1,4 +1,5 @@
-// SiLU gating, up[i] = silu(gate[i]) · up[i] with silu(a) = a / (1 + e^−a), on every kernel path.
+// SiLU gating, up[i] = silu(gate[i]) · up[i] with silu(a) = a / (1 + e^−a), and the sampler's softmax weights, on
+// every kernel path.
 //
 // std::exp costs ~6 ns a call and, at batch 8, SiLU over 8 × 1536 × 30 values took 2–3 ms of a ~20 ms decode step
 // (docs/performance.md). This exp vectorizes, and every path performs the same IEEE operations in the same order
@@ -41,6 +42,11 @@ inline float exp_ref(float x0) {
 }
 
 inline float silu_ref(float a) { return a / (1.0f + exp_ref(-a)); }
+
+// Sampling weights out[i] = e^(logits[i] / temperature − top) (the portable loop, also the SIMD paths' tail).
+inline void exp_weights_ref(const float* logits, float temperature, float top, float* out, int64_t begin, int64_t n) {
+  for (int64_t i = begin; i < n; ++i) out[i] = exp_ref(logits[i] / temperature - top);
+}
 
 // The portable loop, also the SIMD paths' tail: gate null means up[i] = silu(up[i]).
 inline void silu_gate_ref(const float* gate, float* up, int64_t begin, int64_t n) {

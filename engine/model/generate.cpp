@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <unordered_set>
 
+#include "cpu/kernels.h"  // the SIMD exp of the sampler's softmax (host code, like the CPU backend)
 #include "stbllm/model.h"
 
 namespace stb {
@@ -35,6 +36,11 @@ void check_prompt(const std::vector<int>& prompt, const ModelConfig& c, const st
 }
 
 }  // namespace
+
+void softmax_weights(const float* logits, int vocab, float temperature, float* out) {
+  const float top = *std::max_element(logits, logits + vocab) / temperature;
+  cpu::best_kernels().exp_weights(logits, temperature, top, out, vocab);
+}
 
 Sampler::Sampler(const SamplingParams& p) : p_(p) {
   uint64_t s = p.seed;
@@ -77,6 +83,24 @@ int Sampler::sample(float* logits, int vocab, const std::vector<int>& context, s
     for (const auto& [token, count] : counts) logits[token] -= p_.frequency_penalty * count + p_.presence_penalty;
   }
   if (p_.temperature <= 0.f) return int(std::max_element(logits, logits + vocab) - logits);
+  if (p_.top_k <= 0 && p_.top_p >= 1.f && p_.min_p <= 0.f) {
+    // No filter (OpenAI's defaults): the token is drawn from the softmax's weights in token-id order, without
+    // sorting or pairing; the exponentials take the kernels' SIMD exp, bit-identical on every path.
+    weights_.resize(size_t(vocab));
+    softmax_weights(logits, vocab, p_.temperature, weights_.data());
+    double total = 0;
+    for (int i = 0; i < vocab; ++i) {  // the exp clamps its argument at −87: an impossible token must weigh 0
+      if (logits[i] == -std::numeric_limits<float>::infinity()) weights_[size_t(i)] = 0;
+      total += weights_[size_t(i)];
+    }
+    double r = next_uniform() * total;
+    for (int i = 0; i < vocab; ++i) {
+      r -= weights_[size_t(i)];
+      if (r < 0) return i;
+    }
+    for (int i = vocab - 1;; --i)  // rounding left r ≥ 0: the last possible token
+      if (weights_[size_t(i)] > 0) return i;
+  }
 
   // Highest first; ties broken by token id so the order never depends on the sort implementation. Only as much
   // of the vocabulary is sorted as the filters need: a full sort per token would cost more than a decode step of

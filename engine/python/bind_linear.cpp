@@ -7,6 +7,7 @@
 #include <chrono>
 
 #include "stbllm/backend.h"
+#include "stbllm/model.h"
 #include "stbllm/qgroup.h"
 
 namespace py = pybind11;
@@ -74,6 +75,18 @@ void bind_linear(py::module_& m) {
       py::arg("gate"), py::arg("up"), py::arg("silu") = true, py::arg("threads") = 1,
       "The CPU backend's gated activation on copies: (silu(gate) or relu(gate)) * up, or of up alone when gate is "
       "None; returns (result, kernel path).");
+  m.def(
+      "exp_weights",
+      [](const Array<float>& logits, float temperature) {
+        if (logits.ndim() != 1 || logits.size() == 0 || !(temperature > 0))
+          throw py::value_error("exp_weights needs a non-empty 1-D array and a temperature > 0");
+        Array<float> out(logits.size());
+        stb::softmax_weights(logits.data(), int(logits.size()), temperature, out.mutable_data());
+        return py::make_tuple(out, stb::make_cpu_backend(1)->kernels());
+      },
+      py::arg("logits"), py::arg("temperature"),
+      "The sampler's softmax weights e^(logits / temperature - max(logits) / temperature) by the CPU kernels; "
+      "returns (weights, kernel path).");
   py::class_<Linear>(m, "Linear")
       .def(py::init([](const std::string& codec, int64_t rows, int64_t cols, py::object values, py::object signs,
                        py::object mask, py::object scales, int block, py::object bias, int threads,

@@ -79,6 +79,10 @@ struct SamplingParams {
 };
 
 // Picks the next token from one row of logits. Deterministic for a given seed on every machine.
+// The unfiltered sampler's softmax weights out[i] = e^(logits[i] / temperature − max(logits) / temperature), by the
+// CPU kernels' SIMD exp (engine/cpu/silu.h: bit-identical on every path); the most likely token weighs 1.
+void softmax_weights(const float* logits, int vocab, float temperature, float* out);
+
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& p);
@@ -90,6 +94,7 @@ class Sampler {
   uint64_t state_[4];
   double next_uniform();
   std::vector<std::pair<float, int>> candidates_;
+  std::vector<float> weights_;  // the unfiltered softmax's weights (no top-k, top-p or min-p)
 };
 
 // Generates continuations of a batch of prompts: one prefill, then one batched decode step per token.
