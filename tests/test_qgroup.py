@@ -85,6 +85,20 @@ def test_kernels_match_numpy(kernels, bits, rows, cols, group, n):
     np.testing.assert_allclose(lin.forward(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("bits, group", [(2, 64), (3, 32), (4, 128)])
+def test_a_row_gets_the_same_bits_alone_or_batched(kernels, bits, group):
+    """The tile kernels (16 weight rows per vector, up to 8 activation rows per pass) do the same float work for an
+    activation row whatever else shares its pass, so batching never changes a sequence's logits."""
+    rng = np.random.default_rng(bits)
+    t = _random_tensor(rng, 37, 300, bits, group)
+    lin = _core.Linear("qgroup", 37, 300, values=qgroup.pack_codes(t["codes"], bits), scales=t["scales"].view(np.uint16),
+                       offsets=t["offsets"].view(np.uint16), bits=bits, group=group, threads=2)
+    x = rng.standard_normal((11, 300)).astype(np.float32)
+    batched = lin.forward(x)
+    for i in range(11):
+        np.testing.assert_array_equal(lin.forward(x[i:i + 1])[0].view(np.uint32), batched[i].view(np.uint32))
+
+
 def _qgroup_file(tmp_path, cols=100, bits=3, group=32):
     t = _random_tensor(np.random.default_rng(0), 5, cols, bits, group)
     writer = StbWriter(_metadata())
