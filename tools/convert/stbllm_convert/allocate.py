@@ -255,10 +255,7 @@ def relative_error(e, w, h) -> float:
 def linear_sensitivity(model, runner, plan, windows, fisher: Fisher, free: set, candidates: dict, device,
                        progress) -> dict:
     """{tensor name: ([loss per candidate], [relative error per candidate])} for the linears in `free`."""
-    import torch
-
-    from .binarize import inverse_hessian_factor
-    from .calibrate import layer_hessians, linear_modules
+    from .calibrate import layer_hessians, linear_modules, live_weight, shared_factor
     from .convert import _progress
 
     table = {}
@@ -272,16 +269,11 @@ def linear_sensitivity(model, runner, plan, windows, fisher: Fisher, free: set, 
             if name not in free:
                 continue
             h = hessians[name]
-            w = module.weight.detach().float().clone()
-            w[:, torch.diag(h) == 0] = 0  # as the driver does (GPTQ's dead columns)
+            w = live_weight(module, h)  # as the driver prepares it
             g = fisher.outputs[name].to(w.device)
             losses, errors = [], []
             for method in candidates.values():
-                u = None
-                if method.calibrated:
-                    if owner[name] not in factors:
-                        factors[owner[name]] = inverse_hessian_factor(h)
-                    u = factors[owner[name]]
+                u = shared_factor(h, owner[name], factors) if method.calibrated else None
                 e = w - method.quantize(w, u, None, h).q.to(w.device)
                 losses.append(output_loss(g, e, h))
                 errors.append(relative_error(e, w, h))

@@ -167,6 +167,26 @@ def linear_modules(model, plan, i: int) -> dict:
             for spec in plan.layers[i] if spec.kind == "linear"}
 
 
+def live_weight(module, h):
+    """The linear's weight as float, its dead input columns (inputs that are always zero: diag H = 0) zeroed as
+    GPTQ does."""
+    import torch
+
+    w = module.weight.detach().float().clone()
+    w[:, torch.diag(h) == 0] = 0
+    return w
+
+
+def shared_factor(h, key: str, factors: dict):
+    """The inverse-Hessian factor of input `key`, computed once and kept in `factors` (q/k/v share one input, and so
+    do gate/up)."""
+    from .binarize import inverse_hessian_factor
+
+    if key not in factors:
+        factors[key] = inverse_hessian_factor(h)
+    return factors[key]
+
+
 def layer_hessians(runner, layer, modules: dict, inputs: list):
     """Runs every window through `layer` and returns (outputs, hessians, owner): hessians[name] is the input
     Hessian H = (2/N) sum x x^T (float32) of each module in `modules`; modules fed the same input (q/k/v, gate/up)
@@ -308,7 +328,7 @@ class Calibrator:
     def add_layer(self, writer, i: int) -> None:
         import torch
 
-        from .binarize import importance, inverse_hessian_factor, nm_keep
+        from .binarize import importance, nm_keep
 
         if i != self.next_layer:
             raise AssertionError(f"layers must be calibrated in order (expected {self.next_layer}, got {i})")
@@ -332,14 +352,9 @@ class Calibrator:
         for name, module in modules.items():
             method = self._method(i, name)
             nm = self.layer_nm[i] or method.nm
-            w = module.weight.detach().float().clone()
             h = hessians[name]
-            u = None
-            if method.calibrated:
-                if owner[name] not in factors:
-                    factors[owner[name]] = inverse_hessian_factor(h)
-                u = factors[owner[name]]
-            w[:, torch.diag(h) == 0] = 0  # inputs that are always zero (GPTQ's dead columns)
+            u = shared_factor(h, owner[name], factors) if method.calibrated else None
+            w = live_weight(module, h)
             keep = None
             if nm is not None and method.calibrated:  # binary methods prune by their importance metric
                 score = importance(w, torch.diag(h).sqrt(), method.importance)
