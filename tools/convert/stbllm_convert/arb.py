@@ -200,6 +200,10 @@ class RowColResult:
     group1: dict | None = None         # the second group's scales, keyed and shaped as ROWCOL_SCALES above
 
 
+def _masked_sse(x, q, mask):
+    return float((((x - q) * mask) ** 2).sum())
+
+
 def rowcol_high_group(w: torch.Tensor, saliency: torch.Tensor, keep: torch.Tensor,
                       salient: torch.Tensor) -> torch.Tensor:
     """ARB-LLM's column-group bitmap for one block w [rows, n]: the kept weights of the high group. In the salient
@@ -245,8 +249,7 @@ def quantize_rowcol(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
             high = rowcol_high_group(w1, saliency, k1, sal)
             if high.any() and (k1 & ~high).any():
                 split = [rowcol_binarize(w1, k1 & ~high, sal, iters), rowcol_binarize(w1, high, sal, iters)]
-                sse = lambda q1: float((((w1 - q1) * k1) ** 2).sum())  # noqa: E731
-                if sse(split[0][0] + split[1][0]) < sse(parts[0][0]):
+                if _masked_sse(w1, split[0][0] + split[1][0], k1) < _masked_sse(w1, parts[0][0], k1):
                     parts = split
                     group[:, s:e] = high
                     split_blocks += 1
