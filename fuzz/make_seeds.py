@@ -1,6 +1,6 @@
 """Seed corpus for fuzz/stb_loader_fuzz.cpp: small valid files of every codec (binary-groups with 1, 2 and 3
 regions, with and without N:M and salient columns, rANS labels, two with fixed-width labels, one with 8-bit params;
-row-col-sign with and without N:M and salient columns; qgroup at 2, 3 and 4 bits with ragged chunks and groups),
+row-col-sign with and without N:M, salient columns and two scale groups; qgroup at 2, 3 and 4 bits with ragged chunks and groups),
 tiny complete models (f16, sign, sign with 4:8 masks, qgroup linears and embedding, int8 head, tied head, sliding
 window), and the malformed files of tests/test_format.py.
 
@@ -57,15 +57,22 @@ def binary_groups_file(path: Path, rng, rows: int, cols: int, regions: int, nm, 
     w.write(path)
 
 
-def row_col_sign_file(path: Path, rng, rows: int, cols: int, nm, salient_count: int, block: int = 64) -> None:
+def row_col_sign_file(path: Path, rng, rows: int, cols: int, nm, salient_count: int, block: int = 64,
+                      groups: int = 1) -> None:
     w = StbWriter(METADATA)
     blocks = -(-cols // block)
     salient = np.zeros(cols, dtype=bool)
     salient[rng.choice(cols, salient_count, replace=False)] = True
+    mask = None if nm is None else exact_nm_mask(rng, rows, cols, *nm)
+    group = group1 = None
+    if groups == 2:
+        group = rng.random((rows, cols)) < 0.3
+        group1 = dict(row_scales=rng.random((rows, blocks)), col_scales=rng.random(cols),
+                      residual_row_scales=rng.random((rows, blocks)), residual_col_scales=rng.random(salient_count))
     w.add_row_col_sign("blk.0.attn_q.weight", rng.random((rows, cols)) < 0.5, rng.random((rows, blocks)),
-                       rng.random(cols), block=block, mask=None if nm is None else exact_nm_mask(rng, rows, cols, *nm),
-                       nm=nm, salient=salient, residual=rng.random((rows, salient_count)) < 0.5,
-                       residual_row_scales=rng.random((rows, blocks)), residual_col_scales=rng.random(salient_count))
+                       rng.random(cols), block=block, mask=mask, nm=nm, salient=salient,
+                       residual=rng.random((rows, salient_count)) < 0.5, residual_row_scales=rng.random((rows, blocks)),
+                       residual_col_scales=rng.random(salient_count), group=group, group1=group1)
     w.write(path)
 
 
@@ -104,6 +111,15 @@ def salient_group_files(out: Path, rng) -> None:
         tag = (f"{nm[0]}of{nm[1]}" if nm else "dense") + f"-s20-g2-p{params_bits}"
         binary_groups_file(out / f"binary-groups-r2-{tag}.stb", rng, rows=3, cols=77, regions=2, nm=nm,
                            salient_fraction=0.2, params_bits=params_bits, salient_groups=2)
+
+
+def row_col_group_files(out: Path, rng) -> None:
+    """stb.row-col-sign.v1 with two scale groups (ARB-RC's column-group bitmap: groups 2)."""
+    for nm in (None, (6, 8)):
+        for salient_count in (0, 5):
+            tag = (f"{nm[0]}of{nm[1]}" if nm else "dense") + f"-s{salient_count}-g2"
+            row_col_sign_file(out / f"row-col-sign-{tag}.stb", rng, rows=3, cols=77, nm=nm,
+                              salient_count=salient_count, groups=2)
 
 
 def qgroup_files(out: Path, rng) -> None:
@@ -158,6 +174,7 @@ def main(argv=None) -> int:
     qgroup_files(out, rng)
     model_files(out)
     malformed_files(out, rng)
+    row_col_group_files(out, rng)
     files = sorted(out.iterdir())
     print(f"{len(files)} seeds, {sum(f.stat().st_size for f in files)} bytes in {out}")
     return 0

@@ -649,12 +649,13 @@ def test_model_closed_while_another_thread_uses_it(runtime_files):
         assert np.array_equal(again.logits(PROMPT), expected_logits)
 
 
-@pytest.mark.parametrize("key", ["row_scales", "col_scales", "residual_row_scales", "residual_col_scales"])
+@pytest.mark.parametrize("key", ["row_scales", "col_scales", "residual_row_scales", "residual_col_scales",
+                                 "group1_row_scales", "group1_residual_col_scales"])
 def test_non_finite_row_col_scales_are_refused_at_open(tmp_path, key):
     """A NaN scale would only surface as NaN logits at generation: the reader refuses it at open."""
     pytest.importorskip("torch")
     from test_arb import _random_rowcol, _write
-    path = _write(tmp_path / "rc.stb", {"w": _random_rowcol()})
+    path = _write(tmp_path / "rc.stb", {"w": _random_rowcol(groups=2 if key.startswith("group1_") else 1)})
     StbReader(path)
     _tamper_component(path, "w", key, lambda b: b.__setitem__(slice(0, 2), b"\x00\x7e"))
     with pytest.raises(FormatError, match=f"{key} hold a non-finite value"):

@@ -60,18 +60,31 @@ class CpuKvCache final : public KvCache {
   std::unordered_map<int, Slot> slots_;
 };
 
-// stb.row-col-sign.v1 in the CPU backend's own terms: the main plane as a sign-block matrix (its lookup layout where
-// the kernel path has one) and the salient plane as one int8 sign per (row, salient column).
-struct RowColPacked {
-  std::unique_ptr<cpu::SignLut> lut;  // null on paths without the lookup kernel (they read the file's planes)
-  std::vector<float> col_scales;      // a_c [cols]
-  std::vector<int32_t> salient_cols;  // the salient columns, ascending
-  std::vector<float> salient_scales;  // b_c [S]
-  std::vector<int8_t> salient_signs;  // [rows, S]: +1 / -1, 0 for a pruned weight
+// stb.row-col-sign.v1 in the CPU backend's own terms, per scale group: the group's main plane as a sign-block
+// matrix (its lookup layout where the kernel path has one) and its salient plane as one int8 sign per (row, salient
+// column). With two groups each group's keep-mask is the file's mask restricted to the group's weights.
+struct RowColGroup {
+  std::unique_ptr<cpu::SignLut> lut;  // null on paths without the lookup kernel (they read the planes)
+  std::vector<uint64_t> own_mask;     // two groups: the group's keep-mask, [rows, words_per_row]
+  const uint64_t* mask = nullptr;     // the keep-mask the kernels read: own_mask, the file's mask, or null (dense)
+  const uint16_t* row_scales = nullptr;    // a_r, fp16 [rows, blocks] in the file
+  std::vector<float> col_scales;           // a_c [cols]
+  std::vector<float> salient_scales;       // b_c [S]
+  std::vector<int8_t> salient_signs;       // [rows, S]: +1 / -1, 0 for a pruned weight or one of the other group
   std::vector<float> residual_row_scales;  // b_r [rows, blocks]
   uint64_t bytes() const {
-    return (lut ? lut->bytes() : 0) + 4 * (col_scales.size() + salient_cols.size() + salient_scales.size() +
-                                           residual_row_scales.size()) + salient_signs.size();
+    return (lut ? lut->bytes() : 8 * own_mask.size()) +
+           4 * (col_scales.size() + salient_scales.size() + residual_row_scales.size()) + salient_signs.size();
+  }
+};
+struct RowColPacked {
+  std::vector<int32_t> salient_cols;  // the salient columns, ascending
+  std::vector<RowColGroup> groups;    // one, or two with a group plane
+  bool lut() const { return bool(groups[0].lut); }
+  uint64_t bytes() const {
+    uint64_t total = 4 * salient_cols.size();
+    for (const auto& g : groups) total += g.bytes();
+    return total;
   }
 };
 
@@ -121,6 +134,17 @@ class CpuBackend final : public Backend {
         m.residual_row_scales = reinterpret_cast<const uint16_t*>(w.component("residual_row_scales").data);
         m.residual_col_scales = reinterpret_cast<const uint16_t*>(w.component("residual_col_scales").data);
       }
+      if (w.scale_groups == 2) {
+        const auto half = [&](const char* key) { return reinterpret_cast<const uint16_t*>(w.component(key).data); };
+        m.scale_groups = 2;
+        m.group = reinterpret_cast<const uint64_t*>(w.component("group").data);
+        m.group1_row_scales = half("group1_row_scales");
+        m.group1_col_scales = half("group1_col_scales");
+        if (w.salient_columns) {
+          m.group1_residual_row_scales = half("group1_residual_row_scales");
+          m.group1_residual_col_scales = half("group1_residual_col_scales");
+        }
+      }
     } else {
       throw FormatError("tensor '" + w.name + "' has codec " + w.codec +
                         "; a weight matrix needs stb.f32.v1, stb.f16.v1, stb.sign-block.v1, stb.int8-group.v1, "
@@ -130,7 +154,7 @@ class CpuBackend final : public Backend {
       for (const auto& kv : w.components) m.bytes += kv.second.length;
     pack_matrix(m);
     const bool repacked = m.packed && (m.codec != MatrixCodec::RowColSign ||
-                                       static_cast<const RowColPacked*>(m.packed)->lut);
+                                       static_cast<const RowColPacked*>(m.packed)->lut());
     if (repacked)  // the repacked form holds everything the kernels read
       for (const auto& kv : w.components) release_pages(kv.second);
     if (planes) {
@@ -158,7 +182,7 @@ class CpuBackend final : public Backend {
     } else if (m.codec == MatrixCodec::RowColSign) {
       rowcols_.push_back(pack_row_col(m));
       m.packed = rowcols_.back().get();
-      m.bytes = rowcols_.back()->bytes() + (rowcols_.back()->lut ? 0 : m.bytes);
+      m.bytes = rowcols_.back()->bytes() + (rowcols_.back()->lut() ? 0 : m.bytes);
     } else if (m.codec == MatrixCodec::Int8Group && k_.int8_tiles) {
       int8_tiles_.push_back(std::make_unique<cpu::Int8Tiles>(
           cpu::build_int8_tiles(static_cast<const int8_t*>(m.values), m.scales, m.rows, m.cols)));
@@ -189,26 +213,45 @@ class CpuBackend final : public Backend {
 
   std::unique_ptr<RowColPacked> pack_row_col(const Matrix& m) {
     auto p = std::make_unique<RowColPacked>();
-    if (k_.sign_lut) p->lut = std::make_unique<cpu::SignLut>(
-        cpu::build_sign_lut(m.signs, m.mask, m.scales, m.rows, m.cols, m.block));
-    p->col_scales.resize(size_t(m.cols));
-    for (int64_t j = 0; j < m.cols; ++j) p->col_scales[j] = cpu::half_to_float(m.col_scales[j]);
-    const int64_t s = m.salient_columns, residual_words = (s + 63) / 64;
+    const int64_t s = m.salient_columns, residual_words = (s + 63) / 64, words = m.words_per_row;
     for (int64_t j = 0; j < m.cols && s; ++j)
       if ((m.salient[j / 64] >> (j % 64)) & 1) p->salient_cols.push_back(int32_t(j));
-    p->salient_scales.resize(size_t(s));
-    p->salient_signs.resize(size_t(m.rows * s));
-    p->residual_row_scales.resize(s ? size_t(m.rows * m.blocks_per_row) : 0);
-    for (int64_t k = 0; k < s; ++k) p->salient_scales[k] = cpu::half_to_float(m.residual_col_scales[k]);
-    for (size_t i = 0; i < p->residual_row_scales.size(); ++i)
-      p->residual_row_scales[i] = cpu::half_to_float(m.residual_row_scales[i]);
-    for (int64_t r = 0; r < m.rows && s; ++r)
-      for (int64_t k = 0; k < s; ++k) {
-        const int64_t j = p->salient_cols[k];
-        const bool kept = !m.mask || ((m.mask[r * m.words_per_row + j / 64] >> (j % 64)) & 1);
-        const bool plus = (m.residual[r * residual_words + k / 64] >> (k % 64)) & 1;
-        p->salient_signs[r * s + k] = int8_t(kept ? (plus ? 1 : -1) : 0);
+    const auto bit = [](const uint64_t* plane, int64_t word, int64_t j) { return (plane[word + j / 64] >> (j % 64)) & 1; };
+    const uint16_t* row_scales[2] = {m.scales, m.group1_row_scales};
+    const uint16_t* col_scales[2] = {m.col_scales, m.group1_col_scales};
+    const uint16_t* residual_row_scales[2] = {m.residual_row_scales, m.group1_residual_row_scales};
+    const uint16_t* residual_col_scales[2] = {m.residual_col_scales, m.group1_residual_col_scales};
+    for (int g = 0; g < m.scale_groups; ++g) {
+      RowColGroup& part = p->groups.emplace_back();
+      part.mask = m.mask;
+      if (m.group) {  // the group's weights: kept, with the group bit clear (g = 0) or set (g = 1)
+        const uint64_t tail = m.cols % 64 ? ~(~0ull << (m.cols % 64)) : ~0ull;
+        part.own_mask.resize(size_t(m.rows * words));
+        for (int64_t i = 0; i < m.rows * words; ++i)
+          part.own_mask[i] = (m.mask ? m.mask[i] : ~0ull) & (g ? m.group[i] : ~m.group[i]) &
+                             (i % words == words - 1 ? tail : ~0ull);
+        part.mask = part.own_mask.data();
       }
+      part.row_scales = row_scales[g];
+      if (k_.sign_lut) part.lut = std::make_unique<cpu::SignLut>(
+          cpu::build_sign_lut(m.signs, part.mask, part.row_scales, m.rows, m.cols, m.block));
+      part.col_scales.resize(size_t(m.cols));
+      for (int64_t j = 0; j < m.cols; ++j) part.col_scales[j] = cpu::half_to_float(col_scales[g][j]);
+      if (!s) continue;
+      part.salient_scales.resize(size_t(s));
+      part.salient_signs.resize(size_t(m.rows * s));
+      part.residual_row_scales.resize(size_t(m.rows * m.blocks_per_row));
+      for (int64_t k = 0; k < s; ++k) part.salient_scales[k] = cpu::half_to_float(residual_col_scales[g][k]);
+      for (size_t i = 0; i < part.residual_row_scales.size(); ++i)
+        part.residual_row_scales[i] = cpu::half_to_float(residual_row_scales[g][i]);
+      for (int64_t r = 0; r < m.rows; ++r)
+        for (int64_t k = 0; k < s; ++k) {
+          const int64_t j = p->salient_cols[k];
+          const bool member = !part.mask || bit(part.mask, r * words, j);
+          const bool plus = bit(m.residual, r * residual_words, k);
+          part.salient_signs[r * s + k] = int8_t(member ? (plus ? 1 : -1) : 0);
+        }
+    }
     return p;
   }
 
@@ -287,31 +330,50 @@ class CpuBackend final : public Backend {
 
   // Binary and int8 weights against int8 activations (engine/cpu/kernels.h): quantize the n input rows once,
   // then each task runs its chunk of weight rows against all of them.
-  // stb.row-col-sign.v1: Y = ((X ⊙ a_c) · (a_r ⊙ B1)ᵀ) on the sign-block kernels, plus the salient plane
-  // Σ_k b_r[r, block of column k] · B2[r, k] · (b_c[k] · x[column k]) in float.
+  // stb.row-col-sign.v1: per scale group Y += ((X ⊙ a_c) · (a_r ⊙ B1)ᵀ) on the sign-block kernels over the group's
+  // weights, plus the salient plane Σ_k b_r[r, block of column k] · B2[r, k] · (b_c[k] · x[column k]) in float.
+  // A second group costs a second pass of the sign kernels (and of the activation quantization).
   void linear_row_col(const Matrix& w, const float* x, int n, float* out) {
     const auto& p = *static_cast<const RowColPacked*>(w.packed);
-    const int64_t rows = w.rows, cols = w.cols, s = w.salient_columns;
-    row_col_x_.resize(size_t(n) * cols);
-    for (int t = 0; t < n; ++t)
-      for (int64_t j = 0; j < cols; ++j) row_col_x_[t * cols + j] = x[t * cols + j] * p.col_scales[j];
-    linear_q8(w, row_col_x_.data(), n, out, p.lut.get());
+    const int64_t rows = w.rows, cols = w.cols, s = w.salient_columns, groups = int64_t(p.groups.size());
+    for (int64_t g = 0; g < groups; ++g) {
+      const RowColGroup& part = p.groups[g];
+      row_col_x_.resize(size_t(n) * cols);
+      for (int t = 0; t < n; ++t)
+        for (int64_t j = 0; j < cols; ++j) row_col_x_[t * cols + j] = x[t * cols + j] * part.col_scales[j];
+      Matrix view = w;  // the group's plane: the file's signs under the group's keep-mask and row scales
+      view.mask = part.mask;
+      view.scales = part.row_scales;
+      if (g == 0) {
+        linear_q8(view, row_col_x_.data(), n, out, part.lut.get());
+        continue;
+      }
+      view.bias = nullptr;  // added once, with the first group
+      row_col_y_.resize(size_t(n) * rows);
+      linear_q8(view, row_col_x_.data(), n, row_col_y_.data(), part.lut.get());
+      for (int64_t i = 0; i < n * rows; ++i) out[i] += row_col_y_[i];
+    }
     if (!s) return;
-    row_col_x_.resize(size_t(n) * s);  // the salient inputs, scaled by b_c
-    for (int t = 0; t < n; ++t)
-      for (int64_t k = 0; k < s; ++k) row_col_x_[t * s + k] = x[t * cols + p.salient_cols[k]] * p.salient_scales[k];
+    row_col_x_.resize(size_t(groups * n * s));  // the salient inputs, scaled by each group's b_c
+    for (int64_t g = 0; g < groups; ++g)
+      for (int t = 0; t < n; ++t)
+        for (int64_t k = 0; k < s; ++k)
+          row_col_x_[(g * n + t) * s + k] = x[t * cols + p.salient_cols[k]] * p.groups[g].salient_scales[k];
     pool_.run(n_chunks(rows), [&](int64_t c) {
       const int64_t r0 = c * chunk_rows(rows), r1 = std::min(rows, r0 + chunk_rows(rows));
       for (int t = 0; t < n; ++t)
         for (int64_t r = r0; r < r1; ++r) {
-          const int8_t* signs = p.salient_signs.data() + r * s;
-          const float* xs = row_col_x_.data() + t * s;
           float acc = 0;
-          for (int64_t k = 0; k < s;) {  // one block's salient columns at a time, then its row scale
-            const int64_t block = p.salient_cols[k] / w.block;
-            float sum = 0;
-            for (; k < s && p.salient_cols[k] / w.block == block; ++k) sum += float(signs[k]) * xs[k];
-            acc += p.residual_row_scales[r * w.blocks_per_row + block] * sum;
+          for (int64_t g = 0; g < groups; ++g) {
+            const RowColGroup& part = p.groups[g];
+            const int8_t* signs = part.salient_signs.data() + r * s;
+            const float* xs = row_col_x_.data() + (g * n + t) * s;
+            for (int64_t k = 0; k < s;) {  // one block's salient columns at a time, then its row scale
+              const int64_t block = p.salient_cols[k] / w.block;
+              float sum = 0;
+              for (; k < s && p.salient_cols[k] / w.block == block; ++k) sum += float(signs[k]) * xs[k];
+              acc += part.residual_row_scales[r * w.blocks_per_row + block] * sum;
+            }
           }
           out[t * rows + r] += acc;
         }
@@ -543,6 +605,7 @@ class CpuBackend final : public Backend {
   std::vector<std::unique_ptr<cpu::BinaryGroupsCodes>> groups_;  // repacked binary-groups weights, likewise
   std::vector<std::unique_ptr<RowColPacked>> rowcols_;            // row-col-sign weights, likewise
   std::vector<float> row_col_x_;                                  // a row-col-sign matmul's scaled inputs
+  std::vector<float> row_col_y_;                                  // its second scale group's outputs
   std::vector<std::unique_ptr<cpu::Int8Tiles>> int8_tiles_;      // repacked int8-group weights, likewise
   std::vector<std::unique_ptr<cpu::QGroupTiles>> qgroup_tiles_;  // repacked k-bit group weights, likewise
 };

@@ -94,25 +94,34 @@ void validate_binary_groups(const TensorEntry& t) {
 }
 
 // The rules of stb.row-col-sign.v1 (docs/format.md), checked at open: its scales are finite; the salient bitmap has
-// exactly salient_columns bits and none past the last column; sign and residual bits are clear for pruned weights
-// and past the last column of a row (a set bit there would be read as a weight by kernels that trust the planes).
+// exactly salient_columns bits and none past the last column; sign, residual and group bits are clear for pruned
+// weights and past the last column of a row (a set bit there would be read as a weight by kernels that trust the
+// planes).
 void validate_row_col_sign(const TensorEntry& t) {
   const std::string what = "tensor '" + t.name + "'";
-  for (const char* key : {"row_scales", "col_scales", "residual_row_scales", "residual_col_scales"})
+  for (const char* key : {"row_scales", "col_scales", "residual_row_scales", "residual_col_scales",
+                          "group1_row_scales", "group1_col_scales", "group1_residual_row_scales",
+                          "group1_residual_col_scales"})
     check_finite_halves(t, key);
   const int64_t rows = t.shape[0], cols = t.shape[1], words = (cols + 63) / 64;
   const auto plane = [&](const char* key) { return reinterpret_cast<const uint64_t*>(t.component(key).data); };
   const auto tail = [](int64_t width) { return width % 64 ? ~0ull << (width % 64) : 0ull; };
   const uint64_t* signs = plane("signs");
   const uint64_t* mask = t.nm_m ? plane("mask") : nullptr;
+  const uint64_t* group = t.scale_groups == 2 ? plane("group") : nullptr;
   for (int64_t r = 0; r < rows; ++r) {
     const uint64_t* s = signs + r * words;
-    if ((s[words - 1] & tail(cols)) || (mask && (mask[r * words + words - 1] & tail(cols))))
+    const uint64_t* g = group ? group + r * words : nullptr;
+    if ((s[words - 1] & tail(cols)) || (mask && (mask[r * words + words - 1] & tail(cols))) ||
+        (g && (g[words - 1] & tail(cols))))
       throw FormatError(what + ": row " + std::to_string(r) + " has bits set past the last column");
     if (mask)
-      for (int64_t w = 0; w < words; ++w)
+      for (int64_t w = 0; w < words; ++w) {
         if (s[w] & ~mask[r * words + w])
           throw FormatError(what + ": a pruned weight in row " + std::to_string(r) + " has its sign bit set");
+        if (g && (g[w] & ~mask[r * words + w]))
+          throw FormatError(what + ": a pruned weight in row " + std::to_string(r) + " has its group bit set");
+      }
   }
   if (!t.salient_columns) return;
   const uint64_t* salient = plane("salient");
@@ -211,14 +220,17 @@ std::map<std::string, LengthRange> expected_components(TensorEntry& t, const Jso
       if (const JsonValue* sg = params->find("salient_groups"))  // absent: one salient group
         t.salient_groups = int(sg->as_int(what + " salient_groups (only 2 is defined)", 2, 2));
     }
-    if (rowcol)
+    if (rowcol) {
       t.salient_columns = params->at("salient_columns", what + " params")
                               .as_int(what + " salient_columns", 0, int64_t(cols));
+      if (const JsonValue* g = params->find("groups"))  // absent: one scale group
+        t.scale_groups = int(g->as_int(what + " groups (only 2 is defined)", 2, 2));
+    }
     for (const auto& kv : params->as_object(what + " params"))
       if (kv.first != "block" && kv.first != "nm" &&
           !(groups && (kv.first == "regions" || kv.first == "salient_columns" || kv.first == "kept_salient" ||
                        kv.first == "params_bits" || kv.first == "label_coder" || kv.first == "salient_groups")) &&
-          !(rowcol && kv.first == "salient_columns"))
+          !(rowcol && (kv.first == "salient_columns" || kv.first == "groups")))
         throw FormatError(what + ": unknown param '" + kv.first + "'");
     const uint64_t words = (cols + 63) / 64;
     const uint64_t blocks = (cols + uint64_t(t.block) - 1) / uint64_t(t.block);
@@ -233,6 +245,11 @@ std::map<std::string, LengthRange> expected_components(TensorEntry& t, const Jso
         out["residual"] = checked_mul(checked_mul(rows, (s + 63) / 64, what), 8, what);
         out["residual_row_scales"] = row_scales;
         out["residual_col_scales"] = s * 2;
+      }
+      if (t.scale_groups == 2) {  // the group plane and the second group's copy of every scale array
+        out["group"] = plane;
+        for (const char* key : {"row_scales", "col_scales", "residual_row_scales", "residual_col_scales"})
+          if (out.count(key)) out[std::string("group1_") + key] = out[key];
       }
       return out;
     }

@@ -46,6 +46,12 @@ struct Matrix {
   // and with salient_columns > 0 the salient bitmap (salient), residual = [rows, ceil(S / 64)] sign words and
   const uint16_t* residual_row_scales = nullptr;  // fp16 [rows, blocks_per_row]
   const uint16_t* residual_col_scales = nullptr;  // fp16 [salient_columns]
+  // and with scale_groups = 2 the group plane (signs' layout, set: the weight takes the second scale set) and the
+  // second set of the four scale arrays above, in their shapes
+  int scale_groups = 1;
+  const uint64_t* group = nullptr;
+  const uint16_t *group1_row_scales = nullptr, *group1_col_scales = nullptr;
+  const uint16_t *group1_residual_row_scales = nullptr, *group1_residual_col_scales = nullptr;
   const float* bias = nullptr;       // [rows] or null
   const void* packed = nullptr;      // backend-private repacked form of the weights (CPU: sign_lut.h), or null
   uint64_t bytes = 0;                // weight + bias bytes held for this matrix

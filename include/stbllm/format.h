@@ -56,6 +56,7 @@ struct TensorEntry {
   int params_bits = 16;  // stb.binary-groups.v2: 16 (fp16 params) or 8 (int8 codes under per-(row, slot) scales)
   bool labels_rans = false;  // stb.binary-groups.v2: labels rANS-coded ("label_coder": "rans"), else fixed width
   int salient_groups = 1;    // stb.binary-groups.v2: 1, or 2 with ARB's column-group bitmap ("salient_groups": 2)
+  int scale_groups = 1;      // stb.row-col-sign.v1: 1, or 2 with a group plane and a second scale set ("groups": 2)
   // stb.binary-groups.v2: params per (row, block): α, μ per region, then α₁, μ₁, α₂, μ₂ per salient group
   int param_slots() const { return 2 * regions + 4 * salient_groups; }
   std::map<std::string, Component> components;

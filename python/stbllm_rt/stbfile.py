@@ -69,7 +69,9 @@ COMPONENT_GROUPS = {"signs": "signs", "mask": "masks", "labels": "labels", "sali
                     "salient": "salient_bitmap",
                     "residual": "residual_signs", "scales": "scales", "params": "scales", "param_scales": "scales", "row_scales": "scales",
                     "col_scales": "scales", "residual_row_scales": "scales", "residual_col_scales": "scales",
-                    "codes": "codes", "offsets": "scales"}
+                    "codes": "codes", "offsets": "scales", "group": "labels",
+                    **{rowcol.GROUP1_PREFIX + k: "scales" for k in ("row_scales", "col_scales", "residual_row_scales",
+                                                                    "residual_col_scales")}}
 BINARY_GROUPS = ("signs", "masks", "labels", "salient_bitmap", "residual_signs", "codes", "scales")
 # Linear codecs whose bytes the bit report splits by component (codes, signs, masks, scales, ...).
 COMPONENT_CODECS = (CODEC_SIGN_BLOCK, CODEC_BINARY_GROUPS, CODEC_ROW_COL_SIGN, CODEC_QGROUP)
@@ -213,11 +215,13 @@ class StbWriter:
         self._add(name, CODEC_BINARY_GROUPS, (rows, cols), params_json, components, paper_bits)
 
     def add_row_col_sign(self, name: str, signs, row_scales, col_scales, block: int, mask=None, nm=None,
-                         salient=None, residual=None, residual_row_scales=None, residual_col_scales=None) -> None:
+                         salient=None, residual=None, residual_row_scales=None, residual_col_scales=None,
+                         group=None, group1=None) -> None:
         """stb.row-col-sign.v1 (docs/format.md; arguments: stbllm_rt.rowcol.encode)."""
         try:
             params, components, paper_bits = rowcol.encode(signs, row_scales, col_scales, block, mask, nm, salient,
-                                                           residual, residual_row_scales, residual_col_scales)
+                                                           residual, residual_row_scales, residual_col_scales,
+                                                           group, group1)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if params["nm"] is not None:

@@ -5,7 +5,8 @@ decomposition (§4).
   the signs B, per row over a mask) and ARB-X's refinement of mu and alpha under the block's input Gram matrix S.
   They plug into the shared block quantizer (binarize.quantize_groups) in place of BiLLM's residual binarizer.
 - `quantize_rowcol`: ARB-RC, W ~ diag(alpha_r) B diag(alpha_c) per block with no mean, order 2 on the searched
-  salient columns, with block OBC; stored as stb.row-col-sign.v1.
+  salient columns, with block OBC; with cgb (ARB-LLM's column-group bitmap) each block's weights split by searched
+  magnitude break points into two groups with their own row and column scales; stored as stb.row-col-sign.v1.
 - `rank1_nonnegative`: the rank-1 non-negative factors of |W| for OneBit's W ~ sign(W) (a b^T).
 
 Every update below is the exact minimizer of the squared error in its variable with the others fixed (weight space,
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .binarize import search_salient_columns, to_f16
+from .binarize import search_break_points, search_salient_columns, search_salient_split, to_f16
 
 ARB_ITERS = 15  # ARB-LLM's T
 
@@ -178,6 +179,9 @@ def rowcol_binarize(x: torch.Tensor, mask: torch.Tensor, salient: torch.Tensor, 
     return q, s, t, a_r, a_c, b_r, b_c * salient[None]
 
 
+ROWCOL_SCALES = ("row_scales", "col_scales", "residual_row_scales", "residual_col_scales")
+
+
 @dataclass
 class RowColResult:
     """A matrix in the terms of stb.row-col-sign.v1 (docs/format.md), plus its dequantized value q."""
@@ -192,13 +196,35 @@ class RowColResult:
     residual_col_scales: torch.Tensor  # [cols], 0 off the salient columns (b_c)
     block: int
     stats: dict
+    group: torch.Tensor | None = None  # [rows, cols] bool, the kept weights of the second (high) group (cgb only)
+    group1: dict | None = None         # the second group's scales, keyed and shaped as ROWCOL_SCALES above
+
+
+def _masked_sse(x, q, mask):
+    return float((((x - q) * mask) ** 2).sum())
+
+
+def rowcol_high_group(w: torch.Tensor, saliency: torch.Tensor, keep: torch.Tensor,
+                      salient: torch.Tensor) -> torch.Tensor:
+    """ARB-LLM's column-group bitmap for one block w [rows, n]: the kept weights of the high group. In the salient
+    columns those of magnitude at or above the searched split of the salient weights (search_salient_split; none
+    when one group is better); elsewhere those of saliency at or above BiLLM's searched break point
+    (search_break_points), so the four parts are salient-high, salient-low, rest-high, rest-low."""
+    split = search_salient_split(w[:, salient], keep[:, salient])
+    rest = keep & ~salient[None]
+    p, _ = search_break_points(saliency, rest, 2)
+    return keep & torch.where(salient[None], w.abs() >= split, saliency >= p)
 
 
 def quantize_rowcol(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None, block: int = 128,
-                    iters: int = ARB_ITERS, compensate: bool = True) -> RowColResult:
+                    iters: int = ARB_ITERS, compensate: bool = True, cgb: bool = False) -> RowColResult:
     """Block-OBC ARB-RC of w [rows, cols]: per block of `block` columns, BiLLM's searched salient columns (on the
     saliency w^2 / u_jj^2) and rowcol_binarize, then the block's error pushed into the later columns through u, as
-    binarize.quantize_groups does."""
+    binarize.quantize_groups does.
+
+    cgb: each block's kept weights are also split into a low and a high group (rowcol_high_group), each fitted by
+    rowcol_binarize with its own row and column scales (the groups' errors are independent); the block keeps the
+    split only where its squared error is below the single group's."""
     w = w.clone().float()
     rows, cols = w.shape
     keep_all = torch.ones_like(w, dtype=torch.bool) if keep is None else keep
@@ -206,29 +232,48 @@ def quantize_rowcol(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor | None,
     q = torch.zeros_like(w)
     signs, residual = torch.zeros_like(w, dtype=torch.bool), torch.zeros_like(w, dtype=torch.bool)
     salient = torch.zeros(cols, dtype=torch.bool, device=w.device)
-    row_scales = torch.zeros((rows, nblocks), device=w.device)
-    residual_row_scales = torch.zeros((rows, nblocks), device=w.device)
-    col_scales, residual_col_scales = torch.zeros(cols, device=w.device), torch.zeros(cols, device=w.device)
+    group = torch.zeros_like(w, dtype=torch.bool) if cgb else None
+    scale_sets = [{"row_scales": torch.zeros((rows, nblocks), device=w.device),
+                   "col_scales": torch.zeros(cols, device=w.device),
+                   "residual_row_scales": torch.zeros((rows, nblocks), device=w.device),
+                   "residual_col_scales": torch.zeros(cols, device=w.device)} for _ in range(2 if cgb else 1)]
     diag = torch.diag(u)
+    split_blocks = 0
     for b in range(nblocks):
         s, e = b * block, min(cols, (b + 1) * block)
         w1, k1 = w[:, s:e], keep_all[:, s:e]
-        sal = search_salient_columns(w1 * w1 / (diag[s:e] ** 2)[None], k1)
-        q1, sg, rs, a_r, a_c, b_r, b_c = rowcol_binarize(w1, k1, sal, iters)
-        q[:, s:e], signs[:, s:e], residual[:, s:e], salient[s:e] = q1, sg, rs, sal
-        row_scales[:, b], residual_row_scales[:, b] = a_r[:, 0], b_r[:, 0]
-        col_scales[s:e], residual_col_scales[s:e] = a_c[0], b_c[0]
+        saliency = w1 * w1 / (diag[s:e] ** 2)[None]
+        sal = search_salient_columns(saliency, k1)
+        parts = [rowcol_binarize(w1, k1, sal, iters)]
+        if cgb:
+            high = rowcol_high_group(w1, saliency, k1, sal)
+            if high.any() and (k1 & ~high).any():
+                split = [rowcol_binarize(w1, k1 & ~high, sal, iters), rowcol_binarize(w1, high, sal, iters)]
+                if _masked_sse(w1, split[0][0] + split[1][0], k1) < _masked_sse(w1, parts[0][0], k1):
+                    parts = split
+                    group[:, s:e] = high
+                    split_blocks += 1
+        q[:, s:e] = sum(part[0] for part in parts)
+        for part, scales in zip(parts, scale_sets):
+            _, sg, rs, a_r, a_c, b_r, b_c = part
+            signs[:, s:e] |= sg
+            residual[:, s:e] |= rs
+            scales["row_scales"][:, b], scales["residual_row_scales"][:, b] = a_r[:, 0], b_r[:, 0]
+            scales["col_scales"][s:e], scales["residual_col_scales"][s:e] = a_c[0], b_c[0]
+        salient[s:e] = sal
         if compensate and e < cols:  # the OBS update for fixing the whole block (binarize.quantize_groups)
-            err = torch.linalg.solve_triangular(u[s:e, s:e], w1 - q1, upper=True, left=False)
+            err = torch.linalg.solve_triangular(u[s:e, s:e], w1 - q[:, s:e], upper=True, left=False)
             w[:, e:] -= err @ u[s:e, e:]
     kept = float(keep_all.sum())
     in_salient = float((keep_all & salient[None]).sum())
     stats = {"salient_columns": int(salient.sum()),
              "region_fractions": [round((kept - in_salient) / kept, 4) if kept else 0.0,
                                   round(in_salient / kept, 4) if kept else 0.0]}
-    return RowColResult(q=q, signs=signs, keep=keep, row_scales=row_scales, col_scales=col_scales, salient=salient,
-                        residual=residual, residual_row_scales=residual_row_scales,
-                        residual_col_scales=residual_col_scales, block=block, stats=stats)
+    if cgb:
+        stats["group_split_blocks"] = round(split_blocks / nblocks, 4)
+        stats["high_group_fraction"] = round(float(group.sum()) / kept, 4) if kept else 0.0
+    return RowColResult(q=q, signs=signs, keep=keep, salient=salient, residual=residual, block=block, stats=stats,
+                        **scale_sets[0], group=group, group1=scale_sets[1] if cgb else None)
 
 
 def rank1_nonnegative(a: torch.Tensor, solver: str = "power", iters: int = 30):

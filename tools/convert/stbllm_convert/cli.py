@@ -38,7 +38,8 @@ methods:
          mean, scales and signs (--arb-iters rounds, default 15), then of the mean and scales under the block's
          input Gram matrix. Optional --nm N:M, --cgb (column-group bitmap). Stored as stb.binary-groups.v2.
   arb-rc ARB-LLM's ARB-RC (calibrated): per block W ~ diag(a_r) B diag(a_c) with no mean, a second row-column
-         plane on the salient columns, alternating refinement. Optional --nm N:M. Stored as stb.row-col-sign.v1.
+         plane on the salient columns, alternating refinement. Optional --nm N:M, --cgb (column-group bitmap).
+         Stored as stb.row-col-sign.v1.
   onebit-svid  OneBit's sign-value-independent decomposition W ~ sign(W) (a b^T), a and b the rank-1 factors
          of |W| (~1.01 bits per weight on large layers); --kd-steps K then distils the original model into it
          on the calibration text. Stored as stb.row-col-sign.v1.
@@ -151,9 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     arb = p.add_argument_group("arb-x, arb-rc, onebit-svid")
     arb.add_argument("--arb-iters", type=int, default=None, help="alternating refinement rounds (default: 15)")
     arb.add_argument("--cgb", action="store_true", default=None,
-                     help="arb-x: ARB-LLM's column-group bitmap, each block's salient weights split at a searched "
+                     help="ARB-LLM's column-group bitmap. arb-x: each block's salient weights split at a searched "
                           "magnitude break point into two groups with their own scales and means (1 more bit per "
-                          "salient weight, 4 more params per row and block)")
+                          "salient weight, 4 more params per row and block). arb-rc: each block's weights split at "
+                          "searched break points (salient and other weights apart) into a high and a low group, "
+                          "each with its own row and column scales (1 more bit per weight; the runtime runs the sign "
+                          "kernels once per group)")
     arb.add_argument("--svid", choices=["power", "nmf"], default=None,
                      help="rank-1 factorization of |W| for onebit-svid: power iteration (default; the optimum) or "
                           "multiplicative-update NMF as in OneBit's code")

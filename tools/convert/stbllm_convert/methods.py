@@ -124,7 +124,7 @@ class Method:
             needs = {"group": "a q2, q3 or q4 method", "svid": "onebit-svid", "kd_steps": "onebit-svid",
                      "kd_lr": "onebit-svid", "arb_iters": "arb-x or arb-rc",
                      "params_bits": "billm or stbllm", "regions": "billm or stbllm",
-                     "label_coder": "billm, stbllm or arb-x", "cgb": "arb-x"}.get(
+                     "label_coder": "billm, stbllm or arb-x", "cgb": "arb-x or arb-rc"}.get(
                 option, "a calibrated method (billm, stbllm, arb-x, arb-rc)")
             raise ConvertError(f"--{option.replace('_', '-')} needs {needs}, not {self.name}")
         self.nm = nm
@@ -347,34 +347,44 @@ class ARBX(ARBMethod):
 class ARBRC(ARBMethod):
     """ARB-RC: per block W ~ diag(a_r) B diag(a_c) on all kept weights plus a second row-column plane on the
     searched salient columns (order 2), no mean, alternating refinement; stored as stb.row-col-sign.v1, which the
-    runtime multiplies by scaling the input by a_c and running the sign kernels."""
+    runtime multiplies by scaling the input by a_c and running the sign kernels. With cgb (ARB-LLM's column-group
+    bitmap) each block's weights are split by searched magnitude break points into a low and a high group with
+    their own row and column scales (stb.row-col-sign.v1 with groups 2: one more bit per weight)."""
 
-    def __init__(self, nm=None, block=128, label_coder=None, **options):
+    def __init__(self, nm=None, block=128, label_coder=None, cgb=False, **options):
         if label_coder is not None:
             raise ConvertError("--label-coder needs billm, stbllm or arb-x, not arb-rc (its codec has no labels)")
         super().__init__(nm, block, **options)
+        self.cgb = bool(cgb)
 
     def quantize(self, w, u, keep, h=None):
         from .arb import quantize_rowcol
 
-        return quantize_rowcol(w, u, keep, self.block, self.arb_iters)
+        return quantize_rowcol(w, u, keep, self.block, self.arb_iters, cgb=self.cgb)
 
     def params(self):
         p = {**super().params(), "salient": "order-2 row-column plane, searched columns", "regions": 1}
+        if self.cgb:
+            p["scale_groups"] = "CGB: high/low magnitude split of each block's weights, searched, own row/col scales"
         return p
 
     def write(self, writer, name, result, nm):
-        arrays = {k: getattr(result, k).numpy() for k in ("row_scales", "col_scales", "residual_row_scales",
-                                                            "residual_col_scales")}
-        if not all(np.isfinite(a).all() for a in arrays.values()):
-            raise ConvertError(f"tensor {name}: a scale overflows float16")
+        from .arb import ROWCOL_SCALES
+
         salient = result.salient.numpy()
-        writer.add_row_col_sign(name, result.signs.numpy(), arrays["row_scales"].astype(np.float16),
-                                arrays["col_scales"].astype(np.float16), block=result.block,
+
+        def stored(scales):  # fp16 arrays as the codec takes them (b_c of the salient columns only)
+            arrays = {k: scales[k].numpy() for k in ROWCOL_SCALES}
+            if not all(np.isfinite(a).all() for a in arrays.values()):
+                raise ConvertError(f"tensor {name}: a scale overflows float16")
+            arrays["residual_col_scales"] = arrays["residual_col_scales"][salient]
+            return {k: a.astype(np.float16) for k, a in arrays.items()}
+        writer.add_row_col_sign(name, result.signs.numpy(), block=result.block,
                                 mask=None if result.keep is None else result.keep.numpy(), nm=nm,
                                 salient=salient, residual=result.residual.numpy()[:, salient],
-                                residual_row_scales=arrays["residual_row_scales"].astype(np.float16),
-                                residual_col_scales=arrays["residual_col_scales"][salient].astype(np.float16))
+                                **stored({k: getattr(result, k) for k in ROWCOL_SCALES}),
+                                group=None if result.group is None else result.group.numpy(),
+                                group1=None if result.group1 is None else stored(result.group1))
 
 
 @register("onebit-svid")

@@ -69,18 +69,21 @@ ROW_COL_CODEC = "stb.row-col-sign.v1"
 
 
 def _row_col_runtime(reader, name):
-    """A forward hook giving a stb.row-col-sign.v1 layer the runtime's output: the input scaled by the column
-    scales and quantized to int8 for the main sign plane, in float for the salient plane."""
+    """A forward hook giving a stb.row-col-sign.v1 layer the runtime's output: per scale group the input scaled by
+    the group's column scales and quantized to int8 for its main sign plane, in float for the salient plane."""
     import torch
     from stbllm_rt import rowcol
 
     info = reader.tensor_info(name)
-    main, col_scales, salient = (torch.from_numpy(a) for a in rowcol.runtime_parts(
-        lambda key: reader.component(name, key), info["shape"], info["params"]))
+    mains, salient = rowcol.runtime_parts(lambda key: reader.component(name, key), info["shape"], info["params"])
+    mains = [(torch.from_numpy(main), torch.from_numpy(col_scales)) for main, col_scales in mains]
+    salient = torch.from_numpy(salient)
 
     def hook(module, args, _output):
         x = args[0]
-        y = quantize_activations_q8(x * col_scales.to(x.dtype)) @ main.to(x.dtype).t() + x @ salient.to(x.dtype).t()
+        y = x @ salient.to(x.dtype).t()
+        for main, col_scales in mains:
+            y = y + quantize_activations_q8(x * col_scales.to(x.dtype)) @ main.to(x.dtype).t()
         return y if module.bias is None else y + module.bias
     return hook
 
