@@ -170,8 +170,8 @@ class CpuBackend final : public Backend {
     return m;
   }
 
-  // Sign-block, int8-group, qgroup and binary-groups weights are repacked for the SIMD kernels where the kernel path has
-  // them; the original planes are not read by matmuls afterwards (an int8 embedding lookup still reads its rows
+  // Sign-block, int8-group, qgroup and binary-groups weights are repacked for the SIMD kernels where the kernel path
+  // has them; the original planes are not read by matmuls afterwards (an int8 embedding lookup still reads its rows
   // from the mapping), so the bytes the model holds are the repacked ones.
   void pack_matrix(Matrix& m) override {
     if (m.codec == MatrixCodec::SignBlock && k_.sign_lut) {

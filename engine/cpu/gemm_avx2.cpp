@@ -248,11 +248,12 @@ void qgroup_tile_pass(const QGroupTiles& w, int64_t tile, int half, const int8_t
     const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(
         reinterpret_cast<const __m128i*>(scales + (c0 / w.group) * kQGroupTileRows)));
     for (int t = 0; t < T; ++t)
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(ws, _mm256_set1_ps(d[t * d_stride + c0 / 64])),
-                               acc[t]);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]),
+                               _mm256_mul_ps(ws, _mm256_set1_ps(d[t * d_stride + c0 / 64])), acc[t]);
   }
   for (int64_t g = 0; g < w.groups; ++g) {
-    const __m256 wo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offsets + g * kQGroupTileRows)));
+    const __m256 wo =
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offsets + g * kQGroupTileRows)));
     for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wo, _mm256_set1_ps(xsum[t * w.groups + g]), acc[t]);
   }
   store_rows(acc, T, out, out_stride, tile * kQGroupTileRows + 8 * half, w.rows);

@@ -229,11 +229,12 @@ void qgroup_tile_pass(const QGroupTiles& w, int64_t tile, const int8_t* q, int64
     const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(
         reinterpret_cast<const __m256i*>(scales + (c0 / w.group) * kQGroupTileRows)));
     for (int t = 0; t < T; ++t)
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]), _mm512_mul_ps(ws, _mm512_set1_ps(d[t * d_stride + c0 / 64])),
-                               acc[t]);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]),
+                               _mm512_mul_ps(ws, _mm512_set1_ps(d[t * d_stride + c0 / 64])), acc[t]);
   }
   for (int64_t g = 0; g < w.groups; ++g) {
-    const __m512 wo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offsets + g * kQGroupTileRows)));
+    const __m512 wo =
+        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offsets + g * kQGroupTileRows)));
     for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wo, _mm512_set1_ps(xsum[t * w.groups + g]), acc[t]);
   }
   const int64_t r0 = tile * kQGroupTileRows;

@@ -71,13 +71,6 @@ struct Kernels {
 void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int group, int n, float* xsum);
 
 const Kernels& scalar_kernels();
-// The stb.qgroup.v1 row kernels of the SIMD paths (qgroup_avx2.cpp, qgroup_avx512.cpp).
-void avx2_qgroup_row_q8(const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets, int bits, int group,
-                        int64_t cols, const int8_t* q, const float* d, const float* xsum, int n, float* out,
-                        int64_t out_stride, uint8_t* scratch);
-void avx512_qgroup_row_q8(const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets, int bits, int group,
-                          int64_t cols, const int8_t* q, const float* d, const float* xsum, int n, float* out,
-                          int64_t out_stride, uint8_t* scratch);
 const Kernels* avx2_kernels();    // null when the build has no AVX2 path
 const Kernels* avx512_kernels();  // null when the build has no AVX-512 path
 

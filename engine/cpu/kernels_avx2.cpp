@@ -149,18 +149,19 @@ void silu_gate(const float* gate, float* up, int64_t n) {
 void exp_weights(const float* logits, float temperature, float top, float* out, int64_t n) {
   const auto t = _mm256_set1_ps(temperature), shift = _mm256_set1_ps(top);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, exp_ps(_mm256_sub_ps(_mm256_div_ps(_mm256_loadu_ps(logits + i), t), shift)));
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, exp_ps(_mm256_sub_ps(_mm256_div_ps(_mm256_loadu_ps(logits + i), t), shift)));
   silu::exp_weights_ref(logits, temperature, top, out, i, n);
 }
 
 }  // namespace
 
 const Kernels* avx2_kernels() {
-  // Binary and int8 matrices always take the lookup and tile kernels here (the backend repacks them);
-  // sign_row_q8 and int8_row_q8 are the portable ones for completeness.
+  // Binary, int8 and k-bit group matrices always take the lookup and tile kernels here (the backend repacks them);
+  // sign_row_q8, int8_row_q8 and qgroup_row_q8 are the portable ones for completeness.
   static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, attend, silu_gate, exp_weights, quantize_q8,
                          scalar_kernels().sign_row_q8,
-                         scalar_kernels().int8_row_q8, avx2_qgroup_row_q8, avx2_sign_lut(), avx2_groups(),
+                         scalar_kernels().int8_row_q8, scalar_kernels().qgroup_row_q8, avx2_sign_lut(), avx2_groups(),
                          avx2_int8_tiles(), avx2_qgroup_tiles()};
   return &k;
 }

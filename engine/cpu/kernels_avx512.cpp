@@ -100,7 +100,8 @@ void silu_gate(const float* gate, float* up, int64_t n) {
 void exp_weights(const float* logits, float temperature, float top, float* out, int64_t n) {
   const auto t = _mm512_set1_ps(temperature), shift = _mm512_set1_ps(top);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, exp_ps(_mm512_sub_ps(_mm512_div_ps(_mm512_loadu_ps(logits + i), t), shift)));
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(out + i, exp_ps(_mm512_sub_ps(_mm512_div_ps(_mm512_loadu_ps(logits + i), t), shift)));
   silu::exp_weights_ref(logits, temperature, top, out, i, n);
 }
 
@@ -121,7 +122,7 @@ const Kernels* avx512_kernels() {
   static const Kernels k{"avx512",          base->dot_f32,     base->dot_f16_rows, base->f16_to_f32,
                          base->attend,      silu_gate,         exp_weights,        base->quantize_q8,
                          base->sign_row_q8,
-                         base->int8_row_q8, avx512_qgroup_row_q8, &lut,            avx512_groups(),
+                         base->int8_row_q8, base->qgroup_row_q8, &lut,            avx512_groups(),
                          int8,              qgroup_tiles};
   return &k;
 }

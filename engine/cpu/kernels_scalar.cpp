@@ -163,7 +163,8 @@ void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int g
 }
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar",    dot_f32,     dot_f16_rows,  f16_to_f32, attend, silu_gate, exp_weights, quantize_q8,
+  static const Kernels k{"scalar",    dot_f32,     dot_f16_rows,  f16_to_f32, attend, silu_gate, exp_weights,
+                         quantize_q8,
                          sign_row_q8, int8_row_q8, qgroup_row_q8, nullptr,    nullptr,   nullptr,
                          nullptr};
   return k;
