@@ -243,18 +243,23 @@ def test_new_methods_match_oracle(converted, arch, method, nm):
 
 # ---- ARB's column-group bitmap (arb-x --cgb) ------------------------------------------------------------------------
 
+def _without_and_with_cgb(method, nm, seed):
+    """A correlated layer quantized by `method` without and with --cgb: the two layer output errors, the two
+    results, and the N:M keep-mask (None when dense)."""
+    w, x, h = _correlated_layer(rows=64, cols=384, tokens=1024, seed=seed)
+    keep = None if nm is None else torch.from_numpy(B.nm_keep(w.abs().numpy(), *nm))
+    u = B.inverse_hessian_factor(h, w.clone())
+    results = [make_method(method, nm=nm, cgb=cgb).quantize(w, u, keep, h) for cgb in (False, True)]
+    return [float(((x @ (w - r.q).t()) ** 2).mean()) for r in results], results, keep
+
+
 @pytest.mark.parametrize("nm", [None, (6, 8)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cgb_lowers_the_layer_output_error(nm, seed):
     """Two salient groups per block (each with its own order-2 params) where they beat one: the layer's output
     error on correlated inputs is never higher than arb-x's without them (measured: 0.80-0.95 of it)."""
-    w, x, h = _correlated_layer(rows=64, cols=384, tokens=1024, seed=seed)
-    keep = None if nm is None else torch.from_numpy(B.nm_keep(w.abs().numpy(), *nm))
-    u = B.inverse_hessian_factor(h, w.clone())
-    errors = []
-    for cgb in (False, True):
-        result = make_method("arb-x", nm=nm, cgb=cgb).quantize(w, u, keep, h)
-        errors.append(float(((x @ (w - result.q).t()) ** 2).mean()))
+    errors, results, keep = _without_and_with_cgb("arb-x", nm, seed)
+    for result in results:
         if keep is not None:
             assert (result.q[~keep] == 0).all()
     assert result.stats["salient_split_blocks"] > 0 and result.salient_labels.any()
@@ -399,13 +404,8 @@ def test_short_distillation_lowers_its_loss_and_the_file_matches_oracle(tiny_hf_
 def test_rowcol_cgb_lowers_the_layer_output_error(nm, seed):
     """Two scale groups per block (high / low magnitude, each with its own row and column scales) against one: the
     layer's output error on correlated inputs (measured: 0.39-0.49 of it without the groups)."""
-    w, x, h = _correlated_layer(rows=64, cols=384, tokens=1024, seed=seed)
-    keep = None if nm is None else torch.from_numpy(B.nm_keep(w.abs().numpy(), *nm))
-    u = B.inverse_hessian_factor(h, w.clone())
-    errors = []
-    for cgb in (False, True):
-        result = make_method("arb-rc", nm=nm, cgb=cgb).quantize(w, u, keep, h)
-        errors.append(float(((x @ (w - result.q).t()) ** 2).mean()))
+    errors, results, keep = _without_and_with_cgb("arb-rc", nm, seed)
+    for result in results:
         if keep is not None:
             assert (result.q[~keep] == 0).all() and not (result.group is not None and (result.group & ~keep).any())
     assert result.stats["group_split_blocks"] > 0 and 0 < result.stats["high_group_fraction"] < 0.5
