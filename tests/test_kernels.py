@@ -202,3 +202,28 @@ def test_silu_of_special_values(kernels, monkeypatch):
     np.testing.assert_array_equal(got.view(np.uint32), _core.activation(None, x)[0].view(np.uint32))
     relu, _ = _core.activation(x[:1], np.ones(1, np.float32), silu=False)
     assert relu.tolist() == [np.inf]
+
+
+@pytest.mark.parametrize("hd, heads, kv_heads, window", [(64, 9, 3, 0), (40, 4, 4, 0), (12, 6, 2, 5)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_matches_softmax_reference(kernels, hd, heads, kv_heads, window, threads):
+    """Causal GQA attention against float64 softmax(q kᵀ / √hd) v: head sizes with and without whole SIMD blocks,
+    a sliding window, lengths past a multiple of 8, and both task splits (per head, per KV-head group)."""
+    rng = np.random.default_rng(hd + heads)
+    n = 37
+    q = (rng.standard_normal((n, heads * hd)) * 2).astype(np.float32)
+    k = (rng.standard_normal((n, kv_heads * hd)) * 2).astype(np.float32)
+    v = rng.standard_normal((n, kv_heads * hd)).astype(np.float32)
+    got, path = _core.attention(q, k, v, heads, kv_heads, window, threads)
+    assert path == kernels
+    expected = np.zeros((n, heads * hd))
+    for i in range(n):
+        first = max(0, i - window + 1) if window else 0
+        for h in range(heads):
+            kvh = h // (heads // kv_heads)
+            qh = q[i, h * hd:(h + 1) * hd].astype(np.float64)
+            keys = k[first:i + 1, kvh * hd:(kvh + 1) * hd].astype(np.float64)
+            s = keys @ qh / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            expected[i, h * hd:(h + 1) * hd] = (p / p.sum()) @ v[first:i + 1, kvh * hd:(kvh + 1) * hd]
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)

@@ -26,11 +26,12 @@ struct Kernels {
   // the same bits as for that row alone; SIMD paths convert each weight vector once for several rows.
   void (*dot_f16_rows)(const uint16_t* w, const float* x, int n, int64_t cols, float* out, int64_t out_stride);
   void (*f16_to_f32)(const uint16_t* src, float* dst, int64_t n);
-  // One attention head of one row: scores[j − first] = dot_f32(k_j, q) · scale for the positions j in [first, last]
-  // (k_j = keys + j · kv_stride), softmax in float with a double sum, out[hd] = Σ_j p_j · v_j summed in order j
-  // (engine/cpu/attend.h). The paths differ only in dot_f32's summation order.
-  void (*attend)(const float* q, const float* keys, const float* values, int64_t kv_stride, int first, int last,
-                 int hd, float scale, float* scores, float* out);
+  // The attention of one row for `heads` query heads sharing one KV head (engine/cpu/attend.h): q and out
+  // [heads, hd]; scores[h · len + j − first] = dot(k_j, q_h) · scale for the positions j in [first, last]
+  // (k_j = keys + j · kv_stride, len = last − first + 1), softmax with exp_weights' exp and a double sum,
+  // out_h = Σ_j p_hj · v_j summed in order j. The paths differ only in the dot products' summation order.
+  void (*attend)(const float* q, int heads, const float* keys, const float* values, int64_t kv_stride, int first,
+                 int last, int hd, float scale, float* scores, float* out);
   // up[i] = silu(gate[i]) · up[i] for i < n (gate null: up[i] = silu(up[i])), bit-identical on every path
   // (engine/cpu/silu.h).
   void (*silu_gate)(const float* gate, float* up, int64_t n);

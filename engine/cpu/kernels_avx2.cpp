@@ -107,18 +107,6 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (; j < n; ++j) dst[j] = half_to_float(src[j]);
 }
 
-void attend(const float* q, const float* keys, const float* values, int64_t kv_stride, int first, int last, int hd,
-            float scale, float* scores, float* out) {
-  auto add_scaled = [](float* o, float p, const float* v, int n) {
-    const __m256 pv = _mm256_set1_ps(p);
-    int d = 0;
-    for (; d + 8 <= n; d += 8)
-      _mm256_storeu_ps(o + d, _mm256_add_ps(_mm256_loadu_ps(o + d), _mm256_mul_ps(pv, _mm256_loadu_ps(v + d))));
-    for (; d < n; ++d) o[d] += p * v[d];
-  };
-  attend_with(dot_f32, add_scaled, q, keys, values, kv_stride, first, last, hd, scale, scores, out);
-}
-
 // engine/cpu/silu.h's exp, 8 lanes, the same operations in the same order as silu::exp_ref.
 __m256 exp_ps(__m256 x0) {
   const __m256 hi = _mm256_set1_ps(silu::kExpMax);
@@ -152,6 +140,52 @@ void exp_weights(const float* logits, float temperature, float top, float* out, 
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(out + i, exp_ps(_mm256_sub_ps(_mm256_div_ps(_mm256_loadu_ps(logits + i), t), shift)));
   silu::exp_weights_ref(logits, temperature, top, out, i, n);
+}
+
+// Scores of 8 keys at once: key i's partial sums in acc[i], then three rounds of hadd and a swap of 128-bit halves
+// turn the 8 accumulators into one vector of the 8 totals (instead of 8 horizontal sums). hd % 8 == 0.
+__m256 dot_8_keys(const float* q, const float* k, int64_t stride, int hd) {
+  __m256 acc[8];
+  for (__m256& a : acc) a = _mm256_setzero_ps();
+  for (int d = 0; d < hd; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(k + i * stride + d), qv, acc[i]);
+  }
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+void attend(const float* q, int heads, const float* keys, const float* values, int64_t kv_stride, int first,
+            int last, int hd, float scale, float* scores, float* out) {
+  auto key_scores = [](const float* qh, const float* k, int64_t stride, int count, int n, float sc, float* s) {
+    int i = 0;
+    if (n % 8 == 0)
+      for (; i + 8 <= count; i += 8)
+        _mm256_storeu_ps(s + i, _mm256_mul_ps(dot_8_keys(qh, k + i * stride, stride, n), _mm256_set1_ps(sc)));
+    for (; i < count; ++i) s[i] = dot_f32(k + i * stride, qh, n) * sc;
+  };
+  // 32 outputs at a time in registers over all positions (an accumulator in memory made every position wait for
+  // the previous one's store).
+  auto weighted_sum = [](const float* p, const float* v, int64_t stride, int count, int n, float* o) {
+    int d = 0;
+    for (; d + 32 <= n; d += 32) {
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int i = 0; i < count; ++i) {
+        const __m256 pi = _mm256_set1_ps(p[i]);
+        for (int c = 0; c < 4; ++c)
+          acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(pi, _mm256_loadu_ps(v + i * stride + d + 8 * c)));
+      }
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o + d + 8 * c, acc[c]);
+    }
+    for (; d < n; ++d) {
+      float acc = 0;
+      for (int i = 0; i < count; ++i) acc += p[i] * v[i * stride + d];
+      o[d] = acc;
+    }
+  };
+  attend_heads_with(key_scores, exp_weights, weighted_sum, q, heads, keys, values, kv_stride, first, last, hd, scale,
+                    scores, out);
 }
 
 }  // namespace

@@ -133,18 +133,24 @@ void qgroup_row_q8(const uint8_t* codes, const uint16_t* scales, const uint16_t*
   }
 }
 
-void attend(const float* q, const float* keys, const float* values, int64_t kv_stride, int first, int last, int hd,
-            float scale, float* scores, float* out) {
-  auto add_scaled = [](float* o, float p, const float* v, int n) {
-    for (int d = 0; d < n; ++d) o[d] += p * v[d];
-  };
-  attend_with(dot_f32, add_scaled, q, keys, values, kv_stride, first, last, hd, scale, scores, out);
-}
-
 void silu_gate(const float* gate, float* up, int64_t n) { silu::silu_gate_ref(gate, up, 0, n); }
 
 void exp_weights(const float* logits, float temperature, float top, float* out, int64_t n) {
   silu::exp_weights_ref(logits, temperature, top, out, 0, n);
+}
+
+void attend(const float* q, int heads, const float* keys, const float* values, int64_t kv_stride, int first,
+            int last, int hd, float scale, float* scores, float* out) {
+  auto key_scores = [](const float* qh, const float* k, int64_t stride, int count, int n, float sc, float* s) {
+    for (int i = 0; i < count; ++i) s[i] = dot_f32(k + i * stride, qh, n) * sc;
+  };
+  auto weighted_sum = [](const float* p, const float* v, int64_t stride, int count, int n, float* o) {
+    std::fill(o, o + n, 0.f);
+    for (int i = 0; i < count; ++i)
+      for (int d = 0; d < n; ++d) o[d] += p[i] * v[i * stride + d];
+  };
+  attend_heads_with(key_scores, exp_weights, weighted_sum, q, heads, keys, values, kv_stride, first, last, hd, scale,
+                    scores, out);
 }
 
 }  // namespace

@@ -76,6 +76,33 @@ void bind_linear(py::module_& m) {
       "The CPU backend's gated activation on copies: (silu(gate) or relu(gate)) * up, or of up alone when gate is "
       "None; returns (result, kernel path).");
   m.def(
+      "attention",
+      [](const Array<float>& q, const Array<float>& k, const Array<float>& v, int heads, int kv_heads,
+         int sliding_window, int threads) {
+        // Prefill of one sequence: row i is position i, keys and values stored into a fresh one-layer cache.
+        if (q.ndim() != 2 || k.ndim() != 2 || v.ndim() != 2 || heads <= 0 || kv_heads <= 0 || heads % kv_heads ||
+            q.shape(1) % heads || k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0) ||
+            k.shape(1) != q.shape(1) / heads * kv_heads || v.shape(1) != k.shape(1))
+          throw py::value_error("attention needs q [n, heads * hd] and k, v [n, kv_heads * hd]");
+        const int n = int(q.shape(0)), hd = int(q.shape(1) / heads);
+        Array<float> out({py::ssize_t(n), py::ssize_t(q.shape(1))});
+        auto backend = stb::make_cpu_backend(threads);
+        {
+          py::gil_scoped_release release;
+          auto cache = backend->new_kv_cache(1, kv_heads * hd);
+          cache->reserve(0, n);
+          std::vector<stb::RowInfo> rows(n);
+          for (int i = 0; i < n; ++i) rows[i] = {0, i};
+          backend->attention(*cache, 0, q.data(), k.data(), v.data(), n, rows.data(),
+                             stb::AttentionShape{heads, kv_heads, hd, sliding_window}, out.mutable_data());
+        }
+        return py::make_tuple(out, backend->kernels());
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("heads"), py::arg("kv_heads"), py::arg("sliding_window") = 0,
+      py::arg("threads") = 1,
+      "The CPU backend's causal attention over one sequence's prefill (row i at position i, GQA, optional sliding "
+      "window); returns (out [n, heads * hd], kernel path).");
+  m.def(
       "exp_weights",
       [](const Array<float>& logits, float temperature) {
         if (logits.ndim() != 1 || logits.size() == 0 || !(temperature > 0))
