@@ -17,13 +17,14 @@ from pathlib import Path
 PROMPT = "The history of the printing press begins"
 
 
-def profile_steps(model_path: str, batches: list[int], threads: int, steps: int, profile: bool) -> list[dict]:
+def profile_steps(model_path: str, batches: list[int], threads: int, steps: int, profile: bool,
+                  kv_cache: str = "f16") -> list[dict]:
     if profile:
         os.environ["STBLLM_PROFILE"] = "1"  # read when the model is constructed
     import stbllm_rt
     from stbllm_rt import _core
 
-    model = stbllm_rt.Model(model_path, threads=threads)
+    model = stbllm_rt.Model(model_path, threads=threads, kv_cache=kv_cache)
     prompt = model.tokenize(PROMPT)
     out = []
     for n in batches:
@@ -54,13 +55,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--no-profile", action="store_true", help="time the steps without the profiling backend")
+    p.add_argument("--kv-cache", choices=["f16", "f32"], default="f16")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     import datetime
 
     from stbllm_rt.bench import _machine, git_commit
 
-    results = profile_steps(args.model, args.batches, args.threads, args.steps, not args.no_profile)
+    results = profile_steps(args.model, args.batches, args.threads, args.steps, not args.no_profile, args.kv_cache)
     base = results[0]["decode_tok_s"]
     for r in results:
         print(f"batch {r['batch']:3d}: {r['ms_per_step']:7.2f} ms/step  {r['decode_tok_s']:7.1f} tok/s "

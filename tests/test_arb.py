@@ -238,7 +238,7 @@ def converted(tmp_path_factory, tiny_hf_models):
 def test_new_methods_match_oracle(converted, arch, method, nm):
     path = converted(arch, method, nm, calibrate=method != "onebit-svid")
     ids = list(np.random.default_rng(1).integers(4, 300, size=40))
-    assert_logits_close(Model(path, threads=2).logits(ids), oracle_logits(path, ids), "sign")
+    assert_logits_close(Model(path, threads=2, kv_cache="f32").logits(ids), oracle_logits(path, ids), "sign")
 
 
 # ---- ARB's column-group bitmap (arb-x --cgb) ------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def test_cgb_tiny_model_matches_oracle_and_stores_two_groups(converted):
     for arch, nm in (("llama", None), ("opt", "6:8")):
         path = converted(arch, "arb-x", nm, cgb=True)
         ids = list(np.random.default_rng(2).integers(4, 300, size=40))
-        assert_logits_close(Model(path, threads=2).logits(ids), oracle_logits(path, ids), "sign")
+        assert_logits_close(Model(path, threads=2, kv_cache="f32").logits(ids), oracle_logits(path, ids), "sign")
         reader = StbReader(path)
         assert reader.metadata["provenance"]["salient_groups"].startswith("CGB")
         infos = [reader.tensor_info(n) for n in reader.tensor_names()]
@@ -394,7 +394,7 @@ def test_short_distillation_lowers_its_loss_and_the_file_matches_oracle(tiny_hf_
     assert prov["kd_steps"] == 8 and prov["kd"]["steps"] == 8
     assert prov["kd"]["loss_last"] < 0.9 * prov["kd"]["loss_first"]  # one window, learned
     ids = list(np.random.default_rng(2).integers(4, 300, size=24))
-    assert_logits_close(Model(out, threads=2).logits(ids), oracle_logits(out, ids), "sign")
+    assert_logits_close(Model(out, threads=2, kv_cache="f32").logits(ids), oracle_logits(out, ids), "sign")
 
 
 # ---- ARB-RC with the column-group bitmap (arb-rc --cgb) --------------------------------------------------------
@@ -451,7 +451,7 @@ def test_rowcol_cgb_tiny_models_match_oracle_and_store_two_groups(converted):
     for arch, nm in (("llama", None), ("mistral", "6:8")):
         path = converted(arch, "arb-rc", nm, cgb=True)
         ids = list(np.random.default_rng(3).integers(4, 300, size=40))
-        assert_logits_close(Model(path, threads=2).logits(ids), oracle_logits(path, ids), "sign")
+        assert_logits_close(Model(path, threads=2, kv_cache="f32").logits(ids), oracle_logits(path, ids), "sign")
         reader = StbReader(path)
         prov = reader.metadata["provenance"]
         assert prov["method"] == "arb-rc" and prov["scale_groups"].startswith("CGB")

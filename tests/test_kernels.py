@@ -206,16 +206,20 @@ def test_silu_of_special_values(kernels, monkeypatch):
 
 @pytest.mark.parametrize("hd, heads, kv_heads, window", [(64, 9, 3, 0), (40, 4, 4, 0), (12, 6, 2, 5)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_attention_matches_softmax_reference(kernels, hd, heads, kv_heads, window, threads):
+@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
+def test_attention_matches_softmax_reference(kernels, hd, heads, kv_heads, window, threads, kv_cache):
     """Causal GQA attention against float64 softmax(q kᵀ / √hd) v: head sizes with and without whole SIMD blocks,
-    a sliding window, lengths past a multiple of 8, and both task splits (per head, per KV-head group)."""
+    a sliding window, lengths past a multiple of 8, both task splits (per head, per KV-head group), and both KV
+    cache types (the fp16 one against keys and values rounded as numpy rounds to float16)."""
     rng = np.random.default_rng(hd + heads)
     n = 37
     q = (rng.standard_normal((n, heads * hd)) * 2).astype(np.float32)
     k = (rng.standard_normal((n, kv_heads * hd)) * 2).astype(np.float32)
     v = rng.standard_normal((n, kv_heads * hd)).astype(np.float32)
-    got, path = _core.attention(q, k, v, heads, kv_heads, window, threads)
+    got, path = _core.attention(q, k, v, heads, kv_heads, window, threads, kv_cache)
     assert path == kernels
+    if kv_cache == "f16":
+        k, v = k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
     expected = np.zeros((n, heads * hd))
     for i in range(n):
         first = max(0, i - window + 1) if window else 0

@@ -289,7 +289,7 @@ def test_mixed_recipe_end_to_end(tiny_hf_models, tmp_path):
     classes = result["bits"]["classes"]
     assert classes["output"]["bits_per_weight"] == 4.5 and classes["token_embd"]["codecs"] == {
         "stb.int8-group.v1": 1}
-    model = Model(out, threads=2)
+    model = Model(out, threads=2, kv_cache="f32")
     assert model.info()["classes"] == classes
     ids = list(np.random.default_rng(5).integers(4, 300, size=32))
     assert_logits_close(model.logits(ids), oracle_logits(out, ids), "sign")
@@ -313,7 +313,7 @@ def test_tied_table_is_gptqd_with_the_head_hessian_and_resumes(tiny_hf_models, t
         source = torch.from_numpy(np.ascontiguousarray(src.tensor("model.embed_tokens.weight"))).float()
     assert not np.array_equal(table, Q.quantize_rtn(source, 4, 64).q.numpy())
     ids = list(np.random.default_rng(7).integers(4, 300, size=24))
-    assert_logits_close(Model(out, threads=2).logits(ids), oracle_logits(out, ids), "sign")
+    assert_logits_close(Model(out, threads=2, kv_cache="f32").logits(ids), oracle_logits(out, ids), "sign")
     convert(tiny_hf_models["mistral"], tmp_path / "resumed.stb", method="q4", head_bits=4, progress=False,
             calibration=CalibrationOptions(**opts, resume=True))
     np.testing.assert_array_equal(StbReader(tmp_path / "resumed.stb").dequantize("token_embd.weight"), table)
@@ -327,7 +327,7 @@ def test_calibration_free_recipe_needs_no_calibration(tiny_hf_models, tmp_path):
     assert reader.tensor_info("blk.0.ffn_up.weight")["params"] == {"bits": 2, "group": 32}
     assert reader.tensor_info("token_embd.weight")["params"] == {"bits": 3, "group": 64}  # tied: embedding = head
     ids = list(np.random.default_rng(6).integers(4, 300, size=24))
-    assert_logits_close(Model(out, threads=2).logits(ids), oracle_logits(out, ids), "sign")
+    assert_logits_close(Model(out, threads=2, kv_cache="f32").logits(ids), oracle_logits(out, ids), "sign")
     with pytest.raises(ConvertError, match="must agree"):
         convert(tiny_hf_models["mistral"], tmp_path / "x.stb", method="q4-rtn", head_bits=4, embed_bits=8,
                 progress=False)

@@ -237,8 +237,11 @@ def test_info_reports_sizes_and_bits(tiny):
     info = Model(tiny["sign-nm"], threads=2).info()
     assert info["threads"] == 2
     assert info["codecs"]["stb.sign-block.v1"] == 14
-    kv = 2 * CONFIG["num_hidden_layers"] * CONFIG["num_key_value_heads"] * CONFIG["head_dim"] * 4
-    assert info["kv_cache_bytes_per_token"] == kv
+    kv = 2 * CONFIG["num_hidden_layers"] * CONFIG["num_key_value_heads"] * CONFIG["head_dim"] * 2  # fp16 K and V
+    assert info["kv_cache"] == "f16" and info["kv_cache_bytes_per_token"] == kv
+    assert Model(tiny["sign-nm"], threads=1, kv_cache="f32").info()["kv_cache_bytes_per_token"] == 2 * kv
+    with pytest.raises(ValueError, match="kv_cache must be 'f16' or 'f32'"):
+        Model(tiny["sign-nm"], kv_cache="q8")
     # Weight bytes held: fp16 tables and f32 norms as stored; binary matrices as stored (scalar path) or in the
     # lookup layout of the SIMD paths (rows padded to tiles of 32, 2 nibble planes, fp16 scales per tile row).
     shapes = [(160, 160), (80, 160), (80, 160), (160, 160), (224, 160), (224, 160), (160, 224)]

@@ -18,10 +18,11 @@ namespace stb::cpu {
 //   weighted_sum(p, values, kv_stride, count, hd, out): out[d] = Σ_i p[i] · v_i[d], summed in order i from 0, one
 //   multiply and one add per term (v_i = values + i · kv_stride).
 // The softmax is in float with a double sum and reciprocal.
-template <class KeyScores, class ExpWeights, class WeightedSum>
+// T: float or fp16 (uint16_t) keys and values.
+template <class T, class KeyScores, class ExpWeights, class WeightedSum>
 void attend_heads_with(KeyScores key_scores, ExpWeights exp_weights, WeightedSum weighted_sum, const float* q, int heads,
-                       const float* keys, const float* values, int64_t kv_stride, int first, int last, int hd,
-                       float scale, float* scores, float* out) {
+                       const T* keys, const T* values, int64_t kv_stride, int first, int last, int hd, float scale,
+                       float* scores, float* out) {
   const int len = last - first + 1;
   for (int h = 0; h < heads; ++h)
     key_scores(q + int64_t(h) * hd, keys + first * kv_stride, kv_stride, len, hd, scale, scores + int64_t(h) * len);

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <unordered_map>
 
 #include "cpu/int8_tiles.h"
@@ -27,10 +28,15 @@ int available_cores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Keys and values of each live sequence: per layer a [capacity, kv_width] float32 array, grown geometrically.
+// Keys and values of each live sequence: per layer and KV head a [capacity, head_dim] array of float32 or fp16
+// (KvType), grown geometrically. A head's positions are contiguous, so attention streams them (a [position,
+// kv_width] layout made it read head_dim of every kv_width elements). Elements are kept as raw bytes; keys<T>() /
+// values<T>() view them in the cache's type.
 class CpuKvCache final : public KvCache {
  public:
-  CpuKvCache(int layers, int width) : layers_(layers), width_(width) {}
+  CpuKvCache(int layers, int kv_heads, int head_dim, KvType type)
+      : layers_(layers), kv_heads_(kv_heads), head_dim_(head_dim), type_(type),
+        element_bytes_(type == KvType::F16 ? 2 : 4) {}
 
   void reserve(int slot, int n_positions) override {
     Slot& s = slots_[slot];
@@ -39,24 +45,40 @@ class CpuKvCache final : public KvCache {
       s.v.resize(layers_);
     }
     if (n_positions <= s.capacity) return;
-    s.capacity = std::max({n_positions, 2 * s.capacity, 16});
-    for (int l = 0; l < layers_; ++l) {
-      s.k[l].resize(size_t(s.capacity) * width_);
-      s.v[l].resize(size_t(s.capacity) * width_);
-    }
+    const int capacity = std::max({n_positions, 2 * s.capacity, 16});
+    const size_t old_head = size_t(s.capacity) * head_dim_ * element_bytes_,
+                 new_head = size_t(capacity) * head_dim_ * element_bytes_;
+    for (auto* planes : {&s.k, &s.v})
+      for (auto& plane : *planes) {
+        std::vector<unsigned char> grown(new_head * kv_heads_);
+        for (int h = 0; h < kv_heads_ && old_head; ++h)
+          std::memcpy(grown.data() + h * new_head, plane.data() + h * old_head, old_head);
+        plane.swap(grown);
+      }
+    s.capacity = capacity;
   }
   void release(int slot) override { slots_.erase(slot); }
-  uint64_t bytes_per_token() const override { return uint64_t(layers_) * width_ * 2 * sizeof(float); }
+  uint64_t bytes_per_token() const override { return uint64_t(layers_) * kv_heads_ * head_dim_ * 2 * element_bytes_; }
+  KvType type() const { return type_; }
 
-  float* keys(int slot, int layer) { return slots_.at(slot).k[layer].data(); }
-  float* values(int slot, int layer) { return slots_.at(slot).v[layer].data(); }
+  // Position 0 of KV head h of a slot's layer; its positions follow every head_dim elements.
+  template <class T>
+  T* keys(int slot, int layer, int h) { return head<T>(slots_.at(slot), true, layer, h); }
+  template <class T>
+  T* values(int slot, int layer, int h) { return head<T>(slots_.at(slot), false, layer, h); }
 
  private:
   struct Slot {
     int capacity = 0;
-    std::vector<std::vector<float>> k, v;
+    std::vector<std::vector<unsigned char>> k, v;  // per layer: float or uint16_t elements
   };
-  int layers_, width_;
+  template <class T>
+  T* head(Slot& s, bool keys, int layer, int h) {
+    return reinterpret_cast<T*>((keys ? s.k : s.v)[layer].data()) + size_t(h) * s.capacity * head_dim_;
+  }
+  int layers_, kv_heads_, head_dim_;
+  KvType type_;
+  size_t element_bytes_;
   std::unordered_map<int, Slot> slots_;
 };
 
@@ -269,8 +291,8 @@ class CpuBackend final : public Backend {
   }
   void release(float* buffer) override { std::free(buffer); }
 
-  std::unique_ptr<KvCache> new_kv_cache(int layers, int kv_width) override {
-    return std::make_unique<CpuKvCache>(layers, kv_width);
+  std::unique_ptr<KvCache> new_kv_cache(int layers, int kv_heads, int head_dim, KvType type) override {
+    return std::make_unique<CpuKvCache>(layers, kv_heads, head_dim, type);
   }
 
   void to_host(const float* src, float* dst, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
@@ -549,28 +571,8 @@ class CpuBackend final : public Backend {
   void attention(KvCache& cache_base, int layer, const float* q, const float* k, const float* v, int n,
                  const RowInfo* rows, const AttentionShape& shape, float* out) override {
     auto& cache = static_cast<CpuKvCache&>(cache_base);
-    const int hd = shape.head_dim, kv_width = shape.kv_heads * hd, group = shape.heads / shape.kv_heads;
-    for (int r = 0; r < n; ++r) {
-      std::memcpy(cache.keys(rows[r].slot, layer) + size_t(rows[r].pos) * kv_width, k + size_t(r) * kv_width,
-                  kv_width * sizeof(float));
-      std::memcpy(cache.values(rows[r].slot, layer) + size_t(rows[r].pos) * kv_width, v + size_t(r) * kv_width,
-                  kv_width * sizeof(float));
-    }
-    const float scale = 1.0f / std::sqrt(float(hd));
-    // A task attends the query heads of one row that share a KV head (reading its keys and values once), or single
-    // heads when that leaves fewer than ~4 tasks per thread (batch 1).
-    const int per_task = int64_t(n) * shape.kv_heads >= 4 * threads() ? group : 1;
-    const int tasks_per_row = shape.heads / per_task;
-    pool_.run(int64_t(n) * tasks_per_row, [&](int64_t task) {
-      const int r = int(task / tasks_per_row), h = int(task % tasks_per_row) * per_task, kvh = h / group;
-      const int pos = rows[r].pos;
-      const int first = shape.sliding_window > 0 ? std::max(0, pos - shape.sliding_window + 1) : 0;
-      thread_local std::vector<float> scores;
-      scores.resize(size_t(per_task) * (pos - first + 1));
-      k_.attend(q + (size_t(r) * shape.heads + h) * hd, per_task, cache.keys(rows[r].slot, layer) + kvh * hd,
-                cache.values(rows[r].slot, layer) + kvh * hd, kv_width, first, pos, hd, scale, scores.data(),
-                out + (size_t(r) * shape.heads + h) * hd);
-    });
+    if (cache.type() == KvType::F16) return attention_as<uint16_t>(cache, layer, q, k, v, n, rows, shape, out);
+    attention_as<float>(cache, layer, q, k, v, n, rows, shape, out);
   }
 
   // Split over the pool only in chunks of ~50 µs of work or more: smaller ones cost more in waking and waiting for
@@ -592,6 +594,43 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // Stores the rows' keys and values (converted to the cache's element type T), then attends.
+  template <class T>
+  void attention_as(CpuKvCache& cache, int layer, const float* q, const float* k, const float* v, int n,
+                    const RowInfo* rows, const AttentionShape& shape, float* out) {
+    const int hd = shape.head_dim, kv_width = shape.kv_heads * hd, group = shape.heads / shape.kv_heads;
+    auto store = [&](const float* src, T* dst) {
+      if constexpr (std::is_same_v<T, float>) std::memcpy(dst, src, hd * sizeof(float));
+      else k_.f32_to_f16(src, dst, hd);
+    };
+    for (int r = 0; r < n; ++r)
+      for (int h = 0; h < shape.kv_heads; ++h) {
+        const size_t at = size_t(r) * kv_width + h * hd, pos = size_t(rows[r].pos) * hd;
+        store(k + at, cache.keys<T>(rows[r].slot, layer, h) + pos);
+        store(v + at, cache.values<T>(rows[r].slot, layer, h) + pos);
+      }
+    const float scale = 1.0f / std::sqrt(float(hd));
+    // A task attends the query heads of one row that share a KV head (reading its keys and values once), or single
+    // heads when that leaves fewer than ~4 tasks per thread (batch 1).
+    const int per_task = int64_t(n) * shape.kv_heads >= 4 * threads() ? group : 1;
+    const int tasks_per_row = shape.heads / per_task;
+    pool_.run(int64_t(n) * tasks_per_row, [&](int64_t task) {
+      const int r = int(task / tasks_per_row), h = int(task % tasks_per_row) * per_task, kvh = h / group;
+      const int pos = rows[r].pos;
+      const int first = shape.sliding_window > 0 ? std::max(0, pos - shape.sliding_window + 1) : 0;
+      thread_local std::vector<float> scores;
+      scores.resize(size_t(per_task) * (pos - first + 1));
+      const T* keys = cache.keys<T>(rows[r].slot, layer, kvh);
+      const T* values = cache.values<T>(rows[r].slot, layer, kvh);
+      const float* qh = q + (size_t(r) * shape.heads + h) * hd;
+      float* oh = out + (size_t(r) * shape.heads + h) * hd;
+      if constexpr (std::is_same_v<T, float>)
+        k_.attend(qh, per_task, keys, values, hd, first, pos, hd, scale, scores.data(), oh);
+      else
+        k_.attend_f16(qh, per_task, keys, values, hd, first, pos, hd, scale, scores.data(), oh);
+    });
+  }
+
   // cos and sin of the rotary angles pos · θ^(−2i / head_dim), i < head_dim / 2, as [cos × half, sin × half]:
   // computed once per position (in float32 like the reference implementation) instead of per layer, q and k.
   const float* rope_table(int pos, int head_dim, float theta) {

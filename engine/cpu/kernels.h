@@ -32,6 +32,11 @@ struct Kernels {
   // out_h = Σ_j p_hj · v_j summed in order j. The paths differ only in the dot products' summation order.
   void (*attend)(const float* q, int heads, const float* keys, const float* values, int64_t kv_stride, int first,
                  int last, int hd, float scale, float* scores, float* out);
+  // The same over fp16 keys and values (a KvType::F16 cache), each converted to float before use.
+  void (*attend_f16)(const float* q, int heads, const uint16_t* keys, const uint16_t* values, int64_t kv_stride,
+                     int first, int last, int hd, float scale, float* scores, float* out);
+  // dst[i] = float_to_half(src[i]) for i < n, bit-identical on every path (F16C rounds to nearest even too).
+  void (*f32_to_f16)(const float* src, uint16_t* dst, int64_t n);
   // up[i] = silu(gate[i]) · up[i] for i < n (gate null: up[i] = silu(up[i])), bit-identical on every path
   // (engine/cpu/silu.h).
   void (*silu_gate)(const float* gate, float* up, int64_t n);
@@ -81,5 +86,7 @@ const Kernels& best_kernels();
 bool cpu_has_avx512_vnni();  // AVX-512 F/BW/VL/DQ and VNNI, enabled by the OS
 
 float half_to_float(uint16_t h);
+// float32 -> fp16 bits, rounded to nearest even with subnormals (numpy's astype(float16)); from 65520 up: inf.
+uint16_t float_to_half(float f);
 
 }  // namespace stb::cpu

@@ -21,17 +21,27 @@ float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-float dot_f32(const float* w, const float* x, int64_t n) {
+// 8 keys or values as floats: float rows load directly, fp16 rows (a KvType::F16 cache) convert with F16C.
+__m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t h) { return half_to_float(h); }
+
+// Σ w_j · x_j with two accumulators, for float or fp16 w (dot_f32, and an fp16 key's attention score).
+template <class T>
+float dot_as(const T* w, const float* x, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+    a0 = _mm256_fmadd_ps(load8(w + j), _mm256_loadu_ps(x + j), a0);
+    a1 = _mm256_fmadd_ps(load8(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
   }
   float acc = hsum(_mm256_add_ps(a0, a1));
-  for (; j < n; ++j) acc += w[j] * x[j];
+  for (; j < n; ++j) acc += to_float(w[j]) * x[j];
   return acc;
 }
+
+float dot_f32(const float* w, const float* x, int64_t n) { return dot_as(w, x, n); }
 
 // fp16 weights against up to 6 activation rows at once, two accumulators per row whatever the count (so a row's
 // bits do not depend on its batch): every pair of weight vectors is converted once per pass.
@@ -144,43 +154,45 @@ void exp_weights(const float* logits, float temperature, float top, float* out, 
 
 // Scores of 8 keys at once: key i's partial sums in acc[i], then three rounds of hadd and a swap of 128-bit halves
 // turn the 8 accumulators into one vector of the 8 totals (instead of 8 horizontal sums). hd % 8 == 0.
-__m256 dot_8_keys(const float* q, const float* k, int64_t stride, int hd) {
+template <class T>
+__m256 dot_8_keys(const float* q, const T* k, int64_t stride, int hd) {
   __m256 acc[8];
   for (__m256& a : acc) a = _mm256_setzero_ps();
   for (int d = 0; d < hd; d += 8) {
     const __m256 qv = _mm256_loadu_ps(q + d);
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(k + i * stride + d), qv, acc[i]);
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(load8(k + i * stride + d), qv, acc[i]);
   }
   const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
   const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-void attend(const float* q, int heads, const float* keys, const float* values, int64_t kv_stride, int first,
-            int last, int hd, float scale, float* scores, float* out) {
-  auto key_scores = [](const float* qh, const float* k, int64_t stride, int count, int n, float sc, float* s) {
+template <class T>  // float or fp16 keys and values
+void attend_as(const float* q, int heads, const T* keys, const T* values, int64_t kv_stride, int first, int last,
+               int hd, float scale, float* scores, float* out) {
+  auto key_scores = [](const float* qh, const T* k, int64_t stride, int count, int n, float sc, float* s) {
     int i = 0;
     if (n % 8 == 0)
       for (; i + 8 <= count; i += 8)
         _mm256_storeu_ps(s + i, _mm256_mul_ps(dot_8_keys(qh, k + i * stride, stride, n), _mm256_set1_ps(sc)));
-    for (; i < count; ++i) s[i] = dot_f32(k + i * stride, qh, n) * sc;
+    for (; i < count; ++i) s[i] = dot_as(k + i * stride, qh, n) * sc;
   };
   // 32 outputs at a time in registers over all positions (an accumulator in memory made every position wait for
   // the previous one's store).
-  auto weighted_sum = [](const float* p, const float* v, int64_t stride, int count, int n, float* o) {
+  auto weighted_sum = [](const float* p, const T* v, int64_t stride, int count, int n, float* o) {
     int d = 0;
     for (; d + 32 <= n; d += 32) {
       __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       for (int i = 0; i < count; ++i) {
         const __m256 pi = _mm256_set1_ps(p[i]);
         for (int c = 0; c < 4; ++c)
-          acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(pi, _mm256_loadu_ps(v + i * stride + d + 8 * c)));
+          acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(pi, load8(v + i * stride + d + 8 * c)));
       }
       for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o + d + 8 * c, acc[c]);
     }
     for (; d < n; ++d) {
       float acc = 0;
-      for (int i = 0; i < count; ++i) acc += p[i] * v[i * stride + d];
+      for (int i = 0; i < count; ++i) acc += p[i] * to_float(v[i * stride + d]);
       o[d] = acc;
     }
   };
@@ -188,12 +200,31 @@ void attend(const float* q, int heads, const float* keys, const float* values, i
                     scores, out);
 }
 
+void attend(const float* q, int heads, const float* keys, const float* values, int64_t kv_stride, int first,
+            int last, int hd, float scale, float* scores, float* out) {
+  attend_as(q, heads, keys, values, kv_stride, first, last, hd, scale, scores, out);
+}
+
+void attend_f16(const float* q, int heads, const uint16_t* keys, const uint16_t* values, int64_t kv_stride, int first,
+                int last, int hd, float scale, float* scores, float* out) {
+  attend_as(q, heads, keys, values, kv_stride, first, last, hd, scale, scores, out);
+}
+
+void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
+
 }  // namespace
 
 const Kernels* avx2_kernels() {
   // Binary, int8 and k-bit group matrices always take the lookup and tile kernels here (the backend repacks them);
   // sign_row_q8, int8_row_q8 and qgroup_row_q8 are the portable ones for completeness.
-  static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, attend, silu_gate, exp_weights, quantize_q8,
+  static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, attend, attend_f16, f32_to_f16, silu_gate,
+                         exp_weights, quantize_q8,
                          scalar_kernels().sign_row_q8,
                          scalar_kernels().int8_row_q8, scalar_kernels().qgroup_row_q8, avx2_sign_lut(), avx2_groups(),
                          avx2_int8_tiles(), avx2_qgroup_tiles()};

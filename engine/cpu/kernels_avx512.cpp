@@ -120,7 +120,8 @@ const Kernels* avx512_kernels() {
   static const Int8TileKernels* int8 = avx512_int8_tiles() ? avx512_int8_tiles() : base->int8_tiles;
   static const QGroupTileKernels* qgroup_tiles = avx512_qgroup_tiles() ? avx512_qgroup_tiles() : base->qgroup_tiles;
   static const Kernels k{"avx512",          base->dot_f32,     base->dot_f16_rows, base->f16_to_f32,
-                         base->attend,      silu_gate,         exp_weights,        base->quantize_q8,
+                         base->attend,      base->attend_f16,  base->f32_to_f16,   silu_gate,
+                         exp_weights,       base->quantize_q8,
                          base->sign_row_q8,
                          base->int8_row_q8, base->qgroup_row_q8, &lut,            avx512_groups(),
                          int8,              qgroup_tiles};

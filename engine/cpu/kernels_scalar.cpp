@@ -32,19 +32,39 @@ float half_to_float(uint16_t h) {
   return f;
 }
 
+uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000);
+  x &= 0x7fffffff;
+  if (x > 0x7f800000) return sign | 0x7e00;  // NaN
+  if (x >= 0x477ff000) return sign | 0x7c00;  // >= 65520: inf
+  const int exp32 = int(x >> 23);
+  if (exp32 < 102) return sign;  // below 2^-25: rounds to zero
+  // Normal fp16 results keep 10 mantissa bits (drop 13); subnormals are counted in units of 2^-24.
+  const uint32_t mant = (x & 0x7fffff) | 0x800000;
+  const int shift = exp32 >= 113 ? 13 : 126 - exp32;
+  uint32_t h = exp32 >= 113 ? (uint32_t(exp32 - 112) << 10) | ((mant & 0x7fffff) >> 13) : mant >> shift;
+  const uint32_t rest = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+  if (rest > half || (rest == half && (h & 1))) ++h;  // a carry rolls into the exponent, as it should
+  return uint16_t(sign | h);
+}
+
 namespace {
 
-float dot_f32(const float* w, const float* x, int64_t n) {
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t h) { return half_to_float(h); }
+
+template <class T>  // float, or fp16 keys
+float dot_as(const T* w, const float* x, int64_t n) {
   float acc = 0;
-  for (int64_t j = 0; j < n; ++j) acc += w[j] * x[j];
+  for (int64_t j = 0; j < n; ++j) acc += to_float(w[j]) * x[j];
   return acc;
 }
 
-float dot_f16(const uint16_t* w, const float* x, int64_t n) {
-  float acc = 0;
-  for (int64_t j = 0; j < n; ++j) acc += half_to_float(w[j]) * x[j];
-  return acc;
-}
+float dot_f32(const float* w, const float* x, int64_t n) { return dot_as(w, x, n); }
+
+float dot_f16(const uint16_t* w, const float* x, int64_t n) { return dot_as(w, x, n); }
 
 void dot_f16_rows(const uint16_t* w, const float* x, int n, int64_t cols, float* out, int64_t out_stride) {
   for (int t = 0; t < n; ++t) out[t * out_stride] = dot_f16(w, x + t * cols, cols);
@@ -139,18 +159,33 @@ void exp_weights(const float* logits, float temperature, float top, float* out, 
   silu::exp_weights_ref(logits, temperature, top, out, 0, n);
 }
 
-void attend(const float* q, int heads, const float* keys, const float* values, int64_t kv_stride, int first,
-            int last, int hd, float scale, float* scores, float* out) {
-  auto key_scores = [](const float* qh, const float* k, int64_t stride, int count, int n, float sc, float* s) {
-    for (int i = 0; i < count; ++i) s[i] = dot_f32(k + i * stride, qh, n) * sc;
+template <class T>  // float or fp16 keys and values
+void attend_as(const float* q, int heads, const T* keys, const T* values, int64_t kv_stride, int first, int last,
+               int hd, float scale, float* scores, float* out) {
+  auto key_scores = [](const float* qh, const T* k, int64_t stride, int count, int n, float sc, float* s) {
+    for (int i = 0; i < count; ++i) s[i] = dot_as(k + i * stride, qh, n) * sc;
   };
-  auto weighted_sum = [](const float* p, const float* v, int64_t stride, int count, int n, float* o) {
+  auto weighted_sum = [](const float* p, const T* v, int64_t stride, int count, int n, float* o) {
     std::fill(o, o + n, 0.f);
     for (int i = 0; i < count; ++i)
-      for (int d = 0; d < n; ++d) o[d] += p[i] * v[i * stride + d];
+      for (int d = 0; d < n; ++d) o[d] += p[i] * to_float(v[i * stride + d]);
   };
   attend_heads_with(key_scores, exp_weights, weighted_sum, q, heads, keys, values, kv_stride, first, last, hd, scale,
                     scores, out);
+}
+
+void attend(const float* q, int heads, const float* keys, const float* values, int64_t kv_stride, int first,
+            int last, int hd, float scale, float* scores, float* out) {
+  attend_as(q, heads, keys, values, kv_stride, first, last, hd, scale, scores, out);
+}
+
+void attend_f16(const float* q, int heads, const uint16_t* keys, const uint16_t* values, int64_t kv_stride, int first,
+                int last, int hd, float scale, float* scores, float* out) {
+  attend_as(q, heads, keys, values, kv_stride, first, last, hd, scale, scores, out);
+}
+
+void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half(src[i]);
 }
 
 }  // namespace
@@ -169,8 +204,8 @@ void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int g
 }
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar",    dot_f32,     dot_f16_rows,  f16_to_f32, attend, silu_gate, exp_weights,
-                         quantize_q8,
+  static const Kernels k{"scalar",    dot_f32,     dot_f16_rows, f16_to_f32, attend, attend_f16, f32_to_f16,
+                         silu_gate,   exp_weights, quantize_q8,
                          sign_row_q8, int8_row_q8, qgroup_row_q8, nullptr,    nullptr,   nullptr,
                          nullptr};
   return k;

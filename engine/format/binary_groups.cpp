@@ -82,25 +82,6 @@ bool unrank(uint64_t rank, int m, int k, uint64_t* row_words, int64_t col) {
   return true;
 }
 
-// float32 -> fp16 bits, rounded to nearest even with subnormals (what numpy's astype(float16) does); finite values
-// from 65520 up become inf.
-uint16_t float_to_half(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint16_t sign = uint16_t((x >> 16) & 0x8000);
-  x &= 0x7fffffff;
-  if (x > 0x7f800000) return sign | 0x7e00;  // NaN
-  if (x >= 0x477ff000) return sign | 0x7c00;  // >= 65520: inf
-  const int exp32 = int(x >> 23);
-  if (exp32 < 102) return sign;  // below 2^-25: rounds to zero
-  // Normal fp16 results keep 10 mantissa bits (drop 13); subnormals are counted in units of 2^-24.
-  const uint32_t mant = (x & 0x7fffff) | 0x800000;
-  const int shift = exp32 >= 113 ? 13 : 126 - exp32;
-  uint32_t h = exp32 >= 113 ? (uint32_t(exp32 - 112) << 10) | ((mant & 0x7fffff) >> 13) : mant >> shift;
-  const uint32_t rest = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
-  if (rest > half || (rest == half && (h & 1))) ++h;  // a carry rolls into the exponent, as it should
-  return uint16_t(sign | h);
-}
 
 }  // namespace
 
@@ -119,7 +100,7 @@ std::vector<uint16_t> binary_groups_expand_params(const TensorEntry& t) {
         const int64_t k = (r * blocks + b) * slots + i;
         if (codes[k] == -128) throw FormatError(what + ": a param code is -128 (codes are -127..127)");
         // fp16 × int8 is exact in float32: the conversion is the only rounding.
-        out[size_t(k)] = float_to_half(cpu::half_to_float(scales[r * slots + i]) * float(codes[k]));
+        out[size_t(k)] = cpu::float_to_half(cpu::half_to_float(scales[r * slots + i]) * float(codes[k]));
         if ((out[size_t(k)] & 0x7c00) == 0x7c00)
           throw FormatError(what + ": param " + std::to_string(k) + " overflows fp16");
       }

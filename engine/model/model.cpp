@@ -39,8 +39,8 @@ constexpr int kMaxChunkRows = 256;  // rows per forward chunk: bounds activation
 
 }  // namespace
 
-Model::Model(const std::string& path, int threads, bool verify_checksums)
-    : file_(StbFile::open(path, verify_checksums)), backend_(make_cpu_backend(threads)) {
+Model::Model(const std::string& path, int threads, bool verify_checksums, KvType kv_type)
+    : file_(StbFile::open(path, verify_checksums)), backend_(make_cpu_backend(threads)), kv_type_(kv_type) {
   const char* profile = std::getenv("STBLLM_PROFILE");
   if (profile && *profile && std::string(profile) != "0") backend_ = make_profiling_backend(std::move(backend_));
   cfg_ = ModelConfig::from_metadata(file_->metadata());

@@ -22,8 +22,8 @@ class ProfilingBackend final : public Backend {
   void pack_matrix(Matrix& m) override { inner_->pack_matrix(m); }
   float* alloc(size_t n) override { return inner_->alloc(n); }
   void release(float* b) override { inner_->release(b); }
-  std::unique_ptr<KvCache> new_kv_cache(int layers, int width) override {
-    return inner_->new_kv_cache(layers, width);
+  std::unique_ptr<KvCache> new_kv_cache(int layers, int kv_heads, int head_dim, KvType type) override {
+    return inner_->new_kv_cache(layers, kv_heads, head_dim, type);
   }
   void to_host(const float* s, float* d, size_t n) override { inner_->to_host(s, d, n); }
 

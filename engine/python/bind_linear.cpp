@@ -12,6 +12,8 @@
 
 namespace py = pybind11;
 
+stb::KvType parse_kv_type(const std::string& name);  // "f16" / "f32" (bind_model.cpp)
+
 namespace {
 
 template <typename T>
@@ -78,7 +80,8 @@ void bind_linear(py::module_& m) {
   m.def(
       "attention",
       [](const Array<float>& q, const Array<float>& k, const Array<float>& v, int heads, int kv_heads,
-         int sliding_window, int threads) {
+         int sliding_window, int threads, const std::string& kv_cache) {
+        const stb::KvType kv = parse_kv_type(kv_cache);
         // Prefill of one sequence: row i is position i, keys and values stored into a fresh one-layer cache.
         if (q.ndim() != 2 || k.ndim() != 2 || v.ndim() != 2 || heads <= 0 || kv_heads <= 0 || heads % kv_heads ||
             q.shape(1) % heads || k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0) ||
@@ -89,7 +92,7 @@ void bind_linear(py::module_& m) {
         auto backend = stb::make_cpu_backend(threads);
         {
           py::gil_scoped_release release;
-          auto cache = backend->new_kv_cache(1, kv_heads * hd);
+          auto cache = backend->new_kv_cache(1, kv_heads, hd, kv);
           cache->reserve(0, n);
           std::vector<stb::RowInfo> rows(n);
           for (int i = 0; i < n; ++i) rows[i] = {0, i};
@@ -99,9 +102,9 @@ void bind_linear(py::module_& m) {
         return py::make_tuple(out, backend->kernels());
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("heads"), py::arg("kv_heads"), py::arg("sliding_window") = 0,
-      py::arg("threads") = 1,
+      py::arg("threads") = 1, py::arg("kv_cache") = "f32",
       "The CPU backend's causal attention over one sequence's prefill (row i at position i, GQA, optional sliding "
-      "window); returns (out [n, heads * hd], kernel path).");
+      "window) with a float32 or fp16 KV cache; returns (out [n, heads * hd], kernel path).");
   m.def(
       "exp_weights",
       [](const Array<float>& logits, float temperature) {

@@ -30,14 +30,21 @@ const char* finish_name(stb::BatchEngine::Finish f) {
 
 }  // namespace
 
+stb::KvType parse_kv_type(const std::string& name) {
+  if (name == "f16") return stb::KvType::F16;
+  if (name == "f32") return stb::KvType::F32;
+  throw py::value_error("kv_cache must be 'f16' or 'f32', got '" + name + "'");
+}
+
 void bind_model(py::module_& m) {
   py::class_<stb::Model, std::shared_ptr<stb::Model>>(m, "Model")
-      .def(py::init([](const std::string& path, int threads, bool verify) {
+      .def(py::init([](const std::string& path, int threads, bool verify, const std::string& kv_cache) {
              if (threads < 0) throw py::value_error("threads must be >= 0 (0 = all cores)");
+             const stb::KvType kv = parse_kv_type(kv_cache);
              py::gil_scoped_release release;
-             return std::make_shared<stb::Model>(path, threads, verify);
+             return std::make_shared<stb::Model>(path, threads, verify, kv);
            }),
-           py::arg("path"), py::arg("threads") = 0, py::arg("verify_checksums") = true)
+           py::arg("path"), py::arg("threads") = 0, py::arg("verify_checksums") = true, py::arg("kv_cache") = "f16")
       .def(
           "logits",
           [](stb::Model& model, const std::vector<int>& tokens) {
@@ -62,6 +69,8 @@ void bind_model(py::module_& m) {
       .def_property_readonly("weight_bytes", &stb::Model::weight_bytes)
       .def_property_readonly("kv_bytes_per_token",
                              [](stb::Model& model) { return model.new_kv_cache()->bytes_per_token(); })
+      .def_property_readonly("kv_cache",
+                             [](stb::Model& model) { return model.kv_type() == stb::KvType::F16 ? "f16" : "f32"; })
       .def_property_readonly("threads", [](stb::Model& model) { return model.backend().threads(); })
       .def_property_readonly("simd", [](stb::Model& model) { return model.backend().kernels(); })
       .def(

@@ -68,6 +68,10 @@ struct AttentionShape {
   int sliding_window;  // 0 = unlimited; else a row at position p sees positions > p - sliding_window
 };
 
+// How a KV cache stores keys and values: float16 halves the memory and the bytes attention reads per position (the
+// default); float32 keeps them exact (the oracle tests, perplexity evaluation).
+enum class KvType { F16, F32 };
+
 // Per-sequence keys and values for every layer. Backends own the storage.
 class KvCache {
  public:
@@ -94,7 +98,7 @@ class Backend {
 
   virtual float* alloc(size_t n_floats) = 0;  // activation buffers, zero-filled
   virtual void release(float* buffer) = 0;
-  virtual std::unique_ptr<KvCache> new_kv_cache(int layers, int kv_width) = 0;
+  virtual std::unique_ptr<KvCache> new_kv_cache(int layers, int kv_heads, int head_dim, KvType type) = 0;
   virtual void to_host(const float* src, float* dst, size_t n) = 0;
 
   // out[r, :] = table[ids[r], :]; accumulate adds instead of overwriting.

@@ -41,13 +41,16 @@ struct BatchRow {
 
 class Model {
  public:
-  Model(const std::string& path, int threads, bool verify_checksums);
+  Model(const std::string& path, int threads, bool verify_checksums, KvType kv_type = KvType::F16);
 
   const ModelConfig& config() const { return cfg_; }
   Backend& backend() { return *backend_; }
   const StbFile& file() const { return *file_; }
   uint64_t weight_bytes() const { return weight_bytes_; }
-  std::unique_ptr<KvCache> new_kv_cache() { return backend_->new_kv_cache(cfg_.num_layers, cfg_.kv_heads * cfg_.head_dim); }
+  KvType kv_type() const { return kv_type_; }
+  std::unique_ptr<KvCache> new_kv_cache() {
+    return backend_->new_kv_cache(cfg_.num_layers, cfg_.kv_heads, cfg_.head_dim, kv_type_);
+  }
 
   // Runs `rows` through the network, appending their keys/values to `cache`, and writes the logits of the rows
   // listed in `logit_rows` (ascending indices into `rows`) to `logits` [logit_rows.size(), vocab] (host memory).
@@ -58,6 +61,7 @@ class Model {
  private:
   std::shared_ptr<const StbFile> file_;
   std::unique_ptr<Backend> backend_;
+  KvType kv_type_;
   ModelConfig cfg_;
   Matrix token_embd_, pos_embd_, output_;
   const float *output_norm_ = nullptr, *output_norm_bias_ = nullptr;

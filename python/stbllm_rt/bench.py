@@ -173,14 +173,14 @@ def synthetic_path(shape: str, codec: str, nm) -> Path:
 # ---- model benchmark ----------------------------------------------------------------------------------------------
 
 def bench_model(path, prompt_tokens: int, new_tokens: int, repetitions: int, threads: int | None,
-                batch: int) -> dict:
+                batch: int, kv_cache: str = "f16") -> dict:
     from . import _core
     from .model import Model
 
     reset_peak_rss()
     rss_before = current_rss()
     start = time.perf_counter()
-    model = Model(path, threads=threads)
+    model = Model(path, threads=threads, kv_cache=kv_cache)
     load_seconds = time.perf_counter() - start
     info = model.info()
     vocab = model.config["vocab_size"]
@@ -433,6 +433,8 @@ def main(argv=None) -> int:
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs after the warm-up (default 5)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
+                   help="KV cache element type: f16 (default, half the memory) or f32 (exact)")
     p.add_argument("--vs", help="a second .stb to run in turn; prints the speed ratios")
     p.add_argument("--vs-transformers", action="store_true",
                    help="also time HF transformers fp32 generate on the model rebuilt from the file")
@@ -451,10 +453,11 @@ def main(argv=None) -> int:
         path = args.model or synthetic_path(args.synthetic, args.codec, args.nm if args.codec == "sign" else None)
         result = dict(_header(args, threads), kind="model")
         machine = result["machine"]
-        runs = [bench_model(path, args.prompt_tokens, args.new_tokens, args.repetitions, threads, args.batch)]
+        runs = [bench_model(path, args.prompt_tokens, args.new_tokens, args.repetitions, threads, args.batch,
+                            args.kv_cache)]
         if args.vs:
             runs.append(bench_model(args.vs, args.prompt_tokens, args.new_tokens, args.repetitions, threads,
-                                    args.batch))
+                                    args.batch, args.kv_cache))
         for r in runs:
             _print_model(r, machine)
         result["runs"] = runs

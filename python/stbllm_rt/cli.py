@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
+                   help="KV cache element type: f16 (default, half the memory) or f32 (exact)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-stream", action="store_true", help="print the text only when it is complete")
     return p
@@ -34,7 +36,7 @@ def generate_main(argv=None) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
-        model = Model(args.model, threads=args.threads)
+        model = Model(args.model, threads=args.threads, kv_cache=args.kv_cache)
         if args.chat:
             prompt = model.apply_chat_template([{"role": "user", "content": prompt}])
         start = time.perf_counter()

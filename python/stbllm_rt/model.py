@@ -48,9 +48,12 @@ class Model:
 
     device: "cpu" or "auto" (the CPU backend; the CUDA backend comes in a later release).
     threads: worker threads for the matmuls (default: all cores).
+    kv_cache: "f16" (default: half the memory and the bytes attention reads per position) or "f32" (exact keys
+    and values, as the oracle tests and perplexity evaluation use).
     """
 
-    def __init__(self, path, device: str = "auto", threads: int | None = None, verify_checksums: bool = True):
+    def __init__(self, path, device: str = "auto", threads: int | None = None, verify_checksums: bool = True,
+                 kv_cache: str = "f16"):
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         if device == "cuda":
@@ -62,7 +65,7 @@ class Model:
             raise IsADirectoryError(f"{path} is a directory; pass a .stb file (make one with stbllm-convert)")
         self.path = path
         self.device = "cpu"
-        self._model = _core.Model(path, threads or 0, verify_checksums)
+        self._model = _core.Model(path, threads or 0, verify_checksums, kv_cache)
         # The C++ model has validated (and checksummed) the file; this second mapping only reads metadata.
         self._reader = StbReader(path, verify_checksums=False)
         self.metadata = self._reader.metadata
@@ -138,6 +141,7 @@ class Model:
                                     for n in reader.tensor_names()),
             "file_bytes": reader.file_size,
             "weight_bytes": core.weight_bytes,
+            "kv_cache": core.kv_cache,
             "kv_cache_bytes_per_token": core.kv_bytes_per_token,
             "tokenizer": self.tokenizer.kind,
             "provenance": provenance,

@@ -36,6 +36,7 @@ class ServerSettings:
     model_path: str
     model_name: str | None = None  # default: the file name without .stb
     threads: int | None = None
+    kv_cache: str = "f16"  # KV cache element type: "f16" or "f32"
     max_batch: int = 8
     max_queue: int = 64
     api_key: str | None = None
@@ -117,7 +118,7 @@ class _Server:
 
     def start(self) -> None:
         s = self.settings
-        self.model = Model(s.model_path, threads=s.threads)
+        self.model = Model(s.model_path, threads=s.threads, kv_cache=s.kv_cache)
         if self.model.tokenizer.kind == "none":
             raise RuntimeError(f"{s.model_path} has no tokenizer; the server needs one (stbllm-convert --tokenizer)")
         self.metrics = ServerMetrics()

@@ -17,6 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="compute device (only cpu for now)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per model (default: all cores)")
+    p.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
+                   help="KV cache element type: f16 (default, half the memory) or f32 (exact)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (each holds a KV cache)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
     p.add_argument("--api-key", default=os.environ.get("STBLLM_API_KEY"),
@@ -42,6 +44,7 @@ def main(argv=None) -> int:
         print("stbllm-serve: need --max-queue >= 0 and --timeout > 0", file=sys.stderr)
         return 2
     settings = ServerSettings(model_path=args.model, model_name=args.model_name, threads=args.threads,
+                              kv_cache=args.kv_cache,
                               max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                               timeout=args.timeout)
     if args.ray:

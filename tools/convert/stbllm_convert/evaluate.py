@@ -78,7 +78,8 @@ def _model_and_tokenizer(model_path, backend: str, threads: int | None):
     if backend == "torch":
         from .oracle import build_hf_model
         return _torch_logits(build_hf_model(model_path)), tokenizer, facts
-    return Model(model_path, threads=threads).logits, tokenizer, facts
+    # float32 keys and values: the protocol measures the weights, and its numbers stay comparable across releases
+    return Model(model_path, threads=threads, kv_cache="f32").logits, tokenizer, facts
 
 
 def _torch_logits(hf):
