@@ -99,6 +99,22 @@ def test_a_row_gets_the_same_bits_alone_or_batched(kernels, bits, group):
         np.testing.assert_array_equal(lin.forward(x[i:i + 1])[0].view(np.uint32), batched[i].view(np.uint32))
 
 
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_matrices_sharing_an_input_give_the_bits_of_separate_calls(kernels, n):
+    """Backend::linears (the model's q/k/v and gate/up: the input quantized once, all tiles in one loop) against
+    one linear() per matrix, bit for bit: different row counts (ragged tiles), bit widths and group sizes."""
+    rng = np.random.default_rng(n)
+    lins = []
+    for rows, bits, group in [(48, 3, 64), (21, 4, 32), (37, 2, 128)]:
+        t = _random_tensor(rng, rows, 320, bits, group)
+        lins.append(_core.Linear("qgroup", rows, 320, values=qgroup.pack_codes(t["codes"], bits),
+                                 scales=t["scales"].view(np.uint16), offsets=t["offsets"].view(np.uint16), bits=bits,
+                                 group=group, threads=2))
+    x = rng.standard_normal((n, 320)).astype(np.float32)
+    for got, lin in zip(_core.linears(lins, x), lins):
+        np.testing.assert_array_equal(got.view(np.uint32), lin.forward(x).view(np.uint32))
+
+
 def _qgroup_file(tmp_path, cols=100, bits=3, group=32):
     t = _random_tensor(np.random.default_rng(0), 5, cols, bits, group)
     writer = StbWriter(_metadata())

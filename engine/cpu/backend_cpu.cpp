@@ -350,6 +350,47 @@ class CpuBackend final : public Backend {
     });
   }
 
+  // k-bit group matrices in tiles (the default file's q/k/v and gate/up): the input quantized once, its group sums
+  // per matrix, and all the matrices' tiles in one parallel loop (three small loops left threads idle at their
+  // ends: k and v are 12 tiles each). Other codecs run one by one.
+  void linears(const Matrix* const* ws, int count, const float* x, int n, float* const* outs) override {
+    bool tiled = count > 1 && k_.qgroup_tiles;
+    for (int i = 0; i < count; ++i)
+      tiled = tiled && ws[i]->codec == MatrixCodec::QGroup && ws[i]->packed && ws[i]->cols == ws[0]->cols;
+    if (!tiled) return Backend::linears(ws, count, x, n, outs);
+    quantize_activations(x, n, ws[0]->cols);
+    std::vector<int64_t> first_tile(count + 1, 0), first_sum(count + 1, 0);
+    for (int i = 0; i < count; ++i) {
+      first_tile[i + 1] = first_tile[i] + static_cast<const cpu::QGroupTiles*>(ws[i]->packed)->tiles;
+      first_sum[i + 1] = first_sum[i] + int64_t(n) * ws[i]->blocks_per_row;
+    }
+    qgroup_sums_.resize(size_t(first_sum[count]));
+    for (int i = 0; i < count; ++i)
+      cpu::qgroup_activation_sums(q8_values_.data(), q8_scales_.data(), ws[0]->cols, ws[i]->block, n,
+                                  qgroup_sums_.data() + first_sum[i]);
+    over_tiles(first_tile[count], [&](int64_t t0, int64_t t1) {
+      for (int i = 0; i < count; ++i) {  // the part of [t0, t1) in matrix i
+        const int64_t a = std::max(t0, first_tile[i]) - first_tile[i];
+        const int64_t b = std::min(t1, first_tile[i + 1]) - first_tile[i];
+        if (a >= b) continue;
+        const Matrix& w = *ws[i];
+        k_.qgroup_tiles->rows(*static_cast<const cpu::QGroupTiles*>(w.packed), a, b, q8_values_.data(),
+                              q8_scales_.data(), qgroup_sums_.data() + first_sum[i], n, outs[i], w.rows);
+        add_bias(w, n, a * cpu::kQGroupTileRows, b * cpu::kQGroupTileRows, outs[i]);
+      }
+    });
+  }
+
+  // The n input rows quantized to int8 per group of 64 into q8_values_ / q8_scales_ (engine/cpu/kernels.h).
+  void quantize_activations(const float* x, int n, int64_t cols) {
+    const int64_t groups = cpu::q8_groups(cols), padded = groups * cpu::kQ8Group;
+    q8_values_.resize(size_t(n) * padded);
+    q8_scales_.resize(size_t(n) * groups);
+    pool_.run(n, [&](int64_t t) {
+      k_.quantize_q8(x + t * cols, cols, q8_values_.data() + t * padded, q8_scales_.data() + t * groups);
+    });
+  }
+
   // Binary and int8 weights against int8 activations (engine/cpu/kernels.h): quantize the n input rows once,
   // then each task runs its chunk of weight rows against all of them.
   // stb.row-col-sign.v1: per scale group Y += ((X ⊙ a_c) · (a_r ⊙ B1)ᵀ) on the sign-block kernels over the group's
@@ -404,11 +445,7 @@ class CpuBackend final : public Backend {
 
   void linear_q8(const Matrix& w, const float* x, int n, float* out, const cpu::SignLut* lut) {
     const int64_t rows = w.rows, cols = w.cols, groups = cpu::q8_groups(cols), padded = groups * cpu::kQ8Group;
-    q8_values_.resize(size_t(n) * padded);
-    q8_scales_.resize(size_t(n) * groups);
-    pool_.run(n, [&](int64_t t) {
-      k_.quantize_q8(x + t * cols, cols, q8_values_.data() + t * padded, q8_scales_.data() + t * groups);
-    });
+    quantize_activations(x, n, cols);
     if (w.codec == MatrixCodec::Int8Group && w.packed) return linear_int8_tiles(w, n, out);
     if (lut) {
       if (k_.sign_lut->use_gemm(n, w.rows)) return linear_sign_gemm(w, *lut, n, out);

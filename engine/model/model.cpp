@@ -152,9 +152,9 @@ void Model::forward(KvCache& cache, const std::vector<BatchRow>& rows, const std
     for (int l = 0; l < c.num_layers; ++l) {
       const LayerWeights& L = layers_[l];
       be.norm(x, n, int(hidden), L.attn_norm, L.attn_norm_bias, c.norm_eps, c.rms_norm, h);
-      be.linear(L.q, h, n, q);
-      be.linear(L.k, h, n, k);
-      be.linear(L.v, h, n, v);
+      const Matrix* qkv[] = {&L.q, &L.k, &L.v};
+      float* const qkv_out[] = {q, k, v};
+      be.linears(qkv, 3, h, n, qkv_out);
       if (c.rope) {
         be.rope(q, n, c.heads, c.head_dim, info.data(), c.rope_theta);
         be.rope(k, n, c.kv_heads, c.head_dim, info.data(), c.rope_theta);
@@ -164,8 +164,13 @@ void Model::forward(KvCache& cache, const std::vector<BatchRow>& rows, const std
       be.add(x, h, n * hidden);
 
       be.norm(x, n, int(hidden), L.ffn_norm, L.ffn_norm_bias, c.norm_eps, c.rms_norm, h);
-      if (c.mlp_gated) be.linear(L.gate, h, n, gate);
-      be.linear(L.up, h, n, up);
+      if (c.mlp_gated) {
+        const Matrix* gate_up[] = {&L.gate, &L.up};
+        float* const gate_up_out[] = {gate, up};
+        be.linears(gate_up, 2, h, n, gate_up_out);
+      } else {
+        be.linear(L.up, h, n, up);
+      }
       be.activation(gate, up, n * inter, c.silu);
       be.linear(L.down, up, n, h);
       be.add(x, h, n * hidden);

@@ -33,6 +33,11 @@ class ProfilingBackend final : public Backend {
   void linear(const Matrix& w, const float* x, int n, float* out) override {
     timed("linear " + category(w.name), [&] { inner_->linear(w, x, n, out); });
   }
+  void linears(const Matrix* const* ws, int count, const float* x, int n, float* const* outs) override {
+    std::string op = "linear ";
+    for (int i = 0; i < count; ++i) op += (i ? "+" : "") + category(ws[i]->name);
+    timed(op, [&] { inner_->linears(ws, count, x, n, outs); });
+  }
   void norm(const float* x, int n, int dim, const float* w, const float* b, float eps, bool rms, float* out) override {
     timed("norm", [&] { inner_->norm(x, n, dim, w, b, eps, rms, out); });
   }

@@ -204,4 +204,27 @@ void bind_linear(py::module_& m) {
       .def_property_readonly("kernels", [](const Linear& l) { return l.backend->kernels(); })
       // Bytes of the backend's repacked form (what a model holds for this matrix); 0 when it uses the planes.
       .def_property_readonly("weight_bytes", [](const Linear& l) { return l.matrix.bytes; });
+  m.def(
+      "linears",
+      [](const std::vector<Linear*>& lins, const Array<float>& x) {
+        if (lins.empty() || x.ndim() != 2) throw py::value_error("linears needs matrices and x [n, cols]");
+        std::vector<const stb::Matrix*> ws;
+        std::vector<py::array_t<float>> outs;
+        std::vector<float*> dst;
+        for (Linear* l : lins) {
+          if (l->matrix.cols != x.shape(1)) throw py::value_error("every matrix must take x's width");
+          ws.push_back(&l->matrix);
+          outs.emplace_back(std::vector<py::ssize_t>{x.shape(0), py::ssize_t(l->matrix.rows)});
+          dst.push_back(outs.back().mutable_data());
+        }
+        {
+          // The first matrix's backend runs them all; the others' repacked forms live in their own backends.
+          py::gil_scoped_release release;
+          lins[0]->backend->linears(ws.data(), int(ws.size()), x.data(), int(x.shape(0)), dst.data());
+        }
+        return outs;
+      },
+      py::arg("linears"), py::arg("x"),
+      "Backend::linears: several matrices of one input width on the same x, run by the first one's backend; "
+      "returns their outputs.");
 }

@@ -105,6 +105,11 @@ class Backend {
   virtual void embed(const Matrix& table, const int* ids, int n, float* out, bool accumulate) = 0;
   // out = x · Wᵀ (+ bias); x [n, cols], out [n, rows].
   virtual void linear(const Matrix& w, const float* x, int n, float* out) = 0;
+  // outs[i] = x · ws[i]ᵀ for `count` matrices of the same input width reading one x (q/k/v, gate/up): a backend may
+  // prepare x once and run them as one parallel loop. Results equal `count` linear() calls.
+  virtual void linears(const Matrix* const* ws, int count, const float* x, int n, float* const* outs) {
+    for (int i = 0; i < count; ++i) linear(*ws[i], x, n, outs[i]);
+  }
   // RMSNorm (bias null) or LayerNorm over rows of width `dim`.
   virtual void norm(const float* x, int n, int dim, const float* weight, const float* bias, float eps, bool rms,
                     float* out) = 0;
