@@ -233,6 +233,11 @@ void qgroup_tile_pass(const QGroupTiles& w, int64_t tile, int half, const int8_t
     __m256i sums[T];
     for (int t = 0; t < T; ++t) sums[t] = _mm256_setzero_si256();
     for (int64_t c = c0; c < c0 + segment && c < padded; c += kQGroupUnitCols) {
+      if (half == 0) {  // the next tile's unit, as gemm_avx512vnni.cpp does (half 1 re-reads this tile from cache)
+        const uint8_t* next = codes + (w.units + c / kQGroupUnitCols) * unit_bytes;
+        _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T0);
+        if constexpr (Bits > 2) _mm_prefetch(reinterpret_cast<const char*>(next + 64), _MM_HINT_T0);
+      }
       __m256i quads[4];
       half_unit_quads<Bits>(codes + (c / kQGroupUnitCols) * unit_bytes, half, quads);
       for (int t = 0; t < T; ++t) {

@@ -220,6 +220,11 @@ void qgroup_tile_pass(const QGroupTiles& w, int64_t tile, const int8_t* q, int64
     __m512i sums[T];
     for (int t = 0; t < T; ++t) sums[t] = _mm512_setzero_si512();
     for (int64_t c = c0; c < c0 + segment && c < padded; c += kQGroupUnitCols) {
+      // The next tile's unit at the same place (as the int8 tiles do): at batch 1 the weights stream from memory
+      // and small matrices end before the hardware prefetcher has ramped up.
+      const uint8_t* next = codes + (w.units + c / kQGroupUnitCols) * unit_bytes;
+      _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T0);
+      if constexpr (Bits > 2) _mm_prefetch(reinterpret_cast<const char*>(next + 64), _MM_HINT_T0);
       __m512i quads[4];
       unit_quads<Bits>(codes + (c / kQGroupUnitCols) * unit_bytes, quads);
       for (int t = 0; t < T; ++t)
