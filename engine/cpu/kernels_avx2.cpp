@@ -200,16 +200,6 @@ void attend_as(const float* q, int heads, const T* keys, const T* values, int64_
                     scores, out);
 }
 
-void attend(const float* q, int heads, const float* keys, const float* values, int64_t kv_stride, int first,
-            int last, int hd, float scale, float* scores, float* out) {
-  attend_as(q, heads, keys, values, kv_stride, first, last, hd, scale, scores, out);
-}
-
-void attend_f16(const float* q, int heads, const uint16_t* keys, const uint16_t* values, int64_t kv_stride, int first,
-                int last, int hd, float scale, float* scores, float* out) {
-  attend_as(q, heads, keys, values, kv_stride, first, last, hd, scale, scores, out);
-}
-
 void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -223,8 +213,8 @@ void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
 const Kernels* avx2_kernels() {
   // Binary, int8 and k-bit group matrices always take the lookup and tile kernels here (the backend repacks them);
   // sign_row_q8, int8_row_q8 and qgroup_row_q8 are the portable ones for completeness.
-  static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, attend, attend_f16, f32_to_f16, silu_gate,
-                         exp_weights, quantize_q8,
+  static const Kernels k{"avx2", dot_f32, dot_f16_rows, f16_to_f32, attend_as<float>, attend_as<uint16_t>,
+                         f32_to_f16, silu_gate, exp_weights, quantize_q8,
                          scalar_kernels().sign_row_q8,
                          scalar_kernels().int8_row_q8, scalar_kernels().qgroup_row_q8, avx2_sign_lut(), avx2_groups(),
                          avx2_int8_tiles(), avx2_qgroup_tiles()};

@@ -174,16 +174,6 @@ void attend_as(const float* q, int heads, const T* keys, const T* values, int64_
                     scores, out);
 }
 
-void attend(const float* q, int heads, const float* keys, const float* values, int64_t kv_stride, int first,
-            int last, int hd, float scale, float* scores, float* out) {
-  attend_as(q, heads, keys, values, kv_stride, first, last, hd, scale, scores, out);
-}
-
-void attend_f16(const float* q, int heads, const uint16_t* keys, const uint16_t* values, int64_t kv_stride, int first,
-                int last, int hd, float scale, float* scores, float* out) {
-  attend_as(q, heads, keys, values, kv_stride, first, last, hd, scale, scores, out);
-}
-
 void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half(src[i]);
 }
@@ -204,8 +194,8 @@ void qgroup_activation_sums(const int8_t* q, const float* d, int64_t cols, int g
 }
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar",    dot_f32,     dot_f16_rows, f16_to_f32, attend, attend_f16, f32_to_f16,
-                         silu_gate,   exp_weights, quantize_q8,
+  static const Kernels k{"scalar",    dot_f32,     dot_f16_rows, f16_to_f32, attend_as<float>,
+                         attend_as<uint16_t>, f32_to_f16, silu_gate, exp_weights, quantize_q8,
                          sign_row_q8, int8_row_q8, qgroup_row_q8, nullptr,    nullptr,   nullptr,
                          nullptr};
   return k;
