@@ -200,9 +200,9 @@ inline void unit_quads(const uint8_t* p, __m512i (&w)[4]) {
     w[1] = _mm512_and_si512(_mm512_srli_epi16(v, 2), low2);
     w[2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low2);
     w[3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), low2);
-    if constexpr (Bits == 3)
+    if constexpr (Bits == 3)  // bit 2 is clear so far: adding 4 under the quad's mask sets it (one masked vpaddb)
       for (int s = 0; s < 4; ++s)
-        w[s] = _mm512_or_si512(w[s], _mm512_maskz_set1_epi8(__mmask64(load_u64(p + 64 + 8 * s)), 4));
+        w[s] = _mm512_mask_add_epi8(w[s], __mmask64(load_u64(p + 64 + 8 * s)), w[s], _mm512_set1_epi8(4));
   }
 }
 
