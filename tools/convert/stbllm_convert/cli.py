@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "head, norms)")
     budget.add_argument("--candidates", metavar="LIST", default=None,
                         help="comma-separated methods to choose from: fp16, sign[:N:M], "
-                             "q2/q3/q4[-rtn][:gGROUP][:p8] "
+                             "q2/q3/q4[-rtn][:gGROUP][:p8|:p16] "
                              f"(default: {DEFAULT_CANDIDATES})")
     budget.add_argument("--save-recipe", metavar="FILE", default=None,
                         help="also write the chosen recipe as JSON (reuse it with --recipe FILE)")
