@@ -1,6 +1,7 @@
 """Seed corpus for fuzz/stb_loader_fuzz.cpp: small valid files of every codec (binary-groups with 1, 2 and 3
 regions, with and without N:M and salient columns, rANS labels, two with fixed-width labels, one with 8-bit params;
-row-col-sign with and without N:M, salient columns and two scale groups; qgroup at 2, 3 and 4 bits with ragged chunks and groups),
+row-col-sign with and without N:M, salient columns and two scale groups; qgroup at 2, 3 and 4 bits with ragged chunks and
+groups, one with 8-bit params),
 tiny complete models (f16, sign, sign with 4:8 masks, qgroup linears and embedding, int8 head, tied head, sliding
 window), and the malformed files of tests/test_format.py.
 
@@ -123,13 +124,19 @@ def row_col_group_files(out: Path, rng) -> None:
 
 
 def qgroup_files(out: Path, rng) -> None:
-    for bits in (2, 3, 4):
+    """k = 2, 3, 4 with fp16 params, and k = 3 with 8-bit params (params_bits = 8)."""
+    for bits, params_bits in ((2, 16), (3, 16), (4, 16), (3, 8)):
         w = StbWriter(METADATA)
         for name, (rows, cols, group) in {"a.weight": (3, 77, 32), "b.weight": (2, 64, 96)}.items():
             groups = -(-cols // group)
-            w.add_qgroup(name, rng.integers(0, 1 << bits, (rows, cols)), rng.random((rows, groups)),
-                         rng.standard_normal((rows, groups)), bits, group)
-        w.write(out / f"qgroup-{bits}bit.stb")
+            if params_bits == 8:
+                steps = rng.random((rows, 2)).astype(np.float16)
+                scales, offsets = (binary_groups.expand_params(rng.integers(-127, 128, (rows, groups, 1)),
+                                                               steps[:, i:i + 1])[:, :, 0] for i in range(2))
+            else:
+                steps, scales, offsets = None, rng.random((rows, groups)), rng.standard_normal((rows, groups))
+            w.add_qgroup(name, rng.integers(0, 1 << bits, (rows, cols)), scales, offsets, bits, group, steps)
+        w.write(out / (f"qgroup-{bits}bit" + ("-p8" if params_bits == 8 else "") + ".stb"))
 
 
 def model_files(out: Path) -> None:

@@ -186,6 +186,30 @@ def test_file_scope_chooses_the_tied_table(tiny_hf_models, calibration, tmp_path
     assert StbReader(tmp_path / "g.stb").tensor_info("token_embd.weight")["codec"] == "stb.int8-group.v1"
 
 
+def test_8bit_param_candidates_and_tables_are_counted_honestly(tiny_hf_models, calibration, tmp_path):
+    """q specs with :p8 (and, with --params-bits 8, the k-bit tables and the q specs without :pBITS) cost their
+    file bytes: k/8 per weight + one byte per scale and offset + 4 bytes of steps per row; the allocated file keeps
+    the budget and the methods it was measured with."""
+    counter, counter8 = A.ByteCounter(64), A.ByteCounter(64, 8)
+    methods = A.parse_candidates("q4:g64,q4:g64:p8,q3:g32:p8", 128)
+    rows, cols = 96, 576
+    assert counter.linear(methods["q4:g64"], "q4:g64", (rows, cols)) == rows * cols // 2 + 2 * rows * 9 * 2
+    assert counter.linear(methods["q4:g64:p8"], "q4:g64:p8", (rows, cols)) == rows * cols // 2 + 2 * rows * 9 + rows * 4
+    assert counter.linear(methods["q3:g32:p8"], "q3:g32:p8", (rows, cols)) == rows * cols * 3 // 8 + 2 * rows * 18 + \
+        rows * 4
+    assert counter8.table(4, (rows, cols)) == counter.linear(methods["q4:g64:p8"], "q4:g64:p8", (rows, cols))
+    assert A.parse_candidates("q4:g64", 128, 8)["q4:g64"].params_bits == 8
+    out = tmp_path / "p8.stb"
+    alloc = _allocated(tiny_hf_models["mistral"], out, calibration, 4.0, bpw_scope="file",
+                       candidates="q3:g64,q4:g32,q4:g64:p16", params_bits=8)["allocation"]
+    reader = StbReader(out)
+    assert reader.metadata["provenance"]["bits"]["file_bits_per_weight"] == alloc["predicted_bits_per_weight"] <= 4.0
+    for name, spec in alloc["chosen"].items():
+        assert reader.tensor_info(name)["params"].get("params_bits", 16) == (16 if spec.endswith(":p16") else 8)
+    if alloc["head_bits"] <= 4:
+        assert reader.tensor_info("token_embd.weight")["params"]["params_bits"] == 8
+
+
 def test_file_scope_untied_head_and_embedding(tiny_hf_models, calibration, tmp_path):
     out = tmp_path / "u.stb"
     alloc = _allocated(tiny_hf_models["llama"], out, calibration, 3.5, bpw_scope="file", embed_bits=4)["allocation"]

@@ -290,12 +290,13 @@ def test_quantizer_with_8bit_params_round_trips_bit_exactly(tmp_path):
 def test_8bit_params_only_for_binarizers_with_plain_alphas():
     from stbllm_convert.methods import ConvertError
 
-    with pytest.raises(ConvertError, match="billm or stbllm"):
+    with pytest.raises(ConvertError, match="billm, stbllm, q2, q3 or q4"):
         make_method("arb-x", params_bits=8)
-    with pytest.raises(ConvertError, match="billm or stbllm"):
+    with pytest.raises(ConvertError, match="billm, stbllm, q2, q3 or q4"):
         make_method("sign", params_bits=8)
-    with pytest.raises(ConvertError, match="16 or 8"):
-        make_method("billm", params_bits=4)
+    for name in ("billm", "q3"):
+        with pytest.raises(ConvertError, match="16 or 8"):
+            make_method(name, params_bits=4)
 
 
 def test_label_coder_option_is_checked():

@@ -17,7 +17,7 @@ from stbllm_convert.convert import convert  # noqa: E402
 from stbllm_convert.errors import ConvertError  # noqa: E402
 from stbllm_convert.methods import make_method  # noqa: E402
 from stbllm_convert.recipe import Recipe, parse_method, read_recipe_file  # noqa: E402
-from stbllm_rt import FormatError, Model, StbReader, StbWriter, _core, qgroup  # noqa: E402
+from stbllm_rt import FormatError, Model, StbReader, StbWriter, _core, binary_groups, qgroup  # noqa: E402
 
 from conftest import CORPUS  # noqa: E402
 from test_calibrate import _correlated_layer  # noqa: E402
@@ -28,11 +28,22 @@ from test_oracle import assert_logits_close, oracle_logits  # noqa: E402
 NAME = "blk.0.attn_q.weight"
 
 
-def _random_tensor(rng, rows, cols, bits, group):
+def _random_tensor(rng, rows, cols, bits, group, params_bits=16):
+    """Random codes, scales and offsets; params_bits 8: the scales and offsets are 8-bit codes (code -127 and 127
+    included) times random per-row steps (param_scales [rows, 2]), one row's steps subnormal."""
     groups = -(-cols // group)
-    return dict(codes=rng.integers(0, 1 << bits, (rows, cols)).astype(np.uint8),
-                scales=(rng.random((rows, groups)) * 0.1).astype(np.float16),
-                offsets=(rng.standard_normal((rows, groups)) * 0.1).astype(np.float16), bits=bits, group=group)
+    t = dict(codes=rng.integers(0, 1 << bits, (rows, cols)).astype(np.uint8),
+             scales=(rng.random((rows, groups)) * 0.1).astype(np.float16),
+             offsets=(rng.standard_normal((rows, groups)) * 0.1).astype(np.float16), bits=bits, group=group)
+    if params_bits == 8:
+        steps = (rng.random((rows, 2)) * 1e-3).astype(np.float16)
+        steps[-1] = 3e-7  # subnormal: the products round to subnormals too
+        codes = rng.integers(-127, 128, (2, rows, groups, 1))
+        codes[0, :2, 0, 0] = -127, 127  # the scales of rows 0 and 1 in group 0
+        t["scales"], t["offsets"] = (binary_groups.expand_params(codes[i], steps[:, i:i + 1])[:, :, 0]
+                                     for i in range(2))
+        t["param_scales"] = steps
+    return t
 
 
 def _reference(t):
@@ -42,10 +53,11 @@ def _reference(t):
     return per_col(t["scales"]) * t["codes"].astype(np.float32) + per_col(t["offsets"])
 
 
+@pytest.mark.parametrize("params_bits", [16, 8])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("cols, group", [(576, 64), (100, 32), (1000, 128), (64, 96), (31, 32)])
-def test_round_trip_is_bit_exact_in_python_and_cpp(tmp_path, bits, cols, group):
-    t = _random_tensor(np.random.default_rng(cols * bits), 7, cols, bits, group)
+def test_round_trip_is_bit_exact_in_python_and_cpp(tmp_path, bits, cols, group, params_bits):
+    t = _random_tensor(np.random.default_rng(cols * bits), 7, cols, bits, group, params_bits)
     writer = StbWriter(_metadata())
     writer.add_qgroup(NAME, **t)
     writer.write(tmp_path / "q.stb")
@@ -54,6 +66,16 @@ def test_round_trip_is_bit_exact_in_python_and_cpp(tmp_path, bits, cols, group):
     np.testing.assert_array_equal(reader.dequantize(NAME), ref)
     np.testing.assert_array_equal(_core.StbFile(str(tmp_path / "q.stb")).dequantize_qgroup(NAME), ref)
     assert len(reader.component(NAME, "codes")) == 7 * -(-cols // 32) * 4 * bits  # dense: k bits per code
+    info = reader.tensor_info(NAME)
+    groups = -(-cols // group)
+    assert info["components"]["scales"]["length"] == info["components"]["offsets"]["length"] == \
+        7 * groups * params_bits // 8
+    if params_bits == 8:
+        assert info["params"]["params_bits"] == 8 and info["components"]["param_scales"]["length"] == 7 * 4
+        stored = reader.component(NAME, "scales").view(np.int8)
+        assert stored.min() == -127 and stored.max() == 127
+    else:
+        assert "param_scales" not in info["components"] and "params_bits" not in info["params"]
 
 
 def test_honest_bits_are_k_plus_32_over_group():
@@ -115,8 +137,8 @@ def test_matrices_sharing_an_input_give_the_bits_of_separate_calls(kernels, n):
         np.testing.assert_array_equal(got.view(np.uint32), lin.forward(x).view(np.uint32))
 
 
-def _qgroup_file(tmp_path, cols=100, bits=3, group=32):
-    t = _random_tensor(np.random.default_rng(0), 5, cols, bits, group)
+def _qgroup_file(tmp_path, cols=100, bits=3, group=32, params_bits=16):
+    t = _random_tensor(np.random.default_rng(0), 5, cols, bits, group, params_bits)
     writer = StbWriter(_metadata())
     writer.add_qgroup(NAME, **t)
     path = tmp_path / "q.stb"
@@ -147,6 +169,52 @@ def test_malformed_tensors_are_refused_at_open(tmp_path, case, match):
         _rebuild(path, header, raw[data_offset:])
     with pytest.raises(FormatError, match=match):
         StbReader(path)
+
+
+def _set_half(index, value):
+    def edit(buf):
+        buf[2 * index:2 * index + 2] = np.array([value], "<f2").tobytes()
+    return edit
+
+
+@pytest.mark.parametrize("case, match", [
+    ("code_min", "-128"), ("offset_code_min", "-128"), ("nan_step", "negative or not finite"),
+    ("negative_step", "negative or not finite"), ("negative_zero_step", "negative or not finite"),
+    ("overflow", "overflows fp16"), ("bits_16", "params_bits"), ("scales_length", "need"),
+    ("steps_length", "need"), ("no_steps", "components"),
+])
+def test_malformed_8bit_params_are_refused_by_both_readers(tmp_path, case, match):
+    """Checked by the C++ reader at open, and by the Python decoder (qgroup.dequantize) with the same rules."""
+    path = _qgroup_file(tmp_path, params_bits=8)
+    if case in ("code_min", "offset_code_min"):
+        _tamper_component(path, NAME, "scales" if case == "code_min" else "offsets",
+                          lambda b: b.__setitem__(3, 0x80))
+    elif case in ("nan_step", "negative_step", "negative_zero_step", "overflow"):
+        value = {"nan_step": np.nan, "negative_step": -1e-3, "negative_zero_step": -0.0, "overflow": 60000.0}[case]
+        _tamper_component(path, NAME, "param_scales", _set_half(2, value))  # row 1's d_scale
+    else:
+        raw, header, data_offset = _split(path)
+        c = header["tensors"][NAME]["components"]
+        {"bits_16": lambda: header["tensors"][NAME]["params"].update(params_bits=16),
+         "scales_length": lambda: c["scales"].update(length=c["scales"]["length"] * 2),
+         "steps_length": lambda: c["param_scales"].update(length=c["param_scales"]["length"] - 2),
+         "no_steps": lambda: c.pop("param_scales")}[case]()
+        _rebuild(path, header, raw[data_offset:])
+    with pytest.raises(FormatError, match=match):
+        StbReader(path)
+    if case in ("code_min", "offset_code_min", "nan_step", "negative_step", "negative_zero_step", "overflow"):
+        with pytest.raises(FormatError, match=match):  # the Python decoder, past the C++ checks
+            _python_dequantize(path)
+
+
+def _python_dequantize(path):
+    """qgroup.dequantize on the raw bytes of NAME in `path` (no C++ reader in between)."""
+    raw, header, data_offset = _split(path)
+    t = header["tensors"][NAME]
+    component = lambda key: np.frombuffer(raw, np.uint8, t["components"][key]["length"],  # noqa: E731
+                                          data_offset + t["components"][key]["offset"])
+    return qgroup.dequantize(component("codes"), component("scales"), component("offsets"), tuple(t["shape"]),
+                             t["params"], component("param_scales"))
 
 
 def test_python_decoder_checks_what_the_cpp_reader_checks():
@@ -211,6 +279,33 @@ def test_act_order_lowers_gptq_error_and_keeps_the_file_layout(bits, group):
     assert torch.equal(make_method(f"q{bits}", group=group).quantize(w, None, None, h).q, act.q)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_8bit_params_cost_little_layer_error_and_the_file_holds_them(tmp_path, bits):
+    """params_bits 8: each scale and offset is fp16(d · code) under its row's steps, the file (and the runtime's
+    decoder) reproduce the quantizer bit for bit for GPTQ and round-to-nearest, the layer output error on correlated
+    inputs is at most 10 % above fp16 params' and the params cost 16/group + 32/cols bits per weight."""
+    w, x, h = _correlated_layer(rows=32, cols=256)
+    err = lambda q: float(((x @ (w - q).t()) ** 2).mean())  # noqa: E731
+    fp16, p8 = (make_method(f"q{bits}", group=64, params_bits=p).quantize(w, None, None, h) for p in (16, 8))
+    assert fp16.param_scales is None and p8.param_scales.shape == (32, 2)
+    # measured ratios p8 / fp16: 0.98 (q2), 0.98 (q3), 1.02 (q4)
+    assert err(p8.q) <= 1.1 * err(fp16.q)
+    rtn_method = make_method(f"q{bits}-rtn", group=64, params_bits=8)
+    rtn = Q.quantize_rtn(w, bits, 64, grid=Q.row_grid(w, bits, 64))
+    writer = StbWriter(_metadata())
+    make_method(f"q{bits}", group=64, params_bits=8).write(writer, NAME, p8, None)
+    rtn_method.add_linear(writer, "blk.0.attn_k.weight", w.numpy())
+    assert writer.bit_report()["groups"]["scales"]["bits_per_weight"] == 16 / 64 + 32 / 256
+    writer.write(tmp_path / "p8.stb")
+    reader = StbReader(tmp_path / "p8.stb")
+    for name, result in ((NAME, p8), ("blk.0.attn_k.weight", rtn)):
+        steps = result.param_scales
+        for values, d in ((result.scales, steps[:, :1]), (result.offsets, steps[:, 1:])):
+            assert torch.equal(B.round_to_codes(values, d), values)  # on the row's code grid
+        assert np.array_equal(reader.dequantize(name), result.q.numpy())
+        assert np.array_equal(_core.StbFile(str(tmp_path / "p8.stb")).dequantize_qgroup(name), result.q.numpy())
+
+
 def test_calibrated_table_lowers_the_head_output_error(tmp_path):
     """A k-bit table given the head's input Hessian is GPTQ'd with it: lower error in the head's outputs on
     correlated inputs than rounding to nearest, and the file holds exactly the quantizer's values."""
@@ -256,7 +351,21 @@ def test_recipe_patterns_pick_methods():
                                                       "*.ffn_gate": "fp16"}}
 
 
+def test_params_bits_in_specs_and_from_the_option():
+    """:pBITS spells a q method's params bits; --params-bits (the params_bits option) is the default of the q specs
+    without one and of the binary calibrated methods, and reaches no other method."""
+    assert (parse_method("q4:g32:p8").bits, parse_method("q4:g32:p8").group) == (4, 32)
+    assert parse_method("q4:g32:p8").params_bits == parse_method("q3:p8").params_bits == 8
+    assert parse_method("q3:p8").group == 64 and parse_method("q3").params_bits == 16
+    assert parse_method("q2-rtn", params_bits=8).params_bits == 8
+    assert parse_method("q2:g128:p16", params_bits=8).params_bits == 16
+    assert parse_method("stbllm:6:8:p16").params_bits == 16
+    assert parse_method("fp16", params_bits=8).name == "fp16"
+    assert parse_method("q4:p8").params()["params_bits"] == 8 and "params_bits" not in parse_method("q4").params()
+
+
 @pytest.mark.parametrize("rules, match", [
+    (["ffn_down=q4:p4"], "p8 or p16"), (["ffn_down=sign:4:8:p8"], "billm, stbllm, q2, q3 or q4"),
     (["ffn_down=q5"], "unknown method 'q5'"), (["ffn_down=q4:g48"], "multiple of 32"),
     (["ffn_down=q4:6:8"], "binarizing method"), (["mlp=q4"], "matches no linear kind"),
     (["3-1.ffn_down=q4"], "bad layer list"), (["9.ffn_down=q4"], "matches no linear of this model"),
@@ -311,9 +420,12 @@ def test_mixed_recipe_end_to_end(tiny_hf_models, tmp_path):
     assert_logits_close(model.logits(ids), oracle_logits(out, ids), "sign")
 
 
-def test_tied_table_is_gptqd_with_the_head_hessian_and_resumes(tiny_hf_models, tmp_path):
+@pytest.mark.parametrize("params_bits", [16, 8])
+def test_tied_table_is_gptqd_with_the_head_hessian_and_resumes(tiny_hf_models, tmp_path, params_bits):
     """With a calibration pass a 4-bit tied table is GPTQ'd with the head's input Hessian (not rounded to nearest);
-    the runtime matches the oracle; a resume over finished checkpoints rebuilds the same Hessian, the same table."""
+    the runtime matches the oracle; a resume over finished checkpoints rebuilds the same Hessian, the same table.
+    --params-bits 8: the linears and the table store 8-bit scales and offsets, and the runtime (its embedding lookup
+    included) decodes them as the oracle does."""
     from stbllm_convert.source import open_source
 
     text = tmp_path / "calib.txt"
@@ -321,9 +433,11 @@ def test_tied_table_is_gptqd_with_the_head_hessian_and_resumes(tiny_hf_models, t
     opts = dict(texts=[text], samples=2, seqlen=32, work_dir=tmp_path / "work")
     out = tmp_path / "q4.stb"
     convert(tiny_hf_models["mistral"], out, method="q4", head_bits=4, progress=False,
-            calibration=CalibrationOptions(**opts))
+            calibration=CalibrationOptions(**opts), params_bits=params_bits)
     reader = StbReader(out)
     assert reader.metadata["provenance"]["head_quantizer"] == "gptq" and "output.weight" not in reader.tensor_names()
+    for name in ("token_embd.weight", "blk.0.ffn_down.weight"):
+        assert reader.tensor_info(name)["params"].get("params_bits", 16) == params_bits
     table = reader.dequantize("token_embd.weight")
     with open_source(tiny_hf_models["mistral"], quiet=True) as src:
         source = torch.from_numpy(np.ascontiguousarray(src.tensor("model.embed_tokens.weight"))).float()
@@ -331,7 +445,7 @@ def test_tied_table_is_gptqd_with_the_head_hessian_and_resumes(tiny_hf_models, t
     ids = list(np.random.default_rng(7).integers(4, 300, size=24))
     assert_logits_close(Model(out, threads=2, kv_cache="f32").logits(ids), oracle_logits(out, ids), "sign")
     convert(tiny_hf_models["mistral"], tmp_path / "resumed.stb", method="q4", head_bits=4, progress=False,
-            calibration=CalibrationOptions(**opts, resume=True))
+            calibration=CalibrationOptions(**opts, resume=True), params_bits=params_bits)
     np.testing.assert_array_equal(StbReader(tmp_path / "resumed.stb").dequantize("token_embd.weight"), table)
 
 

@@ -141,8 +141,8 @@ class CpuBackend final : public Backend {
       m.block = w.group;
       m.blocks_per_row = int((m.cols + w.group - 1) / w.group);
       m.values = w.component("codes").data;
-      m.scales = reinterpret_cast<const uint16_t*>(w.component("scales").data);
-      m.offsets = reinterpret_cast<const uint16_t*>(w.component("offsets").data);
+      m.scales = w.qgroup_scales();
+      m.offsets = w.qgroup_offsets();
     } else if (w.codec == kCodecBinaryGroups) {
       planes = std::make_unique<BinaryGroupsPlanes>(decode_binary_groups(w));
       cpu::describe_binary_groups(w, *planes, m);

@@ -85,25 +85,29 @@ bool unrank(uint64_t rank, int m, int k, uint64_t* row_words, int64_t col) {
 
 }  // namespace
 
-std::vector<uint16_t> binary_groups_expand_params(const TensorEntry& t) {
-  const std::string what = "tensor '" + t.name + "'";
-  const int64_t rows = t.shape.at(0), blocks = (t.shape.at(1) + t.block - 1) / t.block, slots = t.param_slots();
-  const auto* codes = reinterpret_cast<const int8_t*>(t.component("params").data);
-  const auto* scales = reinterpret_cast<const uint16_t*>(t.component("param_scales").data);
-  for (int64_t i = 0; i < rows * slots; ++i)
-    if (scales[i] >= 0x7c00)  // sign set (negative or -0) or exponent all ones (inf, NaN)
-      throw FormatError(what + ": param scale " + std::to_string(i) + " is negative or not finite");
-  std::vector<uint16_t> out(size_t(rows * blocks * slots));
+void expand_int8_params(const int8_t* codes, const uint16_t* scales, int64_t rows, int64_t blocks, int64_t slots,
+                        int64_t scale_stride, const std::string& what, uint16_t* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < slots; ++i)
+      if (scales[r * scale_stride + i] >= 0x7c00)  // sign set (negative or -0) or exponent all ones (inf, NaN)
+        throw FormatError(what + ": param scale " + std::to_string(r * slots + i) + " is negative or not finite");
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < blocks; ++b)
       for (int64_t i = 0; i < slots; ++i) {
         const int64_t k = (r * blocks + b) * slots + i;
         if (codes[k] == -128) throw FormatError(what + ": a param code is -128 (codes are -127..127)");
         // fp16 × int8 is exact in float32: the conversion is the only rounding.
-        out[size_t(k)] = cpu::float_to_half(cpu::half_to_float(scales[r * slots + i]) * float(codes[k]));
-        if ((out[size_t(k)] & 0x7c00) == 0x7c00)
-          throw FormatError(what + ": param " + std::to_string(k) + " overflows fp16");
+        out[k] = cpu::float_to_half(cpu::half_to_float(scales[r * scale_stride + i]) * float(codes[k]));
+        if ((out[k] & 0x7c00) == 0x7c00) throw FormatError(what + ": param " + std::to_string(k) + " overflows fp16");
       }
+}
+
+std::vector<uint16_t> binary_groups_expand_params(const TensorEntry& t) {
+  const int64_t rows = t.shape.at(0), blocks = (t.shape.at(1) + t.block - 1) / t.block, slots = t.param_slots();
+  std::vector<uint16_t> out(size_t(rows * blocks * slots));
+  expand_int8_params(reinterpret_cast<const int8_t*>(t.component("params").data),
+                     reinterpret_cast<const uint16_t*>(t.component("param_scales").data), rows, blocks, slots, slots,
+                     "tensor '" + t.name + "'", out.data());
   return out;
 }
 

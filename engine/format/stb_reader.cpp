@@ -148,12 +148,23 @@ void validate_row_col_sign(const TensorEntry& t) {
   }
 }
 
-// The rules of stb.qgroup.v1 that lengths cannot express: every scale and offset is finite, and codes of the
-// padding columns of each row's last chunk are zero.
-void validate_qgroup(const TensorEntry& t) {
+// The rules of stb.qgroup.v1 that lengths cannot express: every scale and offset is finite (8-bit ones: valid codes
+// under sign-clear finite per-row scales, decoding to finite fp16 values, kept expanded in t.qgroup_params), and
+// codes of the padding columns of each row's last chunk are zero.
+void validate_qgroup(TensorEntry& t) {
   const std::string what = "tensor '" + t.name + "'";
-  for (const char* key : {"scales", "offsets"}) check_finite_halves(t, key);
   const int64_t rows = t.shape[0], cols = t.shape[1], chunks = qgroup_chunks(cols);
+  if (t.params_bits == 8) {
+    const int64_t groups = (cols + t.group - 1) / t.group;
+    const auto* per_row = reinterpret_cast<const uint16_t*>(t.component("param_scales").data);  // [rows, 2]
+    t.qgroup_params.resize(size_t(2 * rows * groups));
+    for (int i = 0; i < 2; ++i)  // the scales under each row's first d, the offsets under its second
+      expand_int8_params(reinterpret_cast<const int8_t*>(t.component(i ? "offsets" : "scales").data), per_row + i,
+                         rows, groups, 1, 2, what + (i ? " offsets" : " scales"),
+                         t.qgroup_params.data() + i * rows * groups);
+  } else {
+    for (const char* key : {"scales", "offsets"}) check_finite_halves(t, key);
+  }
   if (cols % kQGroupChunk == 0) return;
   const uint8_t* codes = t.component("codes").data;
   uint8_t last[kQGroupChunk];
@@ -297,15 +308,21 @@ std::map<std::string, LengthRange> expected_components(TensorEntry& t, const Jso
     if (t.shape.size() != 2) throw FormatError(what + ": stb.qgroup.v1 needs a 2-D shape");
     if (!params) throw FormatError(what + ": stb.qgroup.v1 needs params");
     for (const auto& kv : params->as_object(what + " params"))
-      if (kv.first != "bits" && kv.first != "group") throw FormatError(what + ": unknown param '" + kv.first + "'");
+      if (kv.first != "bits" && kv.first != "group" && kv.first != "params_bits")
+        throw FormatError(what + ": unknown param '" + kv.first + "'");
     t.bits = int(params->at("bits", what + " params").as_int(what + " bits", 2, 4));
     t.group = int(params->at("group", what + " params").as_int(what + " group", kQGroupChunk, 4096));
     if (t.group % kQGroupChunk) throw FormatError(what + ": group must be a multiple of 32");
+    if (const JsonValue* bits = params->find("params_bits"))  // absent: fp16 scales and offsets
+      t.params_bits = int(bits->as_int(what + " params_bits (only 8 is defined)", 8, 8));
     const uint64_t rows = uint64_t(t.shape[0]), cols = uint64_t(t.shape[1]);
-    const uint64_t halves = checked_mul(rows, (cols + uint64_t(t.group) - 1) / uint64_t(t.group), what);
-    return {{"codes", checked_mul(rows, uint64_t(qgroup_row_bytes(int64_t(cols), t.bits)), what)},
-            {"scales", checked_mul(halves, 2, what)},
-            {"offsets", checked_mul(halves, 2, what)}};
+    const uint64_t params = checked_mul(rows, (cols + uint64_t(t.group) - 1) / uint64_t(t.group), what);
+    const uint64_t param_bytes = checked_mul(params, uint64_t(t.params_bits / 8), what);
+    std::map<std::string, LengthRange> out = {
+        {"codes", checked_mul(rows, uint64_t(qgroup_row_bytes(int64_t(cols), t.bits)), what)},
+        {"scales", param_bytes}, {"offsets", param_bytes}};
+    if (t.params_bits == 8) out["param_scales"] = checked_mul(rows, 4, what);  // d_scale, d_offset per row
+    return out;
   }
   throw FormatError(what + ": unknown codec '" + t.codec + "' (this reader knows stb.f32.v1, stb.f16.v1, "
                     "stb.bytes.v1, stb.sign-block.v1, stb.int8-group.v1, stb.binary-groups.v2, "
@@ -313,6 +330,15 @@ std::map<std::string, LengthRange> expected_components(TensorEntry& t, const Jso
 }
 
 }  // namespace
+
+const uint16_t* TensorEntry::qgroup_scales() const {
+  return params_bits == 8 ? qgroup_params.data() : reinterpret_cast<const uint16_t*>(component("scales").data);
+}
+
+const uint16_t* TensorEntry::qgroup_offsets() const {
+  return params_bits == 8 ? qgroup_params.data() + qgroup_params.size() / 2
+                          : reinterpret_cast<const uint16_t*>(component("offsets").data);
+}
 
 const Component& TensorEntry::component(const std::string& key) const {
   auto it = components.find(key);
@@ -475,7 +501,7 @@ std::shared_ptr<const StbFile> StbFile::open(const std::string& path, bool verif
         if (crc32c(ckv.second.data, ckv.second.length) != ckv.second.crc32c)
           throw FormatError("checksum mismatch in tensor '" + t.name + "' component '" + ckv.first +
                             "' (file is corrupt)");
-  for (const TensorEntry& t : f->tensors_)
+  for (TensorEntry& t : f->tensors_)
     if (t.codec == kCodecBinaryGroups) validate_binary_groups(t);
     else if (t.codec == kCodecRowColSign) validate_row_col_sign(t);
     else if (t.codec == kCodecQGroup) validate_qgroup(t);

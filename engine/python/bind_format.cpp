@@ -110,8 +110,7 @@ void bind_format(py::module_& m) {
             const int64_t rows = t.shape[0], cols = t.shape[1], groups = (cols + t.group - 1) / t.group;
             py::array_t<float> out({py::ssize_t(rows), py::ssize_t(cols)});
             float* dst = out.mutable_data();
-            const auto* scales = reinterpret_cast<const uint16_t*>(t.component("scales").data);
-            const auto* offsets = reinterpret_cast<const uint16_t*>(t.component("offsets").data);
+            const uint16_t *scales = t.qgroup_scales(), *offsets = t.qgroup_offsets();
             py::gil_scoped_release release;
             for (int64_t r = 0; r < rows; ++r)
               stb::qgroup_dequantize_row(t.component("codes").data + r * stb::qgroup_row_bytes(cols, t.bits),

@@ -34,6 +34,13 @@ struct BinaryGroupsPlanes {
   }
 };
 
+// 8-bit params (params_bits = 8 of stb.binary-groups.v2 and stb.qgroup.v1) to their fp16 values:
+// out[(r·blocks + b)·slots + i] = fp16(float32(scales[r·scale_stride + i]) · codes[same index]), rounded to nearest
+// even. Throws FormatError (naming `what`) for a code of −128, a scale that is negative or not finite, or a product
+// that overflows fp16.
+void expand_int8_params(const int8_t* codes, const uint16_t* scales, int64_t rows, int64_t blocks, int64_t slots,
+                        int64_t scale_stride, const std::string& what, uint16_t* out);
+
 // The fp16 params of a tensor with params_bits = 8: p[r, b, i] = fp16(float32(scale[r, i]) · code[r, b, i]),
 // rounded to nearest even. Throws FormatError for a code of −128, a scale that is negative or not finite, or a
 // product that overflows fp16 (the reader checks this at open; decoding expands again).

@@ -53,15 +53,22 @@ struct TensorEntry {
   int regions = 0;
   int64_t salient_columns = 0;
   int64_t kept_salient = 0;
-  int params_bits = 16;  // stb.binary-groups.v2: 16 (fp16 params) or 8 (int8 codes under per-(row, slot) scales)
+  // stb.binary-groups.v2 and stb.qgroup.v1: 16 (fp16 params) or 8 (int8 codes under per-(row, slot) scales)
+  int params_bits = 16;
   bool labels_rans = false;  // stb.binary-groups.v2: labels rANS-coded ("label_coder": "rans"), else fixed width
   int salient_groups = 1;    // stb.binary-groups.v2: 1, or 2 with ARB's column-group bitmap ("salient_groups": 2)
   int scale_groups = 1;      // stb.row-col-sign.v1: 1, or 2 with a group plane and a second scale set ("groups": 2)
   // stb.binary-groups.v2: params per (row, block): α, μ per region, then α₁, μ₁, α₂, μ₂ per salient group
   int param_slots() const { return 2 * regions + 4 * salient_groups; }
   std::map<std::string, Component> components;
+  // stb.qgroup.v1 with params_bits = 8: the fp16 scales, then the fp16 offsets ([rows, G] each), expanded from their
+  // 8-bit codes when the file is opened; empty for fp16 params (read in place).
+  std::vector<uint16_t> qgroup_params;
 
   const Component& component(const std::string& key) const;  // throws FormatError when missing
+  // stb.qgroup.v1: the fp16 scales and offsets [rows, G], whatever params_bits the file stores them with.
+  const uint16_t* qgroup_scales() const;
+  const uint16_t* qgroup_offsets() const;
 };
 
 // Tells the OS that the mapped pages inside c are not needed any more (a backend has copied or repacked them), so

@@ -5,11 +5,14 @@ per (row, group of input columns). Pure numpy packing and unpacking of the codes
 Codes are stored densely in chunks of 32 columns, 4·k bytes each, in the order one SIMD load turns into 32 byte
 lanes: k = 4 puts column i in the low nibble of byte i and column 16 + i in its high nibble; k = 2 puts column
 8s + i in bits 2s..2s+1 of byte i; k = 3 stores the low two bits as k = 2 does, then a u32 of the third bits.
+With params_bits = 8 the scales and offsets are int8 codes under one fp16 (d_scale, d_offset) per row, decoded by
+the binary-groups rule (binary_groups.expand_params).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from . import binary_groups
 from ._core import FormatError
 
 CODEC = "stb.qgroup.v1"
@@ -65,17 +68,40 @@ def unpack_codes(packed: np.ndarray, rows: int, cols: int, bits: int) -> np.ndar
     return codes.reshape(rows, chunks * CHUNK)
 
 
-def dequantize(codes_component, scales_component, offsets_component, shape, params) -> np.ndarray:
+def param_codes(scales, offsets, param_scales) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 codes of fp16 scales and offsets [rows, G] under each row's (d_scale, d_offset) [rows, 2]
+    (params_bits = 8); ValueError if a value is not fp16(d · code) for a code in [-127, 127]."""
+    param_scales = np.asarray(param_scales, dtype="<f2")
+    return tuple(binary_groups.param_codes(np.asarray(v, dtype="<f2")[:, :, None], param_scales[:, i:i + 1])[:, :, 0]
+                 for i, v in enumerate((scales, offsets)))
+
+
+def stored_params(scales_component, offsets_component, rows: int, groups: int, param_scales_component=None):
+    """The fp16 scales and offsets [rows, G] as float32, expanded from 8-bit codes when param_scales_component
+    (params_bits = 8: d_scale, d_offset per row) is given; FormatError where the C++ reader refuses them."""
+    if param_scales_component is None:
+        values = [np.asarray(c).view("<f2").reshape(rows, groups) for c in (scales_component, offsets_component)]
+    else:
+        d = np.asarray(param_scales_component).view("<f2").reshape(rows, 2)
+        values = [binary_groups.expand_params(np.asarray(c).view(np.int8).reshape(rows, groups, 1), d[:, i:i + 1])
+                  [:, :, 0] for i, c in enumerate((scales_component, offsets_component))]
+    for what, v in zip(("scales", "offsets"), values):
+        if not np.isfinite(v).all():
+            raise FormatError(f"{what} hold a non-finite value")
+    return tuple(v.astype(np.float32) for v in values)
+
+
+def dequantize(codes_component, scales_component, offsets_component, shape, params,
+               param_scales_component=None) -> np.ndarray:
     """The tensor as float32, float(scale) · code + float(offset) (product rounded, then the sum), after the checks
-    the C++ reader makes: finite scales and offsets, zero codes past the last column."""
+    the C++ reader makes: finite scales and offsets (8-bit ones with params_bits = 8: valid codes and per-row
+    scales), zero codes past the last column."""
     rows, cols = shape
     bits, group = params["bits"], params["group"]
-    groups = -(-cols // group)
-    scales = np.asarray(scales_component).view("<f2").reshape(rows, groups).astype(np.float32)
-    offsets = np.asarray(offsets_component).view("<f2").reshape(rows, groups).astype(np.float32)
-    for what, values in (("scales", scales), ("offsets", offsets)):
-        if not np.isfinite(values).all():
-            raise FormatError(f"{what} hold a non-finite value")
+    if (params.get("params_bits") == 8) != (param_scales_component is not None):
+        raise FormatError("param_scales go with params_bits = 8 and only with it")
+    scales, offsets = stored_params(scales_component, offsets_component, rows, -(-cols // group),
+                                    param_scales_component)
     codes = unpack_codes(codes_component, rows, cols, bits)
     if codes[:, cols:].any():
         raise FormatError("a code past the last column is not zero")

@@ -246,9 +246,10 @@ class StbWriter:
         self._add(name, CODEC_INT8_GROUP, (rows, cols), {"group": group},
                   {"values": values.reshape(rows, -1), "scales": scales})
 
-    def add_qgroup(self, name: str, codes, scales, offsets, bits: int, group: int) -> None:
+    def add_qgroup(self, name: str, codes, scales, offsets, bits: int, group: int, param_scales=None) -> None:
         """stb.qgroup.v1: codes uint8 [rows, cols] in [0, 2^bits); scales and offsets [rows, ceil(cols/group)], stored
-        as fp16 (finite); w = scale · code + offset."""
+        as fp16 (finite); w = scale · code + offset. param_scales: fp16 [rows, 2] (d_scale, d_offset) to store them
+        as 8-bit codes (params_bits = 8); each scale and offset must then be fp16(d · code), code in [-127, 127]."""
         codes = np.asarray(codes)
         try:
             qgroup.check_params(bits, group)
@@ -267,9 +268,17 @@ class StbWriter:
                 if not np.isfinite(values).all():
                     raise ValueError(f"{key} must be finite fp16 values")
                 halves[key] = values
+            params = {"bits": int(bits), "group": int(group)}
+            if param_scales is not None:
+                param_scales = np.asarray(param_scales, dtype="<f2")
+                if param_scales.shape != (rows, 2):
+                    raise ValueError(f"param_scales must have shape {(rows, 2)}, got {param_scales.shape}")
+                halves["scales"], halves["offsets"] = qgroup.param_codes(halves["scales"], halves["offsets"],
+                                                                         param_scales)
+                halves["param_scales"], params["params_bits"] = param_scales, 8
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-        self._add(name, CODEC_QGROUP, (rows, cols), {"bits": int(bits), "group": int(group)},
+        self._add(name, CODEC_QGROUP, (rows, cols), params,
                   {"codes": qgroup.pack_codes(codes.astype(np.uint8), bits), **halves}, bits * rows * cols)
 
     def bit_report(self) -> dict:
@@ -435,7 +444,8 @@ class StbReader:
         if codec == CODEC_QGROUP:
             try:
                 return qgroup.dequantize(*(self.component(name, k) for k in ("codes", "scales", "offsets")), shape,
-                                         info["params"])
+                                         info["params"], self.component(name, "param_scales")
+                                         if "param_scales" in info["components"] else None)
             except FormatError as e:
                 raise FormatError(f"tensor {name!r}: {e}") from None
         if codec in (CODEC_BINARY_GROUPS, CODEC_ROW_COL_SIGN):

@@ -22,7 +22,7 @@ candidates four GPTQ runs per linear, i.e. about four q3 conversions (sign and f
 
 Bytes: each (shape, candidate) is written once (zeros) into a scratch StbWriter and its component bytes counted the
 way the bit report counts them, so the budget uses exactly the file's byte counts. Only candidates whose size is
-fixed by the shape are admitted (fp16, sign[:N:M], q2/q3/q4[-rtn][:gG]).
+fixed by the shape are admitted (fp16, sign[:N:M], q2/q3/q4[-rtn][:gG][:pP]).
 
 Choice: a multiple-choice knapsack, minimize sum of losses with sum of bytes <= budget, solved by dynamic
 programming over bytes in units of the gcd of all option sizes (exact) or, when that needs more than MAX_UNITS
@@ -94,7 +94,7 @@ def written_bytes(add) -> int:
     return sum(g["bytes"] for g in writer.bit_report()["groups"].values())
 
 
-def stored_table(w: np.ndarray, bits: int, group: int, head_hessian=None) -> np.ndarray:
+def stored_table(w: np.ndarray, bits: int, group: int, head_hessian=None, params_bits: int | None = None) -> np.ndarray:
     """The values of an embedding / head table as the file stores it at `bits` (convert.add_table; head_hessian:
     the head's input Hessian when the conversion calibrates the head)."""
     from stbllm_rt.stbfile import StbReader, StbWriter
@@ -102,7 +102,7 @@ def stored_table(w: np.ndarray, bits: int, group: int, head_hessian=None) -> np.
     from .convert import add_table
 
     writer = StbWriter({})
-    add_table(writer, "output.weight", w, bits, group, head_hessian)
+    add_table(writer, "output.weight", w, bits, group, head_hessian, params_bits)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "table.stb"
         writer.write(path)
@@ -112,8 +112,8 @@ def stored_table(w: np.ndarray, bits: int, group: int, head_hessian=None) -> np.
 class ByteCounter:
     """Exact bytes of a tensor written with a given codec choice, computed once per (shape, choice)."""
 
-    def __init__(self, group: int):
-        self.group, self.cache = group, {}
+    def __init__(self, group: int, table_params_bits: int | None = None):
+        self.group, self.table_params_bits, self.cache = group, table_params_bits, {}
 
     def linear(self, method, spec: str, shape) -> int:
         key = ("linear", spec, tuple(shape))
@@ -128,7 +128,8 @@ class ByteCounter:
             from .convert import add_table
 
             self.cache[key] = written_bytes(lambda writer: add_table(writer, "output.weight",
-                                                                     np.zeros(shape, np.float32), bits, self.group))
+                                                                     np.zeros(shape, np.float32), bits, self.group,
+                                                                     params_bits=self.table_params_bits))
         return self.cache[key]
 
     def plain(self, spec) -> int:
@@ -146,17 +147,18 @@ def shape_sized(method) -> bool:
     return isinstance(method, (FP16, Sign, QGroupMethod))
 
 
-def parse_candidates(text: str | None, block: int) -> dict:
-    """'q3:g64,q4,...' -> {spec: Method}, ordered as given (duplicates dropped)."""
+def parse_candidates(text: str | None, block: int, params_bits: int | None = None) -> dict:
+    """'q3:g64,q4:p8,...' -> {spec: Method}, ordered as given (duplicates dropped); params_bits (--params-bits): the
+    q specs' without a :pBITS, as the conversion's recipe parses them."""
     specs = [s.strip() for s in (text or DEFAULT_CANDIDATES).split(",") if s.strip()]
     if not specs:
         raise ConvertError("--candidates: give at least one method, e.g. q2:g64,q3:g64,q4:g64")
     methods = {}
     for spec in dict.fromkeys(specs):
-        method = parse_method(spec, block=block)
+        method = parse_method(spec, block=block, params_bits=params_bits)
         if not shape_sized(method):
             raise ConvertError(f"--candidates: {spec!r} has a size that depends on the data (searched salient "
-                               "columns or regions); candidates must be fp16, sign[:N:M] or q2/q3/q4[-rtn][:gGROUP]")
+                               "columns or regions); candidates must be fp16, sign[:N:M] or q2/q3/q4[-rtn][:gGROUP][:p8]")
         methods[spec] = method
     return methods
 
@@ -284,7 +286,7 @@ def linear_sensitivity(model, runner, plan, windows, fisher: Fisher, free: set, 
 
 
 def table_sensitivity(w: np.ndarray, fisher: Fisher, as_head: bool, as_embedding: bool, group: int,
-                      calibrated: bool) -> dict:
+                      calibrated: bool, params_bits: int | None = None) -> dict:
     """{bits: estimated loss} of a table for each of TABLE_CHOICES; calibrated: whether the conversion GPTQs a
     k-bit head with its input Hessian (here the full-precision model's, fisher.head_hessian)."""
     import torch
@@ -292,7 +294,7 @@ def table_sensitivity(w: np.ndarray, fisher: Fisher, as_head: bool, as_embedding
     out = {}
     hessian = fisher.head_hessian if as_head and calibrated else None
     for bits in TABLE_CHOICES:
-        e = torch.from_numpy(np.asarray(w, np.float32) - stored_table(w, bits, group, hessian))
+        e = torch.from_numpy(np.asarray(w, np.float32) - stored_table(w, bits, group, hessian, params_bits))
         loss = 0.0
         if as_head:
             loss += output_loss(fisher.outputs["head"], e, fisher.head_hessian)
@@ -383,10 +385,11 @@ def budget_items(plan, fixed, methods: dict, counter: ByteCounter, scope: str, f
 
 def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, target_bpw: float, scope: str,
              candidates: str | None, head_bits: int | None, embed_bits: int | None, block: int, group: int,
-             progress) -> Allocation:
+             progress, params_bits: int | None = None) -> Allocation:
     """Measures the sensitivities and solves the knapsack. fixed: the Recipe of the user's rules (the linears they
     match keep their method; the rest are chosen); head_bits / embed_bits: given table bits or None (file scope:
-    chosen; linear scope: 16)."""
+    chosen; linear scope: 16); params_bits: --params-bits, for the k-bit tables and the q candidates without
+    a :pBITS."""
     import torch
 
     from .calibrate import LayerRunner, calibration_windows, linear_modules, source_model
@@ -396,7 +399,7 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
         raise ConvertError(f"--bpw-scope {scope}: choose linear or file")
     if not (isinstance(target_bpw, (int, float)) and math.isfinite(target_bpw) and target_bpw > 0):
         raise ConvertError(f"--target-bpw {target_bpw}: must be a positive number of bits per weight")
-    methods = parse_candidates(candidates, block)
+    methods = parse_candidates(candidates, block, params_bits)
     tied = config["tie_word_embeddings"]
 
     # Which tables the allocator chooses (file scope, bits not given); the rest are fixed.
@@ -411,8 +414,8 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
         free_tables = [n for n, given in (("token_embd.weight", embed_bits), ("output.weight", head_bits))
                        if not given]
 
-    fixed_bytes, weights, items, sizes = budget_items(plan, fixed, methods, ByteCounter(group), scope, free_tables,
-                                                      head_bits, embed_bits)
+    fixed_bytes, weights, items, sizes = budget_items(plan, fixed, methods, ByteCounter(group, params_bits),
+                                                      scope, free_tables, head_bits, embed_bits)
     free = {name for name, _ in items if name not in free_tables}
     if not free:
         raise ConvertError("--target-bpw: the --set / recipe rules fix every linear; nothing is left to allocate")
@@ -447,7 +450,8 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
             table = next(s for s in plan.all() if s.name == name)
             by_bits = table_sensitivity(src.planned_tensor(table), fisher, as_head=tied or name == "output.weight",
                                         as_embedding=name == "token_embd.weight", group=group,
-                                        calibrated=any(m.calibrated for m in methods.values()))
+                                        calibrated=any(m.calibrated for m in methods.values()),
+                                        params_bits=params_bits)
             table_losses[name] = {str(b): round(by_bits[b], 6) for b in TABLE_CHOICES}
             losses.append([by_bits[b] for b in opts])
     del model, runner

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what B covers: the decoder linears (default) or every weight of the file (embedding, "
                              "head, norms)")
     budget.add_argument("--candidates", metavar="LIST", default=None,
-                        help="comma-separated methods to choose from: fp16, sign[:N:M], q2/q3/q4[-rtn][:gGROUP] "
+                        help="comma-separated methods to choose from: fp16, sign[:N:M], "
+                             "q2/q3/q4[-rtn][:gGROUP][:p8|:p16] "
                              f"(default: {DEFAULT_CANDIDATES})")
     budget.add_argument("--save-recipe", metavar="FILE", default=None,
                         help="also write the chosen recipe as JSON (reuse it with --recipe FILE)")
@@ -132,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the same N:M in every layer (stbllm allocates N per layer by default)")
     cal.add_argument("--params-bits", type=int, choices=(16, 8), default=None,
                      help="billm / stbllm alphas and means: 8 = 8-bit codes under one fp16 scale per (row, slot) "
-                          "(default; quantizes each layer twice), 16 = fp16")
+                          "(default; quantizes each layer twice), 16 = fp16. q2 / q3 / q4 and 2-4 bit tables: "
+                          "8 = scales and offsets as 8-bit codes under one fp16 step per row each (k + 16/group "
+                          "bits per weight instead of k + 32/group), 16 = fp16 (default); per method: q4:g64:p8")
     cal.add_argument("--label-coder", choices=LABEL_CODERS, default=None,
                      help="billm / stbllm / arb-x region labels: rans = entropy-coded (default; 1.06 bits per "
                           "label on SmolLM2 STBLLM 6:8 instead of 1.6), fixed = the fixed-width layout readers "

@@ -51,20 +51,20 @@ def _calibration_tokenizer(spec, blob):
     return Tokenizer(spec, blob)
 
 
-def add_table(writer, name: str, w, bits: int, group: int, head_hessian=None) -> None:
+def add_table(writer, name: str, w, bits: int, group: int, head_hessian=None, params_bits: int | None = None) -> None:
     """An embedding table or LM head: fp16 (16), int8 per group of 64 (8) or k-bit groups (4, 3, 2; stb.qgroup.v1
-    with `group` columns per scale), rounded to nearest or, given the head's input Hessian, GPTQ with it (as a
-    linear over the final hidden states: act-order, group fits weighted by diag H)."""
+    with `group` columns per scale, params_bits 8: 8-bit scales and offsets), rounded to nearest or, given the head's
+    input Hessian, GPTQ with it (as a linear over the final hidden states: act-order, group fits weighted by diag H)."""
     if bits == 16:
         writer.add_f16(name, to_f16(name, w))
     elif bits == 8:
         writer.add_int8_group(name, w)
     elif head_hessian is None:
-        make_method(f"q{bits}-rtn", group=group).add_linear(writer, name, w)
+        make_method(f"q{bits}-rtn", group=group, params_bits=params_bits).add_linear(writer, name, w)
     else:
         import torch
 
-        method = make_method(f"q{bits}", group=group)
+        method = make_method(f"q{bits}", group=group, params_bits=params_bits)
         method.write(writer, name, method.quantize(torch.from_numpy(np.asarray(w, np.float32)), None, None,
                                                    head_hessian), None)
 
@@ -75,6 +75,9 @@ def build_recipe(method=None, nm=None, block: int = 128, group=None, rules=(), r
     from .recipe import Recipe, _split_rule, parse_method, read_recipe_file
 
     spec = read_recipe_file(recipe) if recipe is not None else {}
+    default_options = method_options
+    if not (method or spec.get("method")):  # the implicit fp16: --params-bits is then for q rules and k-bit tables
+        default_options = {k: v for k, v in method_options.items() if k != "params_bits"}
     method = method or spec.get("method") or "fp16"
     if isinstance(nm, str):
         nm = parse_nm(nm)
@@ -83,9 +86,9 @@ def build_recipe(method=None, nm=None, block: int = 128, group=None, rules=(), r
     if ":" in method:
         if nm is not None or group is not None:
             raise ConvertError(f"method {method!r} already says its N:M / group; drop --nm / --group")
-        default = parse_method(method, block=block, **method_options)
+        default = parse_method(method, block=block, **default_options)
     else:
-        default = make_method(method, nm=nm, block=block, group=group, **method_options)
+        default = make_method(method, nm=nm, block=block, group=group, **default_options)
     all_rules = {**spec.get("rules", {}), **dict(_split_rule(r) for r in rules)}
     return (Recipe(default, method, all_rules.items(), block=block, **method_options),
             spec.get("embed_bits"), spec.get("head_bits"))
@@ -103,7 +106,8 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
     group: columns per scale of q2/q3/q4 (default 64) and of 2-4 bit tables; rules: PATTERN=METHOD strings and
     recipe: a recipe file (recipe.py) giving linears other methods; tokenizer: optional path overriding the model's
     tokenizer; progress: True (always), None (when on a terminal), False (never); head_bits / embed_bits: 16 (fp16),
-    8 (stb.int8-group.v1) or 4, 3, 2 (stb.qgroup.v1, rounded to nearest) for the LM head and the token embedding
+    8 (stb.int8-group.v1) or 4, 3, 2 (stb.qgroup.v1, GPTQ'd with a calibration pass, else rounded to nearest; with
+    params_bits 8 among method_options, 8-bit scales and offsets) for the LM head and the token embedding
     (embed_bits defaults to head_bits; a tied table is both); calibration: CalibrationOptions for calibrated
     methods (default: 128 x 2048 tokens of the C4 sample, seed 0, cpu); method_options: importance, layerwise,
     lamda, hyper_m (binary calibrated methods), arb_iters (arb-x, arb-rc), svid, kd_steps, kd_lr (onebit-svid).
@@ -136,6 +140,7 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
         head_bits = head_bits or 16
         embed_bits = embed_bits or head_bits
     table_group = group or 64
+    table_params_bits = method_options.get("params_bits")  # --params-bits 8: the k-bit tables' params too
     calibrated = any(m.calibrated for m in recipe_obj.methods())
     distilled = any(getattr(m, "kd_steps", 0) for m in recipe_obj.methods())
     if calibration is not None and not (calibrated or distilled or target_bpw is not None):
@@ -173,7 +178,7 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
 
             allocation = allocate(src, arch, config, plan, _calibration_tokenizer(tok_spec, tok_blob), recipe_obj,
                                   calibration or CalibrationOptions(), target_bpw, bpw_scope or "linear", candidates,
-                                  head_bits, embed_bits, block, table_group, progress)
+                                  head_bits, embed_bits, block, table_group, progress, table_params_bits)
             recipe_obj = Recipe(recipe_obj.default, recipe_obj.default_spec, allocation.rules.items(), block=block,
                                 **method_options)
             recipe_obj.check(len(plan.layers), kinds)
@@ -192,6 +197,8 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
             "embed_bits": embed_bits,
             "date": date,
         }
+        if table_params_bits == 8 and min(head_bits, embed_bits) <= 4:
+            provenance["table_params_bits"] = 8
         # A k-bit head (the tied table, else output.weight) is GPTQ'd with its input Hessian when there is a
         # calibration pass: it is written after the last layer, whose outputs give that Hessian.
         head_name = "token_embd.weight" if config["tie_word_embeddings"] else "output.weight"
@@ -211,9 +218,9 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
             if spec.kind in ("norm", "bias"):
                 writer.add_f32(spec.name, w)
             elif spec.name == "token_embd.weight":
-                add_table(writer, spec.name, w, embed_bits, table_group)
+                add_table(writer, spec.name, w, embed_bits, table_group, params_bits=table_params_bits)
             elif spec.kind == "head":
-                add_table(writer, spec.name, w, head_bits, table_group)
+                add_table(writer, spec.name, w, head_bits, table_group, params_bits=table_params_bits)
             elif spec.kind == "embedding":  # learned positions
                 writer.add_f16(spec.name, to_f16(spec.name, w))
             else:
@@ -239,7 +246,8 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
             add_plain(spec, src.planned_tensor(spec))
         if calibrated_head:
             head = next(spec for spec in plan.all() if spec.name == head_name)
-            add_table(writer, head_name, src.planned_tensor(head), head_bits, table_group, calibrator.head_hessian())
+            add_table(writer, head_name, src.planned_tensor(head), head_bits, table_group, calibrator.head_hessian(),
+                      table_params_bits)
         context = SimpleNamespace(src=src, arch=arch, config=config, plan=plan,
                                   tokenizer=lambda: _calibration_tokenizer(tok_spec, tok_blob),
                                   calibration=calibration or CalibrationOptions(), progress=progress)

@@ -123,7 +123,7 @@ class Method:
             option = next(iter(options))
             needs = {"group": "a q2, q3 or q4 method", "svid": "onebit-svid", "kd_steps": "onebit-svid",
                      "kd_lr": "onebit-svid", "arb_iters": "arb-x or arb-rc",
-                     "params_bits": "billm or stbllm", "regions": "billm or stbllm",
+                     "params_bits": "billm, stbllm, q2, q3 or q4", "regions": "billm or stbllm",
                      "label_coder": "billm, stbllm or arb-x", "cgb": "arb-x or arb-rc"}.get(
                 option, "a calibrated method (billm, stbllm, arb-x, arb-rc)")
             raise ConvertError(f"--{option.replace('_', '-')} needs {needs}, not {self.name}")
@@ -303,7 +303,7 @@ class ARBMethod(CalibratedMethod):
 
         super().__init__(nm, block, **options)
         if self.params_bits != 16:
-            raise ConvertError(f"--params-bits {self.params_bits} needs billm or stbllm, not {self.name}")
+            raise ConvertError(f"--params-bits {self.params_bits} needs billm, stbllm, q2, q3 or q4, not {self.name}")
         self.arb_iters = ARB_ITERS if arb_iters is None else int(arb_iters)
         if self.arb_iters < 0:
             raise ConvertError(f"--arb-iters {self.arb_iters}: must be >= 0")
@@ -477,42 +477,58 @@ def check_group(group: int) -> int:
 class QGroupMethod(Method):
     """k-bit group quantization (stb.qgroup.v1): per (row, group of --group input columns) an fp16 scale and offset,
     w = scale · code + offset; k + 32/group honest bits per weight. GPTQ error compensation with act-order on the
-    calibration driver (qgroup_quant.py); the -rtn variants round to nearest without calibration."""
+    calibration driver (qgroup_quant.py); the -rtn variants round to nearest without calibration. With params_bits
+    8 the scales and offsets are 8-bit codes under one fp16 step per row each (k + 16/group bits, plus 32 per row),
+    the steps taken from a round-to-nearest fit of the weights (qgroup_quant.row_grid)."""
 
     bits = 0
     calibrated = True
 
-    def __init__(self, nm=None, block=128, group=64, **options):
+    def __init__(self, nm=None, block=128, group=64, params_bits=None, **options):
         if nm is not None:
             raise ConvertError(f"--nm needs a binarizing method; {self.name} keeps every weight")
         super().__init__(None, block, **options)
         self.group = check_group(group)
+        self.params_bits = 16 if params_bits is None else int(params_bits)
+        if self.params_bits not in (8, 16):
+            raise ConvertError(f"--params-bits {self.params_bits}: choose 16 or 8")
 
     def params(self):
-        return {"nm": None, "block": None, "bits": self.bits, "group": self.group,
-                "quantizer": "gptq" if self.calibrated else "round-to-nearest"}
+        p = {"nm": None, "block": None, "bits": self.bits, "group": self.group,
+             "quantizer": "gptq" if self.calibrated else "round-to-nearest"}
+        if self.params_bits != 16:
+            p["params_bits"] = self.params_bits
+        return p
+
+    def grid(self, w, importance=None):
+        """The per-row steps of 8-bit params for w (None with fp16 params)."""
+        from .qgroup_quant import row_grid
+
+        return None if self.params_bits == 16 else row_grid(w.float(), self.bits, self.group, importance)
 
     def quantize(self, w, u, keep, h=None):
         from .qgroup_quant import act_order_factor, quantize_gptq, quantize_rtn
 
         if not self.calibrated:
-            return quantize_rtn(w, self.bits, self.group)
+            return quantize_rtn(w, self.bits, self.group, grid=self.grid(w))
         if h is None:  # no Hessian: column order with the given factor
-            return quantize_gptq(w, u, self.bits, self.group)
+            return quantize_gptq(w, u, self.bits, self.group, grid=self.grid(w))
         order, factor = act_order_factor(h)
-        return quantize_gptq(w, factor, self.bits, self.group, h.diagonal(), order)
+        return quantize_gptq(w, factor, self.bits, self.group, h.diagonal(), order, self.grid(w, h.diagonal()))
 
     def write(self, writer, name, result, nm) -> None:
+        grid = result.param_scales
         writer.add_qgroup(name, result.codes.numpy(), result.scales.numpy().astype(np.float16),
-                          result.offsets.numpy().astype(np.float16), self.bits, self.group)
+                          result.offsets.numpy().astype(np.float16), self.bits, self.group,
+                          None if grid is None else grid.numpy().astype(np.float16))
 
     def add_linear(self, writer, name, w):
         import torch
 
         from .qgroup_quant import quantize_rtn
 
-        self.write(writer, name, quantize_rtn(torch.from_numpy(np.asarray(w, np.float32)), self.bits, self.group),
-                   None)
+        w = torch.from_numpy(np.asarray(w, np.float32))
+        self.write(writer, name, quantize_rtn(w, self.bits, self.group, grid=self.grid(w)), None)
 
 
 for _bits in (2, 3, 4):

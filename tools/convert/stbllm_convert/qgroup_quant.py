@@ -13,6 +13,10 @@ yet quantized columns through the upper Cholesky factor of the damped inverse He
 fitted when the first of its columns comes up, from its weights as compensated so far. Every scale and offset is rounded to fp16 before use, and
 dequantized values are computed as the format does (product rounded, then the sum), so the file reproduces the
 quantizer's output bit for bit.
+
+8-bit params (params_bits = 8): given a per-row grid [rows, 2] of fp16 steps (d_scale, d_offset), every scale and
+offset is rounded to fp16(d · code), code in [-127, 127] (binarize.round_to_codes), wherever fp16 rounding happens
+otherwise; `row_grid` derives that grid from a round-to-nearest fit of the weights.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class QGroupResult:
     bits: int
     group: int
     stats: dict
+    param_scales: torch.Tensor | None = None  # [rows, 2] fp16 (d_scale, d_offset) when params are 8-bit codes
 
 
 def _f16(t: torch.Tensor) -> torch.Tensor:
@@ -45,22 +50,42 @@ def _codes(x, scale, offset, levels):
     return torch.where(scale > 0, torch.round((x - offset) / safe), torch.zeros_like(x)).clamp(0, levels)
 
 
+def _rounders(grid: torch.Tensor | None):
+    """How scales and offsets are stored: fp16 (grid None), or 8-bit codes under the row's (d_scale, d_offset)."""
+    if grid is None:
+        return _f16, _f16
+    from .binarize import round_to_codes
+
+    return (lambda t: round_to_codes(t, grid[:, 0:1])), (lambda t: round_to_codes(t, grid[:, 1:2]))
+
+
+def row_grid(w: torch.Tensor, bits: int, group: int, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-row steps [rows, 2] (d_scale, d_offset) of 8-bit params: the largest |scale| and |offset| of a
+    round-to-nearest fit of w (fp16 params) map to code 127."""
+    from .binarize import super_scales
+
+    fit = quantize_rtn(w, bits, group, importance)
+    return super_scales(torch.stack([fit.scales, fit.offsets], 2))
+
+
 def dequantize(codes, scale, offset):
     """scale · code + offset with two roundings, as the format defines it (torch does not fuse separate ops)."""
     return scale * codes + offset
 
 
-def fit_group(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None):
-    """fp16-rounded (scale, offset) [rows, 1] for the weights x [rows, g] of one group, minimizing
-    Σ importance_j (scale · code_j + offset − x_j)² over the shrink candidates and their least-squares refits."""
+def fit_group(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None, grid: torch.Tensor | None = None):
+    """(scale, offset) [rows, 1] for the weights x [rows, g] of one group, rounded as stored (fp16, or 8-bit codes
+    under grid [rows, 2]), minimizing Σ importance_j (scale · code_j + offset − x_j)² over the shrink candidates
+    and their least-squares refits."""
+    round_scale, round_offset = _rounders(grid)
     levels = (1 << bits) - 1
     h = torch.ones(x.shape[1], dtype=x.dtype, device=x.device) if importance is None else importance.to(x.dtype)
     lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
     centre, half = (lo + hi) / 2, (hi - lo) / 2
     best_err = torch.full_like(lo, float("inf"))
-    best_scale, best_offset = torch.zeros_like(lo), _f16(lo)
+    best_scale, best_offset = torch.zeros_like(lo), round_offset(lo)
     for p in SHRINK.tolist():
-        scale, offset = _f16(2 * p * half / levels), _f16(centre - p * half)
+        scale, offset = round_scale(2 * p * half / levels), round_offset(centre - p * half)
         for refit in (False, True):
             if refit:  # least squares for (scale, offset) given the codes: a 2 x 2 system per row
                 c = _codes(x, scale, offset, levels)
@@ -69,8 +94,8 @@ def fit_group(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None
                 det = s_cc * s_h - s_c * s_c
                 ok = det > 1e-12 * s_h * s_cc.clamp(min=1)
                 safe = torch.where(ok, det, torch.ones_like(det))
-                scale = torch.where(ok, _f16((s_cx * s_h - s_c * s_x) / safe), scale)
-                offset = torch.where(ok, _f16((s_cc * s_x - s_c * s_cx) / safe), offset)
+                scale = torch.where(ok, round_scale((s_cx * s_h - s_c * s_x) / safe), scale)
+                offset = torch.where(ok, round_offset((s_cc * s_x - s_c * s_cx) / safe), offset)
                 scale, offset = torch.where(scale > 0, scale, 0), offset
             err = ((dequantize(_codes(x, scale, offset, levels), scale, offset) - x) ** 2 * h).sum(1, keepdim=True)
             better = err < best_err
@@ -80,22 +105,25 @@ def fit_group(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None
     return best_scale, best_offset
 
 
-def _empty(w, bits, group):
+def _empty(w, bits, group, grid):
     rows, cols = w.shape
     groups = -(-cols // group)
     return QGroupResult(q=torch.zeros_like(w), codes=torch.zeros(w.shape, dtype=torch.uint8, device=w.device),
                         scales=torch.zeros((rows, groups), device=w.device),
-                        offsets=torch.zeros((rows, groups), device=w.device), bits=bits, group=group, stats={})
+                        offsets=torch.zeros((rows, groups), device=w.device), bits=bits, group=group, stats={},
+                        param_scales=grid)
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group: int, importance: torch.Tensor | None = None) -> QGroupResult:
-    """Round to nearest, group by group (importance [cols]: optional per-input weights of the fit)."""
+def quantize_rtn(w: torch.Tensor, bits: int, group: int, importance: torch.Tensor | None = None,
+                 grid: torch.Tensor | None = None) -> QGroupResult:
+    """Round to nearest, group by group (importance [cols]: optional per-input weights of the fit; grid [rows, 2]:
+    the steps of 8-bit params, None for fp16 params)."""
     w = w.float()
-    out = _empty(w, bits, group)
+    out = _empty(w, bits, group, grid)
     levels = (1 << bits) - 1
     for g, s in enumerate(range(0, w.shape[1], group)):
         e = min(s + group, w.shape[1])
-        scale, offset = fit_group(w[:, s:e], bits, None if importance is None else importance[s:e])
+        scale, offset = fit_group(w[:, s:e], bits, None if importance is None else importance[s:e], grid)
         codes = _codes(w[:, s:e], scale, offset, levels)
         out.codes[:, s:e], out.q[:, s:e] = codes.to(torch.uint8), dequantize(codes, scale, offset)
         out.scales[:, g], out.offsets[:, g] = scale[:, 0], offset[:, 0]
@@ -123,19 +151,20 @@ def act_order_factor(h: torch.Tensor):
 
 
 def quantize_gptq(w: torch.Tensor, u: torch.Tensor, bits: int, group: int, importance: torch.Tensor | None = None,
-                  order: torch.Tensor | None = None) -> QGroupResult:
+                  order: torch.Tensor | None = None, grid: torch.Tensor | None = None) -> QGroupResult:
     """GPTQ with static groups of `group` consecutive columns (the file's layout) quantized in `order` (a
     permutation of the columns, e.g. act_order(H); None: column order). u: upper Cholesky factor of the damped
     inverse Hessian permuted by `order` (H[order][:, order]); importance: diag(H) in column order for the group fits
     (None: uniform). A group is fitted when the first of its columns comes up, from its columns as compensated so
-    far (those beyond the lazy batch get the batch's pending updates first)."""
+    far (those beyond the lazy batch get the batch's pending updates first). grid [rows, 2]: the steps of 8-bit
+    params (None: fp16 params)."""
     w = w.float()
     rows, cols = w.shape
     order = torch.arange(cols, device=w.device) if order is None else order.to(w.device)
     position = torch.empty_like(order)
     position[order] = torch.arange(cols, device=w.device)  # column -> its place in the order
     w = w[:, order].clone()  # in quantization order from here on
-    out = _empty(w, bits, group)
+    out = _empty(w, bits, group, grid)
     levels = (1 << bits) - 1
     fitted = [False] * out.scales.shape[1]
     for b0 in range(0, cols, LAZY_BATCH):
@@ -150,7 +179,7 @@ def quantize_gptq(w: torch.Tensor, u: torch.Tensor, bits: int, group: int, impor
                 at = position[s:e]  # all at or after b0 + i: this is the group's first column in the order
                 x = torch.where((at < b1)[None], w1[:, (at - b0).clamp(max=b1 - b0 - 1)],
                                 w[:, at] - err[:, :i] @ u[b0:b0 + i, at])
-                scale, offset = fit_group(x, bits, None if importance is None else importance[s:e])
+                scale, offset = fit_group(x, bits, None if importance is None else importance[s:e], grid)
                 out.scales[:, g], out.offsets[:, g] = scale[:, 0], offset[:, 0]
                 fitted[g] = True
             scale, offset = out.scales[:, g:g + 1], out.offsets[:, g:g + 1]

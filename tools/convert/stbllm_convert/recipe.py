@@ -2,8 +2,8 @@
 
 A rule is PATTERN=METHOD. PATTERN is `[LAYERS.]KIND`: KIND a glob over the linear kinds (attn_q, attn_k, attn_v,
 attn_o, ffn_gate, ffn_up, ffn_down; e.g. `attn_*`, `*`), LAYERS `*` or a list of indices and ranges (`0-3,29`);
-without LAYERS every layer. METHOD is `NAME[:N:M][:gGROUP]`, e.g. `stbllm:6:8`, `billm`, `sign:4:8`, `fp16`, `q4`,
-`q3:g128`, `q2-rtn:g32`. Linears no rule matches take the default method (--method). Every rule must match at least
+without LAYERS every layer. METHOD is `NAME[:N:M][:gGROUP][:pBITS]`, e.g. `stbllm:6:8`, `billm`, `sign:4:8`, `fp16`,
+`q4`, `q3:g128`, `q2-rtn:g32`, `q4:g32:p8` (pBITS: --params-bits of that method, 8 or 16). Linears no rule matches take the default method (--method). Every rule must match at least
 one linear and no linear may match two rules (an overlap is an error, not a silent precedence).
 
 A recipe file (--recipe, JSON or YAML) holds {"method": default METHOD, "rules": {PATTERN: METHOD, ...},
@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from .errors import ConvertError
-from .methods import CalibratedMethod, Method, make_method, method_class, method_names, parse_nm
+from .methods import CalibratedMethod, Method, QGroupMethod, make_method, method_class, method_names, parse_nm
 
 LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up", "ffn_down")
 TABLE_BITS = (16, 8, 4, 3, 2)
@@ -25,14 +25,20 @@ RECIPE_KEYS = ("method", "rules", "embed_bits", "head_bits")
 
 
 def parse_method(spec: str, block: int = 128, **options) -> Method:
-    """'stbllm:6:8', 'q3:g128', 'fp16', ... -> a Method; options (importance, layerwise, ...) go to the binary
-    calibrated methods only."""
+    """'stbllm:6:8', 'q3:g128', 'q4:g64:p8', 'fp16', ... -> a Method; options (importance, layerwise, ...) go to the
+    binary calibrated methods only, params_bits to q2/q3/q4 too; a :pBITS in the spec wins over it."""
     name, *rest = str(spec).strip().split(":")
     if name not in method_names():
         raise ConvertError(f"unknown method {name!r} in {spec!r}; available: {', '.join(method_names())}")
-    if not issubclass(method_class(name), CalibratedMethod):
+    if issubclass(method_class(name), QGroupMethod):
+        options = {"params_bits": options.get("params_bits")}
+    elif not issubclass(method_class(name), CalibratedMethod):
         options = {}
     nm, group = None, None
+    if rest and rest[-1].startswith("p"):
+        if rest[-1][1:] not in ("8", "16"):
+            raise ConvertError(f"method {spec!r}: expected p8 or p16 (the bits of its scales and offsets) at the end")
+        options = {**options, "params_bits": int(rest.pop()[1:])}
     if rest and rest[-1].startswith("g"):
         if not rest[-1][1:].isdigit():
             raise ConvertError(f"method {spec!r}: expected gGROUP (e.g. g64) after the name")
@@ -40,7 +46,7 @@ def parse_method(spec: str, block: int = 128, **options) -> Method:
     if len(rest) == 2:
         nm = parse_nm(":".join(rest))
     elif rest:
-        raise ConvertError(f"method {spec!r}: expected NAME[:N:M][:gGROUP]")
+        raise ConvertError(f"method {spec!r}: expected NAME[:N:M][:gGROUP][:pBITS]")
     return make_method(name, nm=nm, block=block, group=group, **options)
 
 
