@@ -39,17 +39,34 @@ def hidden_states(runner, windows) -> list[list[torch.Tensor]]:
     return states
 
 
-def input_grams(runner, plan, model, windows) -> dict:
-    """H = sum x x^T of every linear's input in the full-precision model, by tensor name."""
-    grams, hidden = {}, [runner.embed(w[None]) for w in windows]
+def default_model():
+    """The default model (SmolLM2-135M) in float32: (arch, config, plan, model, tokenizer)."""
+    with open_source("smollm2-135m", quiet=True) as src:
+        arch, config = canonical_config(src.config)
+        plan = tensor_plan(arch, config)
+        tok_spec, tok_blob = tokenizer_metadata(src.tokenizer_dir, None, src.config, src.generation_config)
+        tok_spec.pop("vocab_size", None)
+        model = source_model(src, arch, config, plan)
+    return arch, config, plan, model, Tokenizer(tok_spec, tok_blob)
+
+
+def input_grams(runner, plan, model, windows, wanted: set | None = None) -> tuple[dict, dict]:
+    """(H = sum x x^T, the number of x) of each wanted linear's input (None: every linear) in the full-precision
+    model, by tensor name; layers without a wanted linear are only run through."""
+    grams, counts, hidden = {}, {}, [runner.embed(w[None]) for w in windows]
     for i, layer in enumerate(runner.layers):
+        names = {s.name for s in plan.layers[i] if s.kind == "linear" and (wanted is None or s.name in wanted)}
+        if not names:
+            hidden = [runner.forward(layer, h) for h in hidden]
+            continue
         modules = {s.name: model.get_submodule(s.hf_name.removesuffix(".weight"))
-                   for s in plan.layers[i] if s.kind == "linear"}
+                   for s in plan.layers[i] if s.name in names}
 
         def statistic(name, x):
             grams[name] = grams.get(name, 0) + (x.t() @ x).double()
+            counts[name] = counts.get(name, 0) + x.shape[0]
         hidden = _collect_inputs(runner, layer, modules, hidden, statistic)
-    return grams
+    return grams, counts
 
 
 def main(argv=None) -> int:
@@ -59,17 +76,11 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    with open_source("smollm2-135m", quiet=True) as src:
-        arch, config = canonical_config(src.config)
-        plan = tensor_plan(arch, config)
-        tok_spec, tok_blob = tokenizer_metadata(src.tokenizer_dir, None, src.config, src.generation_config)
-        tok_spec.pop("vocab_size", None)
-        model = source_model(src, arch, config, plan)
-    windows, _ = calibration_windows(Tokenizer(tok_spec, tok_blob), [text_sample_paths()["wiki"]], args.windows,
-                                     args.seqlen, seed=0)
+    arch, config, plan, model, tokenizer = default_model()
+    windows, _ = calibration_windows(tokenizer, [text_sample_paths()["wiki"]], args.windows, args.seqlen, seed=0)
     runner = LayerRunner(model, arch, config, args.seqlen, "cpu")
     reference = hidden_states(runner, windows)
-    grams = input_grams(runner, plan, model, windows)
+    grams, _ = input_grams(runner, plan, model, windows)
     linears = [s for layer in plan.layers for s in layer if s.kind == "linear"]
     original = {s.name: model.get_submodule(s.hf_name.removesuffix(".weight")).weight.detach().clone()
                 for s in linears}

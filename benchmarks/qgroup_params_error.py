@@ -23,32 +23,18 @@ from pathlib import Path
 
 import torch
 
-from stbllm_convert.arch import canonical_config, tensor_plan
+from layer_error import default_model, input_grams  # this folder's script, beside this one
 from stbllm_convert.assets import text_sample_paths
 from stbllm_convert.binarize import super_scales
-from stbllm_convert.calibrate import LayerRunner, _collect_inputs, calibration_windows, source_model
+from stbllm_convert.calibrate import LayerRunner, calibration_windows
 from stbllm_convert.qgroup_quant import act_order_factor, quantize_gptq, row_grid
 from stbllm_convert.recipe import parse_method
-from stbllm_convert.source import open_source
-from stbllm_convert.tokenizer_meta import tokenizer_metadata
-from stbllm_rt.tokenizer import Tokenizer
 
 
 def grams(runner, plan, model, windows, wanted: set) -> dict:
     """H = (2/N) sum x x^T of the wanted linears' inputs in the full-precision model."""
-    out, counts, hidden = {}, {}, [runner.embed(w[None]) for w in windows]
-    for i, layer in enumerate(runner.layers):
-        if not any(n.startswith(f"blk.{i}.") for n in wanted):
-            hidden = [runner.forward(layer, h) for h in hidden]
-            continue
-        modules = {s.name: model.get_submodule(s.hf_name.removesuffix(".weight"))
-                   for s in plan.layers[i] if s.kind == "linear" and s.name in wanted}
-
-        def statistic(name, x):
-            out[name] = out.get(name, 0) + (x.t() @ x).double()
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        hidden = _collect_inputs(runner, layer, modules, hidden, statistic)
-    return {n: (2 * h / counts[n]).float() for n, h in out.items()}
+    sums, counts = input_grams(runner, plan, model, windows, wanted)
+    return {n: (2 * h / counts[n]).float() for n, h in sums.items()}
 
 
 def relative_error(w, q, h) -> float:
@@ -76,13 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    with open_source("smollm2-135m", quiet=True) as src:
-        arch, config = canonical_config(src.config)
-        plan = tensor_plan(arch, config)
-        tok_spec, tok_blob = tokenizer_metadata(src.tokenizer_dir, None, src.config, src.generation_config)
-        tok_spec.pop("vocab_size", None)
-        model = source_model(src, arch, config, plan)
-    tokenizer = Tokenizer(tok_spec, tok_blob)
+    arch, config, plan, model, tokenizer = default_model()
     texts = text_sample_paths()
     wanted = {f"blk.{i}.{k}.weight" for i in args.layers.split(",") for k in args.kinds.split(",")}
     runner = LayerRunner(model, arch, config, args.seqlen, "cpu")
