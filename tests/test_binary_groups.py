@@ -17,7 +17,7 @@ from stbllm_rt import FormatError, Model, StbReader, StbWriter, binary_groups  #
 
 from conftest import CORPUS  # noqa: E402
 from test_calibrate import _correlated_layer  # noqa: E402
-from test_format import _metadata, _rebuild, _split, _tamper_component  # noqa: E402
+from test_format import _metadata, _rebuild, _set_half, _split, _tamper_component  # noqa: E402
 from test_oracle import assert_logits_close, oracle_logits  # noqa: E402
 
 NAME = "blk.0.attn_q.weight"
@@ -318,12 +318,6 @@ def _p8_file(tmp_path):
     path = tmp_path / "bad-p8.stb"
     writer.write(path)
     return path
-
-
-def _set_half(index, value):
-    def edit(buf):
-        buf[2 * index:2 * index + 2] = np.array([value], "<f2").tobytes()
-    return edit
 
 
 @pytest.mark.parametrize("case, match", [

@@ -166,6 +166,13 @@ def _tamper_component(path, tensor, key, edit):
     return _tamper(path, tensor, change)
 
 
+def _set_half(index, value):
+    """An edit for _tamper_component: fp16 value `value` at half `index`."""
+    def edit(buf):
+        buf[2 * index:2 * index + 2] = np.array([value], "<f2").tobytes()
+    return edit
+
+
 def _reads(path):
     return StbReader(path)
 

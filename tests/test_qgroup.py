@@ -21,7 +21,7 @@ from stbllm_rt import FormatError, Model, StbReader, StbWriter, _core, binary_gr
 
 from conftest import CORPUS  # noqa: E402
 from test_calibrate import _correlated_layer  # noqa: E402
-from test_format import _metadata, _rebuild, _split, _tamper_component  # noqa: E402
+from test_format import _metadata, _rebuild, _set_half, _split, _tamper_component  # noqa: E402
 from test_kernels import kernels, quantize_q8  # noqa: E402,F401  (kernels: the fixture over every path)
 from test_oracle import assert_logits_close, oracle_logits  # noqa: E402
 
@@ -169,12 +169,6 @@ def test_malformed_tensors_are_refused_at_open(tmp_path, case, match):
         _rebuild(path, header, raw[data_offset:])
     with pytest.raises(FormatError, match=match):
         StbReader(path)
-
-
-def _set_half(index, value):
-    def edit(buf):
-        buf[2 * index:2 * index + 2] = np.array([value], "<f2").tobytes()
-    return edit
 
 
 @pytest.mark.parametrize("case, match", [
