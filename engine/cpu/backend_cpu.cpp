@@ -321,6 +321,10 @@ class CpuBackend final : public Backend {
   }
 
   void linear(const Matrix& w, const float* x, int n, float* out) override {
+    if (w.codec == MatrixCodec::QGroup && w.packed) {
+      const Matrix* one = &w;
+      return linear_qgroup_tiles(&one, 1, x, n, &out);
+    }
     if (w.codec == MatrixCodec::SignBlock || w.codec == MatrixCodec::Int8Group || w.codec == MatrixCodec::QGroup)
       return linear_q8(w, x, n, out, w.codec == MatrixCodec::SignBlock ? static_cast<const cpu::SignLut*>(w.packed)
                                                                         : nullptr);
@@ -350,14 +354,20 @@ class CpuBackend final : public Backend {
     });
   }
 
-  // k-bit group matrices in tiles (the default file's q/k/v and gate/up): the input quantized once, its group sums
-  // per matrix, and all the matrices' tiles in one parallel loop (three small loops left threads idle at their
-  // ends: k and v are 12 tiles each). Other codecs run one by one.
+  // Matrices sharing an input: k-bit group tiles (the default file's q/k/v and gate/up) together, other codecs one
+  // by one.
   void linears(const Matrix* const* ws, int count, const float* x, int n, float* const* outs) override {
-    bool tiled = count > 1 && k_.qgroup_tiles;
+    bool tiled = count > 0;
     for (int i = 0; i < count; ++i)
       tiled = tiled && ws[i]->codec == MatrixCodec::QGroup && ws[i]->packed && ws[i]->cols == ws[0]->cols;
     if (!tiled) return Backend::linears(ws, count, x, n, outs);
+    linear_qgroup_tiles(ws, count, x, n, outs);
+  }
+
+  // k-bit group matrices in 16-row tiles on one input: the input quantized once, its group sums per matrix, and all
+  // the matrices' tiles in one parallel loop (three small loops left threads idle at their ends: k and v are 12
+  // tiles each).
+  void linear_qgroup_tiles(const Matrix* const* ws, int count, const float* x, int n, float* const* outs) {
     quantize_activations(x, n, ws[0]->cols);
     std::vector<int64_t> first_tile(count + 1, 0), first_sum(count + 1, 0);
     for (int i = 0; i < count; ++i) {
@@ -454,7 +464,6 @@ class CpuBackend final : public Backend {
     if (w.codec == MatrixCodec::QGroup) {
       qgroup_sums_.resize(size_t(n) * w.blocks_per_row);
       cpu::qgroup_activation_sums(q8_values_.data(), q8_scales_.data(), cols, w.block, n, qgroup_sums_.data());
-      if (w.packed) return linear_qgroup_tiles(w, n, out);
     }
     pool_.run(n_chunks(rows), [&](int64_t c) {
       thread_local std::vector<int8_t> scratch;
@@ -532,15 +541,6 @@ class CpuBackend final : public Backend {
     over_tiles(tiles.tiles, [&](int64_t t0, int64_t t1) {
       k_.int8_tiles->rows(tiles, t0, t1, q8_values_.data(), q8_scales_.data(), q8_sums_.data(), n, out, w.rows);
       add_bias(w, n, t0 * cpu::kInt8TileRows, t1 * cpu::kInt8TileRows, out);
-    });
-  }
-
-  // k-bit group weights in 16-row tiles, activations quantized and their group sums in qgroup_sums_.
-  void linear_qgroup_tiles(const Matrix& w, int n, float* out) {
-    const auto& tiles = *static_cast<const cpu::QGroupTiles*>(w.packed);
-    over_tiles(tiles.tiles, [&](int64_t t0, int64_t t1) {
-      k_.qgroup_tiles->rows(tiles, t0, t1, q8_values_.data(), q8_scales_.data(), qgroup_sums_.data(), n, out, w.rows);
-      add_bias(w, n, t0 * cpu::kQGroupTileRows, t1 * cpu::kQGroupTileRows, out);
     });
   }
 
