@@ -1,7 +1,7 @@
 """Seed corpus for fuzz/stb_loader_fuzz.cpp: small valid files of every codec (binary-groups with 1, 2 and 3
 regions, with and without N:M and salient columns, rANS labels, two with fixed-width labels, one with 8-bit params;
 row-col-sign with and without N:M, salient columns and two scale groups; qgroup at 2, 3 and 4 bits with ragged chunks and
-groups, one with 8-bit params),
+groups, one with 8-bit params, two with rANS-coded codes),
 tiny complete models (f16, sign, sign with 4:8 masks, qgroup linears and embedding, int8 head, tied head, sliding
 window), and the malformed files of tests/test_format.py.
 
@@ -124,9 +124,10 @@ def row_col_group_files(out: Path, rng) -> None:
 
 
 def qgroup_files(out: Path, rng) -> None:
-    """k = 2, 3, 4 with fp16 params, and k = 3 with 8-bit params (params_bits = 8)."""
-    for bits, params_bits in ((2, 16), (3, 16), (4, 16), (3, 8)):
-        w = StbWriter(METADATA)
+    """k = 2, 3, 4 with fp16 params, k = 3 with 8-bit params (params_bits = 8), and rANS-coded codes at k = 2, 4."""
+    for bits, params_bits, coder in ((2, 16, None), (3, 16, None), (4, 16, None), (3, 8, None), (2, 16, "rans"),
+                                     (4, 8, "rans")):
+        w = StbWriter(METADATA, code_coder=coder)
         for name, (rows, cols, group) in {"a.weight": (3, 77, 32), "b.weight": (2, 64, 96)}.items():
             groups = -(-cols // group)
             if params_bits == 8:
@@ -136,7 +137,8 @@ def qgroup_files(out: Path, rng) -> None:
             else:
                 steps, scales, offsets = None, rng.random((rows, groups)), rng.standard_normal((rows, groups))
             w.add_qgroup(name, rng.integers(0, 1 << bits, (rows, cols)), scales, offsets, bits, group, steps)
-        w.write(out / (f"qgroup-{bits}bit" + ("-p8" if params_bits == 8 else "") + ".stb"))
+        w.write(out / (f"qgroup-{bits}bit" + ("-p8" if params_bits == 8 else "") + ("-rans" if coder else "") +
+                       ".stb"))
 
 
 def model_files(out: Path) -> None:

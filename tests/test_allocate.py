@@ -16,9 +16,10 @@ from stbllm_convert.cli import main  # noqa: E402
 from stbllm_convert.convert import convert  # noqa: E402
 from stbllm_convert.errors import ConvertError  # noqa: E402
 from stbllm_convert.recipe import Recipe, parse_method  # noqa: E402
-from stbllm_rt import StbReader  # noqa: E402
+from stbllm_rt import Model, StbReader  # noqa: E402
 
 from conftest import CORPUS  # noqa: E402
+from test_oracle import assert_logits_close, oracle_logits  # noqa: E402
 
 CANDIDATES = "q2:g64,q3:g64,q4:g64"
 
@@ -110,7 +111,9 @@ def calibration(tmp_path_factory):
 
 
 def _allocated(model_dir, out, calibration, target, **kw):
+    """An allocated conversion, by default with fixed-width codes: sizes fixed by the shape, counted exactly."""
     kw.setdefault("candidates", CANDIDATES)
+    kw.setdefault("code_coder", None)
     return convert(model_dir, out, target_bpw=target, calibration=calibration(), progress=False, **kw)
 
 
@@ -173,10 +176,13 @@ def test_file_scope_chooses_the_tied_table(tiny_hf_models, calibration, tmp_path
     alloc = result["allocation"]
     assert bits["file_bits_per_weight"] <= 4.2 and alloc["predicted_bits_per_weight"] == bits["file_bits_per_weight"]
     assert alloc["head_bits"] == alloc["embed_bits"] in A.TABLE_CHOICES
-    assert set(alloc["table_loss"]["token_embd.weight"]) == {"16", "8", "4", "3"}
+    assert set(alloc["table_loss"]["token_embd.weight"]) == {"16", "8", "4:g64", "4:g32", "3:g64", "3:g32"}
     table_loss = alloc["table_loss"]["token_embd.weight"]
-    assert table_loss["3"] > table_loss["4"] > table_loss["8"] > table_loss["16"] >= 0
+    assert table_loss["3:g64"] > table_loss["4:g64"] > table_loss["8"] > table_loss["16"] >= 0
+    assert table_loss["3:g64"] > table_loss["3:g32"] and table_loss["4:g64"] > table_loss["4:g32"]
     assert reader.metadata["provenance"]["head_bits"] == alloc["head_bits"]
+    if alloc["head_bits"] <= 4:  # the file holds the chosen group
+        assert reader.tensor_info("token_embd.weight")["params"]["group"] == alloc["table_groups"]["token_embd.weight"]
     if arch == "opt":
         return
     # given table bits are fixed and counted
@@ -198,7 +204,7 @@ def test_8bit_param_candidates_and_tables_are_counted_honestly(tiny_hf_models, c
     assert counter.linear(methods["q3:g32:p8"], "q3:g32:p8", (rows, cols)) == rows * cols * 3 // 8 + 2 * rows * 18 + \
         rows * 4
     assert counter8.table(4, (rows, cols)) == counter.linear(methods["q4:g64:p8"], "q4:g64:p8", (rows, cols))
-    assert A.parse_candidates("q4:g64", 128, 8)["q4:g64"].params_bits == 8
+    assert A.parse_candidates("q4:g64", 128, 8)["q4:g64:p8"].params_bits == 8
     out = tmp_path / "p8.stb"
     alloc = _allocated(tiny_hf_models["mistral"], out, calibration, 4.0, bpw_scope="file",
                        candidates="q3:g64,q4:g32,q4:g64:p16", params_bits=8)["allocation"]
@@ -218,6 +224,46 @@ def test_file_scope_untied_head_and_embedding(tiny_hf_models, calibration, tmp_p
     assert list(alloc["table_loss"]) == ["output.weight"] and alloc["head_bits"] in A.TABLE_CHOICES
 
 
+def test_saved_recipe_keeps_the_tables_group_and_params_bits(tiny_hf_models, calibration, tmp_path):
+    """File scope with --params-bits 8: the chosen table group and the tables' 8-bit params go into the saved recipe,
+    and converting with it alone gives the same tensors."""
+    saved = tmp_path / "chosen.json"
+    alloc = _allocated(tiny_hf_models["mistral"], tmp_path / "a.stb", calibration, 4.0, bpw_scope="file",
+                       params_bits=8, candidates="q3:g64,q4:g64", save_recipe=saved, code_coder="rans")["allocation"]
+    recipe = json.loads(saved.read_text())
+    assert recipe["table_params_bits"] == 8
+    if alloc["head_bits"] <= 4:
+        assert recipe["table_group"] == alloc["table_groups"]["token_embd.weight"] in A.TABLE_GROUPS
+    convert(tiny_hf_models["mistral"], tmp_path / "b.stb", recipe=saved, calibration=calibration(), progress=False)
+    first, second = StbReader(tmp_path / "a.stb"), StbReader(tmp_path / "b.stb")
+    assert {n: first.tensor_info(n).get("params") for n in first.tensor_names()} == \
+        {n: second.tensor_info(n).get("params") for n in second.tensor_names()}
+    np.testing.assert_array_equal(first.dequantize("token_embd.weight"), second.dequantize("token_embd.weight"))
+
+
+def test_rans_coded_candidates_are_sized_as_measured_and_buy_more(tiny_hf_models, calibration, tmp_path):
+    """With rANS-coded codes each q option costs its measured stream (round-to-nearest candidates quantize the same
+    in the allocation and the conversion, so the file is exactly the measured bytes, the margin on top): the budget
+    holds, and the bytes the coding saves buy a lower estimated loss than the fixed-width allocation's."""
+    candidates = "q2-rtn:g64,q3-rtn:g64,q4-rtn:g64"
+    fixed = _allocated(tiny_hf_models["llama"], tmp_path / "fixed.stb", calibration, 3.0,
+                       candidates=candidates)["allocation"]
+    out = tmp_path / "coded.stb"
+    coded = _allocated(tiny_hf_models["llama"], out, calibration, 3.0, candidates=candidates,
+                       code_coder="rans")["allocation"]
+    reader = StbReader(out)
+    bits = reader.metadata["provenance"]["bits"]
+    written = sum(bits["groups"][g]["bytes"] for g in ("codes", "scales"))
+    assert coded["code_coder"] == "rans" and coded["written_bits_per_weight"] == bits["linear_bits_per_weight"] <= 3.0
+    assert reader.metadata["provenance"]["allocation"]["written_bits_per_weight"] == coded["written_bits_per_weight"]
+    assert written <= coded["bytes"] <= written * (1 + A.CODED_MARGIN) + len(coded["chosen"])
+    assert coded["estimated_loss"] < fixed["estimated_loss"]  # (0.277 against 0.326 when written)
+    for name in coded["chosen"]:
+        assert reader.tensor_info(name)["params"]["code_coder"] == "rans"
+    ids = list(np.random.default_rng(3).integers(4, 300, size=16))
+    assert_logits_close(Model(out, threads=1, kv_cache="f32").logits(ids), oracle_logits(out, ids), "sign")
+
+
 def test_rules_fix_their_linears_and_the_saved_recipe_reproduces_the_file(tiny_hf_models, calibration, tmp_path):
     saved = tmp_path / "chosen.json"
     out = tmp_path / "r.stb"
@@ -230,7 +276,7 @@ def test_rules_fix_their_linears_and_the_saved_recipe_reproduces_the_file(tiny_h
     recipe = json.loads(saved.read_text())
     assert recipe["rules"]["ffn_down"] == "q4:g32" and recipe["head_bits"] == 16
     again = tmp_path / "again.stb"
-    convert(tiny_hf_models["llama"], again, recipe=saved, calibration=calibration(), progress=False)
+    convert(tiny_hf_models["llama"], again, recipe=saved, calibration=calibration(), progress=False, code_coder=None)
     second = StbReader(again)
     assert {n: second.tensor_info(n).get("params") for n in second.tensor_names()} == \
         {n: reader.tensor_info(n).get("params") for n in reader.tensor_names()}
@@ -268,6 +314,13 @@ def test_cli_prints_the_mix(tiny_hf_models, tmp_path, capsys):
     assert "allocation: target 3 bits per linear weight" in printed
     total = next(line for line in printed.splitlines() if line.strip().startswith("all "))
     assert sum(int(x) for x in total.split()[1:]) == 14  # 2 layers x 7 linears
+    coders = lambda path: {StbReader(path).tensor_info(n)["params"].get("code_coder")  # noqa: E731
+                           for n in _linear_names(StbReader(path))}
+    assert coders(out) == {"rans"}  # the default
+    fixed = tmp_path / "fixed.stb"
+    assert main([str(tiny_hf_models["llama"]), "-o", str(fixed), "--target-bpw", "3", "--candidates", CANDIDATES,
+                 "--calib", str(text), "--calib-samples", "2", "--calib-seqlen", "32", "--code-coder", "fixed"]) == 0
+    assert coders(fixed) == {None}
     assert main([str(tiny_hf_models["llama"]), "-o", str(out), "--target-bpw", "0.5", "--candidates", CANDIDATES,
                  "--calib", str(text), "--calib-samples", "2", "--calib-seqlen", "32"]) == 2
     assert "reach" in capsys.readouterr().err

@@ -53,19 +53,24 @@ def _reference(t):
     return per_col(t["scales"]) * t["codes"].astype(np.float32) + per_col(t["offsets"])
 
 
+@pytest.mark.parametrize("code_coder", [None, "rans"])
 @pytest.mark.parametrize("params_bits", [16, 8])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("cols, group", [(576, 64), (100, 32), (1000, 128), (64, 96), (31, 32)])
-def test_round_trip_is_bit_exact_in_python_and_cpp(tmp_path, bits, cols, group, params_bits):
+def test_round_trip_is_bit_exact_in_python_and_cpp(tmp_path, bits, cols, group, params_bits, code_coder):
     t = _random_tensor(np.random.default_rng(cols * bits), 7, cols, bits, group, params_bits)
-    writer = StbWriter(_metadata())
+    writer = StbWriter(_metadata(), code_coder=code_coder)
     writer.add_qgroup(NAME, **t)
     writer.write(tmp_path / "q.stb")
     reader = StbReader(tmp_path / "q.stb")
     ref = _reference(t)
     np.testing.assert_array_equal(reader.dequantize(NAME), ref)
     np.testing.assert_array_equal(_core.StbFile(str(tmp_path / "q.stb")).dequantize_qgroup(NAME), ref)
-    assert len(reader.component(NAME, "codes")) == 7 * -(-cols // 32) * 4 * bits  # dense: k bits per code
+    if code_coder is None:
+        assert len(reader.component(NAME, "codes")) == 7 * -(-cols // 32) * 4 * bits  # dense: k bits per code
+    else:  # one stream of the 7 × cols codes in row-major order
+        assert reader.tensor_info(NAME)["params"]["code_coder"] == "rans"
+        np.testing.assert_array_equal(reader.component(NAME, "codes"), _core.rans_encode(t["codes"], 1 << bits))
     info = reader.tensor_info(NAME)
     groups = -(-cols // group)
     assert info["components"]["scales"]["length"] == info["components"]["offsets"]["length"] == \
@@ -201,6 +206,37 @@ def test_malformed_8bit_params_are_refused_by_both_readers(tmp_path, case, match
             _python_dequantize(path)
 
 
+@pytest.mark.parametrize("case, match", [
+    ("truncated", "ends before its symbols"), ("extra_byte", "past its symbols"),
+    ("state", "initial state|outside"), ("frequencies", "sum to"), ("coder", "code_coder must be"),
+])
+def test_malformed_rans_codes_are_refused_by_both_readers(tmp_path, case, match):
+    """A rANS codes stream must decode to exactly rows × cols codes and end where they do; its header is checked."""
+    t = _random_tensor(np.random.default_rng(4), 5, 100, 3, 32)
+    stream = bytearray(_core.rans_encode(t["codes"], 8))
+    params = {"bits": 3, "group": 32, "code_coder": "rans"}
+    if case == "truncated":
+        stream = stream[:-1]
+    elif case == "extra_byte":
+        stream += b"\x00"
+    elif case == "state":  # the final state: the 4 bytes after 8 frequencies
+        stream[16:20] = (int.from_bytes(stream[16:20], "little") ^ 0x10000).to_bytes(4, "little")
+    elif case == "frequencies":
+        stream[0] ^= 1
+    elif case == "coder":
+        params["code_coder"] = "huffman"
+    writer = StbWriter(_metadata())
+    writer._add(NAME, qgroup.CODEC, (5, 100), params,  # the raw components, past add_qgroup's checks
+                {"codes": np.frombuffer(bytes(stream), np.uint8), "scales": t["scales"], "offsets": t["offsets"]})
+    path = tmp_path / "q.stb"
+    writer.write(path)
+    with pytest.raises(FormatError, match=match):
+        StbReader(path)
+    if case != "coder":
+        with pytest.raises(FormatError, match=match):  # the Python decoder, past the C++ checks
+            _python_dequantize(path)
+
+
 def _python_dequantize(path):
     """qgroup.dequantize on the raw bytes of NAME in `path` (no C++ reader in between)."""
     raw, header, data_offset = _split(path)
@@ -208,7 +244,7 @@ def _python_dequantize(path):
     component = lambda key: np.frombuffer(raw, np.uint8, t["components"][key]["length"],  # noqa: E731
                                           data_offset + t["components"][key]["offset"])
     return qgroup.dequantize(component("codes"), component("scales"), component("offsets"), tuple(t["shape"]),
-                             t["params"], component("param_scales"))
+                             t["params"], component("param_scales") if "param_scales" in t["components"] else None)
 
 
 def test_python_decoder_checks_what_the_cpp_reader_checks():
@@ -381,11 +417,20 @@ def test_recipe_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("rules: [")
     with pytest.raises(ConvertError, match="not valid YAML"):
         read_recipe_file(tmp_path / "broken.yaml")
+    (tmp_path / "tables.yaml").write_text("table_group: {token_embd.weight: 32, output.weight: 64}\n"
+                                          "table_params_bits: 8\n")
+    assert read_recipe_file(tmp_path / "tables.yaml")["table_group"] == {"token_embd.weight": 32, "output.weight": 64}
+    for bad, match in (("table_group: {lm_head: 32}", "table_group"), ("table_group: '64'", "table_group"),
+                       ("table_params_bits: 4", "table_params_bits")):
+        (tmp_path / "bad.yaml").write_text(bad + "\n")
+        with pytest.raises(ConvertError, match=match):
+            read_recipe_file(tmp_path / "bad.yaml")
 
 
 def test_mixed_recipe_end_to_end(tiny_hf_models, tmp_path):
     """One calibration pass where GPTQ, STBLLM, sign, fp16 and round-to-nearest linears mix, a 4-bit head and an
-    8-bit embedding; the runtime loads the file and its logits match the oracle's."""
+    8-bit embedding (fixed-width codes: k + 32/group bits); the runtime loads the file and its logits match the
+    oracle's."""
     text = tmp_path / "calib.txt"
     text.write_text("\n".join(CORPUS * 3))
     recipe = tmp_path / "mix.yaml"
@@ -393,14 +438,14 @@ def test_mixed_recipe_end_to_end(tiny_hf_models, tmp_path):
                       "  1.ffn_gate: fp16\n  1.ffn_up: q2-rtn\nembed_bits: 8\n")
     out = tmp_path / "mix.stb"
     result = convert(tiny_hf_models["llama"], out, recipe=recipe, head_bits=4, progress=False,
-                     calibration=CalibrationOptions(texts=[text], samples=2, seqlen=32))
+                     calibration=CalibrationOptions(texts=[text], samples=2, seqlen=32), code_coder=None)
     reader = StbReader(out)
     codec = lambda name: reader.tensor_info(name)["codec"]  # noqa: E731
     assert codec("blk.0.attn_k.weight") == "stb.binary-groups.v2" and codec("blk.1.attn_o.weight") == \
         "stb.sign-block.v1"
     assert codec("blk.1.attn_q.weight") == codec("blk.0.ffn_down.weight") == codec("output.weight") == \
         "stb.qgroup.v1"
-    assert reader.tensor_info("blk.1.ffn_down.weight")["params"] == {"bits": 4, "group": 32}
+    assert reader.tensor_info("blk.1.ffn_down.weight")["params"] == {"bits": 4, "group": 32}  # fixed-width codes
     assert codec("token_embd.weight") == "stb.int8-group.v1" and codec("blk.1.ffn_gate.weight") == "stb.f16.v1"
     provenance = reader.metadata["provenance"]
     assert provenance["method"] == "recipe" and provenance["recipe"]["rules"]["1.ffn_up"] == "q2-rtn"
@@ -448,8 +493,9 @@ def test_calibration_free_recipe_needs_no_calibration(tiny_hf_models, tmp_path):
     convert(tiny_hf_models["mistral"], out, method="q4-rtn", rules=["ffn_*=q2-rtn:g32"], head_bits=3, progress=False)
     reader = StbReader(out)
     assert reader.metadata["provenance"]["head_quantizer"] == "round-to-nearest"
-    assert reader.tensor_info("blk.0.ffn_up.weight")["params"] == {"bits": 2, "group": 32}
-    assert reader.tensor_info("token_embd.weight")["params"] == {"bits": 3, "group": 64}  # tied: embedding = head
+    # the converter's default rANS-coded codes; the tied table's embedding lookups read its head tiles back
+    assert reader.tensor_info("blk.0.ffn_up.weight")["params"] == {"bits": 2, "group": 32, "code_coder": "rans"}
+    assert reader.tensor_info("token_embd.weight")["params"] == {"bits": 3, "group": 64, "code_coder": "rans"}
     ids = list(np.random.default_rng(6).integers(4, 300, size=24))
     assert_logits_close(Model(out, threads=2, kv_cache="f32").logits(ids), oracle_logits(out, ids), "sign")
     with pytest.raises(ConvertError, match="must agree"):

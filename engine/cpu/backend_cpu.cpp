@@ -122,6 +122,7 @@ class CpuBackend final : public Backend {
   Matrix upload_matrix(const TensorEntry& w, const TensorEntry* bias) override {
     Matrix m;
     std::unique_ptr<BinaryGroupsPlanes> planes;  // decoded stb.binary-groups.v2 streams, until repacked
+    auto codes = std::make_unique<std::vector<uint8_t>>();  // decoded rANS-coded stb.qgroup.v1 codes, likewise
     m.name = w.name;
     m.rows = w.shape.at(0);
     m.cols = w.shape.at(1);
@@ -140,7 +141,7 @@ class CpuBackend final : public Backend {
       m.bits = w.bits;
       m.block = w.group;
       m.blocks_per_row = int((m.cols + w.group - 1) / w.group);
-      m.values = w.component("codes").data;
+      m.values = w.qgroup_codes(*codes);
       m.scales = w.qgroup_scales();
       m.offsets = w.qgroup_offsets();
     } else if (w.codec == kCodecBinaryGroups) {
@@ -174,11 +175,19 @@ class CpuBackend final : public Backend {
     }
     if (m.codec != MatrixCodec::BinaryGroups)  // those report their decoded planes
       for (const auto& kv : w.components) m.bytes += kv.second.length;
+    if (w.codes_rans) {  // the kernels read the codes decoded, not the file's stream
+      m.bytes += codes->size();
+      m.bytes -= w.component("codes").length;
+    }
     pack_matrix(m);
     const bool repacked = m.packed && (m.codec != MatrixCodec::RowColSign ||
                                        static_cast<const RowColPacked*>(m.packed)->lut());
-    if (repacked)  // the repacked form holds everything the kernels read
+    if (repacked) {  // the repacked form holds everything the kernels (and a k-bit table's lookups) read
       for (const auto& kv : w.components) release_pages(kv.second);
+      if (m.codec == MatrixCodec::QGroup) m.values = nullptr;
+    } else if (!codes->empty()) {
+      decoded_codes_.push_back(std::move(codes));  // the portable kernel and lookups read them
+    }
     if (planes) {
       if (m.packed)
         m.signs = m.mask = m.labels = m.salient = m.residual = nullptr;  // the repacked codes replace the planes
@@ -300,6 +309,7 @@ class CpuBackend final : public Backend {
   void embed(const Matrix& table, const int* ids, int n, float* out, bool accumulate) override {
     const int64_t dim = table.cols;
     std::vector<float> row(dim);
+    std::vector<uint8_t> codes;
     for (int i = 0; i < n; ++i) {
       float* dst = out + i * dim;
       if (table.codec == MatrixCodec::F32) {
@@ -308,9 +318,16 @@ class CpuBackend final : public Backend {
         k_.f16_to_f32(static_cast<const uint16_t*>(table.values) + ids[i] * dim, row.data(), dim);
       } else if (table.codec == MatrixCodec::QGroup) {
         const int64_t id = ids[i];
-        qgroup_dequantize_row(static_cast<const uint8_t*>(table.values) + id * qgroup_row_bytes(dim, table.bits),
-                              table.scales + id * table.blocks_per_row, table.offsets + id * table.blocks_per_row,
-                              table.bits, table.block, dim, row.data());
+        const uint16_t *scales = table.scales + id * table.blocks_per_row,
+                       *offsets = table.offsets + id * table.blocks_per_row;
+        if (table.packed) {  // a tied head's tiles: the file's codes are released
+          codes.resize(size_t(qgroup_chunks(dim) * kQGroupChunk));
+          cpu::qgroup_tile_row_codes(*static_cast<const cpu::QGroupTiles*>(table.packed), id, codes.data());
+          qgroup_dequantize_codes(codes.data(), scales, offsets, table.block, dim, row.data());
+        } else {
+          qgroup_dequantize_row(static_cast<const uint8_t*>(table.values) + id * qgroup_row_bytes(dim, table.bits),
+                                scales, offsets, table.bits, table.block, dim, row.data());
+        }
       } else {  // Int8Group (the model refuses binary embedding tables)
         const int8_t* q = static_cast<const int8_t*>(table.values) + int64_t(ids[i]) * table.groups_per_row * 64;
         const uint16_t* s = table.scales + int64_t(ids[i]) * table.groups_per_row;
@@ -707,6 +724,7 @@ class CpuBackend final : public Backend {
   std::vector<uint8_t> lut_tables_;                  // lookup tables of those activations
   std::vector<std::unique_ptr<cpu::SignLut>> luts_;  // repacked sign-block weights, owned for the model's life
   std::vector<std::unique_ptr<BinaryGroupsPlanes>> group_planes_;  // decoded binary-groups planes (portable path)
+  std::vector<std::unique_ptr<std::vector<uint8_t>>> decoded_codes_;  // decoded rANS qgroup codes (portable path)
   std::vector<float> groups_x_;                      // activations in the binary-groups kernels' order
   std::vector<std::unique_ptr<cpu::BinaryGroupsCodes>> groups_;  // repacked binary-groups weights, likewise
   std::vector<std::unique_ptr<RowColPacked>> rowcols_;            // row-col-sign weights, likewise

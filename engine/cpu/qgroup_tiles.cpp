@@ -44,4 +44,23 @@ QGroupTiles build_qgroup_tiles(const Matrix& m) {
   return w;
 }
 
+void qgroup_tile_row_codes(const QGroupTiles& w, int64_t row, uint8_t* codes) {
+  const int64_t tile = row / kQGroupTileRows, lane = row % kQGroupTileRows, unit = w.unit_bytes();
+  for (int64_t u = 0; u < w.units; ++u) {
+    const uint8_t* src = w.codes.data() + (tile * w.units + u) * unit;
+    for (int s = 0; s < 4; ++s)
+      for (int k = 0; k < 4; ++k) {
+        const int64_t at = 4 * lane + k;
+        unsigned code;
+        if (w.bits == 4) {
+          code = (src[64 * (s / 2) + at] >> (4 * (s % 2))) & 15;
+        } else {
+          code = (src[at] >> (2 * s)) & 3;
+          if (w.bits == 3) code |= ((src[64 + 8 * s + at / 8] >> (at % 8)) & 1u) << 2;
+        }
+        codes[u * kQGroupUnitCols + 4 * s + k] = uint8_t(code);
+      }
+  }
+}
+
 }  // namespace stb::cpu

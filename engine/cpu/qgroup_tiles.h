@@ -10,7 +10,7 @@
 //   k = 3: the k = 2 layout of the low two bits (64 bytes), then per quad s a little-endian u64 whose bit L is bit 2
 //          of quad s's code at byte L.
 // Scales and offsets follow per (tile, group) as 16 fp16, one per row. Padding rows and columns hold code 0 and
-// scale 0. Built once at load; the embedding lookup keeps reading the file's row-major codes.
+// scale 0. Built once at load; a tied table's embedding lookups read their rows back from the tiles.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -35,6 +35,8 @@ struct QGroupTiles {
 
 // From a QGroup Matrix (the file's codes, scales and offsets).
 QGroupTiles build_qgroup_tiles(const Matrix& m);
+// The inverse for one row: its codes, one per byte, for the padded columns (units × 16): a tied table's lookups.
+void qgroup_tile_row_codes(const QGroupTiles& w, int64_t row, uint8_t* codes);
 
 struct QGroupTileKernels {
   // out[t · out_stride + r] = Σ_j scale_g(j)[r] · code[r, j] · d_t[j / 64] · q_t[j] + Σ_g offset_g[r] · xsum_t[g]

@@ -81,6 +81,29 @@ RansDecoder::RansDecoder(const uint8_t* data, size_t length, int alphabet, std::
     throw FormatError(what_ + ": rans state " + std::to_string(state_) + " is outside [2^23, 2^31)");
 }
 
+void RansDecoder::decode(uint8_t* out, size_t n) {
+  if (symbol_of_.empty()) {  // built on the first call: a stream is often decoded a row at a time
+    symbol_of_.resize(kRansTotal);
+    for (int s = 0; s < kRansMaxAlphabet && start_[s] < kRansTotal; ++s)
+      std::fill(symbol_of_.begin() + start_[s], symbol_of_.begin() + std::min(start_[s + 1], kRansTotal),
+                uint8_t(s));
+  }
+  const uint8_t* symbol_of = symbol_of_.data();
+  uint32_t x = state_;
+  size_t pos = pos_;
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t slot = x & (kRansTotal - 1);
+    const uint8_t s = symbol_of[slot];
+    x = freq_[s] * (x >> kRansProbBits) + slot - start_[s];
+    while (x < kRansLow) {
+      if (pos == length_) truncated();
+      x = (x << 8) | data_[pos++];
+    }
+    out[i] = s;
+  }
+  state_ = x, pos_ = pos;
+}
+
 void RansDecoder::truncated() const { throw FormatError(what_ + ": rans stream ends before its symbols do"); }
 
 void RansDecoder::finish() const {

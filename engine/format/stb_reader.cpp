@@ -6,9 +6,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <exception>
+#include <thread>
 
 #include "stbllm/binary_groups.h"
 #include "stbllm/format.h"
@@ -148,12 +151,28 @@ void validate_row_col_sign(const TensorEntry& t) {
   }
 }
 
+// A rANS-coded stb.qgroup.v1 codes stream decoded row by row into the fixed-width layout at `out` (zeroed; padding
+// columns stay 0), or only checked when out is null; throws FormatError unless it holds exactly rows × cols codes.
+void decode_qgroup_codes(const TensorEntry& t, uint8_t* out) {
+  const Component& c = t.component("codes");
+  RansDecoder decoder(c.data, size_t(c.length), 1 << t.bits, "tensor '" + t.name + "' codes");
+  const int64_t rows = t.shape[0], cols = t.shape[1], row_bytes = qgroup_row_bytes(cols, t.bits);
+  std::vector<uint8_t> row(static_cast<size_t>(cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    decoder.decode(row.data(), row.size());
+    if (out) qgroup_pack_codes(row.data(), t.bits, cols, out + r * row_bytes);
+  }
+  decoder.finish();
+  if (!out) release_pages(c);  // checked at open: a loader reads it again, one matrix at a time
+}
+
 // The rules of stb.qgroup.v1 that lengths cannot express: every scale and offset is finite (8-bit ones: valid codes
 // under sign-clear finite per-row scales, decoding to finite fp16 values, kept expanded in t.qgroup_params), and
-// codes of the padding columns of each row's last chunk are zero.
+// codes of the padding columns of each row's last chunk are zero (rANS-coded codes: the stream decodes to exactly
+// rows × cols codes; decoded here only to check it, again by qgroup_codes() when a loader needs the codes).
 void validate_qgroup(TensorEntry& t) {
   const std::string what = "tensor '" + t.name + "'";
-  const int64_t rows = t.shape[0], cols = t.shape[1], chunks = qgroup_chunks(cols);
+  const int64_t rows = t.shape[0], cols = t.shape[1];
   if (t.params_bits == 8) {
     const int64_t groups = (cols + t.group - 1) / t.group;
     const auto* per_row = reinterpret_cast<const uint16_t*>(t.component("param_scales").data);  // [rows, 2]
@@ -165,6 +184,10 @@ void validate_qgroup(TensorEntry& t) {
   } else {
     for (const char* key : {"scales", "offsets"}) check_finite_halves(t, key);
   }
+  if (t.codes_rans) {
+    decode_qgroup_codes(t, nullptr);
+    return;
+  }
   if (cols % kQGroupChunk == 0) return;
   const uint8_t* codes = t.component("codes").data;
   uint8_t last[kQGroupChunk];
@@ -173,6 +196,31 @@ void validate_qgroup(TensorEntry& t) {
     for (int64_t j = cols % kQGroupChunk; j < kQGroupChunk; ++j)
       if (last[j]) throw FormatError(what + ": row " + std::to_string(r) + " has a non-zero code past the last column");
   }
+}
+
+// check(t) for every tensor, spread over the machine's cores (checksums and entropy-coded streams take most of the
+// time of opening a file); the error of the first failing tensor in file order is the one thrown, as a sequential
+// loop would.
+template <class Check>
+void for_each_tensor(std::vector<TensorEntry>& tensors, const Check& check) {
+  const size_t workers = std::min<size_t>(tensors.size(), std::max(1u, std::min(8u, std::thread::hardware_concurrency())));
+  std::vector<std::exception_ptr> errors(tensors.size());
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < tensors.size();) {
+      try {
+        check(tensors[i]);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (size_t w = 1; w < workers; ++w) pool.emplace_back(work);
+  work();
+  for (auto& thread : pool) thread.join();
+  for (const auto& error : errors)
+    if (error) std::rethrow_exception(error);
 }
 
 // A component's allowed byte length: exact for every fixed-layout stream, a range for entropy-coded ones.
@@ -308,19 +356,26 @@ std::map<std::string, LengthRange> expected_components(TensorEntry& t, const Jso
     if (t.shape.size() != 2) throw FormatError(what + ": stb.qgroup.v1 needs a 2-D shape");
     if (!params) throw FormatError(what + ": stb.qgroup.v1 needs params");
     for (const auto& kv : params->as_object(what + " params"))
-      if (kv.first != "bits" && kv.first != "group" && kv.first != "params_bits")
+      if (kv.first != "bits" && kv.first != "group" && kv.first != "params_bits" && kv.first != "code_coder")
         throw FormatError(what + ": unknown param '" + kv.first + "'");
     t.bits = int(params->at("bits", what + " params").as_int(what + " bits", 2, 4));
     t.group = int(params->at("group", what + " params").as_int(what + " group", kQGroupChunk, 4096));
     if (t.group % kQGroupChunk) throw FormatError(what + ": group must be a multiple of 32");
     if (const JsonValue* bits = params->find("params_bits"))  // absent: fp16 scales and offsets
       t.params_bits = int(bits->as_int(what + " params_bits (only 8 is defined)", 8, 8));
+    if (const JsonValue* coder = params->find("code_coder")) {  // absent: fixed-width codes
+      if (coder->as_string(what + " code_coder") != "rans")
+        throw FormatError(what + ": code_coder must be \"rans\" (the only coder defined)");
+      t.codes_rans = true;
+    }
     const uint64_t rows = uint64_t(t.shape[0]), cols = uint64_t(t.shape[1]);
     const uint64_t params = checked_mul(rows, (cols + uint64_t(t.group) - 1) / uint64_t(t.group), what);
     const uint64_t param_bytes = checked_mul(params, uint64_t(t.params_bits / 8), what);
-    std::map<std::string, LengthRange> out = {
-        {"codes", checked_mul(rows, uint64_t(qgroup_row_bytes(int64_t(cols), t.bits)), what)},
-        {"scales", param_bytes}, {"offsets", param_bytes}};
+    const int alphabet = 1 << t.bits;
+    const LengthRange codes = t.codes_rans  // its decoder checks the exact length
+        ? LengthRange(rans_header_bytes(alphabet), rans_max_bytes(checked_mul(rows, cols, what), alphabet))
+        : LengthRange(checked_mul(rows, uint64_t(qgroup_row_bytes(int64_t(cols), t.bits)), what));
+    std::map<std::string, LengthRange> out = {{"codes", codes}, {"scales", param_bytes}, {"offsets", param_bytes}};
     if (t.params_bits == 8) out["param_scales"] = checked_mul(rows, 4, what);  // d_scale, d_offset per row
     return out;
   }
@@ -338,6 +393,13 @@ const uint16_t* TensorEntry::qgroup_scales() const {
 const uint16_t* TensorEntry::qgroup_offsets() const {
   return params_bits == 8 ? qgroup_params.data() + qgroup_params.size() / 2
                           : reinterpret_cast<const uint16_t*>(component("offsets").data);
+}
+
+const uint8_t* TensorEntry::qgroup_codes(std::vector<uint8_t>& storage) const {
+  if (!codes_rans) return component("codes").data;
+  storage.assign(size_t(shape[0] * qgroup_row_bytes(shape[1], bits)), 0);
+  decode_qgroup_codes(*this, storage.data());
+  return storage.data();
 }
 
 const Component& TensorEntry::component(const std::string& key) const {
@@ -496,16 +558,18 @@ std::shared_ptr<const StbFile> StbFile::open(const std::string& path, bool verif
         throw FormatError("config has a sliding window but the sliding_window feature bit is not set");
 
   if (verify_checksums)
-    for (const TensorEntry& t : f->tensors_)
+    for_each_tensor(f->tensors_, [](TensorEntry& t) {
       for (const auto& ckv : t.components)
         if (crc32c(ckv.second.data, ckv.second.length) != ckv.second.crc32c)
           throw FormatError("checksum mismatch in tensor '" + t.name + "' component '" + ckv.first +
                             "' (file is corrupt)");
-  for (TensorEntry& t : f->tensors_)
+    });
+  for_each_tensor(f->tensors_, [](TensorEntry& t) {
     if (t.codec == kCodecBinaryGroups) validate_binary_groups(t);
     else if (t.codec == kCodecRowColSign) validate_row_col_sign(t);
     else if (t.codec == kCodecQGroup) validate_qgroup(t);
     else if (t.codec == kCodecSignBlock || t.codec == kCodecInt8Group) check_finite_halves(t, "scales");
+  });
   return f;
 }
 

@@ -67,7 +67,7 @@ void bind_format(py::module_& m) {
         return a;
       },
       py::arg("symbols"), py::arg("alphabet"),
-      "Order-0 rANS stream of uint8 symbols < alphabet (docs/format.md, label_coder \"rans\").");
+      "Order-0 rANS stream of uint8 symbols < alphabet (docs/format.md, label_coder / code_coder \"rans\").");
   m.def(
       "rans_decode",
       [](py::array_t<uint8_t, py::array::c_style | py::array::forcecast> stream, size_t count, int alphabet) {
@@ -78,7 +78,7 @@ void bind_format(py::module_& m) {
         {
           py::gil_scoped_release release;
           stb::RansDecoder decoder(data, length, alphabet, "rans stream");
-          for (size_t i = 0; i < count; ++i) dst[i] = uint8_t(decoder.next());
+          decoder.decode(dst, count);
           decoder.finish();
         }
         return out;
@@ -111,9 +111,11 @@ void bind_format(py::module_& m) {
             py::array_t<float> out({py::ssize_t(rows), py::ssize_t(cols)});
             float* dst = out.mutable_data();
             const uint16_t *scales = t.qgroup_scales(), *offsets = t.qgroup_offsets();
+            std::vector<uint8_t> storage;
+            const uint8_t* codes = t.qgroup_codes(storage);
             py::gil_scoped_release release;
             for (int64_t r = 0; r < rows; ++r)
-              stb::qgroup_dequantize_row(t.component("codes").data + r * stb::qgroup_row_bytes(cols, t.bits),
+              stb::qgroup_dequantize_row(codes + r * stb::qgroup_row_bytes(cols, t.bits),
                                          scales + r * groups, offsets + r * groups, t.bits, t.group, cols,
                                          dst + r * cols);
             return out;

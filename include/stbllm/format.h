@@ -56,6 +56,7 @@ struct TensorEntry {
   // stb.binary-groups.v2 and stb.qgroup.v1: 16 (fp16 params) or 8 (int8 codes under per-(row, slot) scales)
   int params_bits = 16;
   bool labels_rans = false;  // stb.binary-groups.v2: labels rANS-coded ("label_coder": "rans"), else fixed width
+  bool codes_rans = false;   // stb.qgroup.v1: codes rANS-coded ("code_coder": "rans"), else fixed width
   int salient_groups = 1;    // stb.binary-groups.v2: 1, or 2 with ARB's column-group bitmap ("salient_groups": 2)
   int scale_groups = 1;      // stb.row-col-sign.v1: 1, or 2 with a group plane and a second scale set ("groups": 2)
   // stb.binary-groups.v2: params per (row, block): α, μ per region, then α₁, μ₁, α₂, μ₂ per salient group
@@ -69,6 +70,10 @@ struct TensorEntry {
   // stb.qgroup.v1: the fp16 scales and offsets [rows, G], whatever params_bits the file stores them with.
   const uint16_t* qgroup_scales() const;
   const uint16_t* qgroup_offsets() const;
+  // stb.qgroup.v1: the codes in the fixed-width layout (include/stbllm/qgroup.h): the file's bytes, or with
+  // code_coder "rans" its stream decoded into `storage` (rows × qgroup_row_bytes; validated at open, so decoding
+  // cannot fail here). Decoded on demand, so a loader holds one matrix's codes at a time, not the whole model's.
+  const uint8_t* qgroup_codes(std::vector<uint8_t>& storage) const;
 };
 
 // Tells the OS that the mapped pages inside c are not needed any more (a backend has copied or repacked them), so

@@ -20,8 +20,15 @@ inline int64_t qgroup_row_bytes(int64_t cols, int bits) { return qgroup_chunks(c
 // The codes (0 .. 2^bits − 1) of one row's `chunks` chunks, one byte each, in column order (32 per chunk).
 void qgroup_unpack_codes(const uint8_t* row_codes, int bits, int64_t chunks, uint8_t* out);
 
-// One row (its codes, and its fp16 scales and offsets, one per group) dequantized exactly as the format defines it:
-// out[j] = float(scale) · code + float(offset), in float32 (product rounded, then the sum).
+// The inverse: one row's codes (cols bytes, each < 2^bits) into its fixed-width bytes (qgroup_row_bytes; the padding
+// columns of the last chunk get code 0).
+void qgroup_pack_codes(const uint8_t* codes, int bits, int64_t cols, uint8_t* row_codes);
+
+// One row (its codes one per byte, and its fp16 scales and offsets, one per group) dequantized exactly as the format
+// defines it: out[j] = float(scale) · code + float(offset), in float32 (product rounded, then the sum).
+void qgroup_dequantize_codes(const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets, int group,
+                             int64_t cols, float* out);
+// The same from the row's fixed-width bytes.
 void qgroup_dequantize_row(const uint8_t* row_codes, const uint16_t* scales, const uint16_t* offsets, int bits,
                            int group, int64_t cols, float* out);
 

@@ -1,5 +1,5 @@
-// Order-0 rANS for small alphabets (docs/format.md, "label_coder": "rans"): the region labels of
-// stb.binary-groups.v2 take about n·H bits instead of a fixed width per label.
+// Order-0 rANS for small alphabets (docs/format.md, "label_coder" / "code_coder": "rans"): the region labels of
+// stb.binary-groups.v2 and the codes of stb.qgroup.v1 take about n·H bits instead of a fixed width per symbol.
 //
 // Stream: the alphabet's A frequencies as little-endian u16 (summing to 2^15; a symbol that never occurs has 0),
 // the coder's final state as a little-endian u32, then the renormalization bytes in the order the decoder reads
@@ -44,6 +44,9 @@ class RansDecoder {
     }
     return s;
   }
+  // n symbols at once through a slot -> symbol table (long streams: stb.qgroup.v1 codes); the same symbols as n
+  // calls of next().
+  void decode(uint8_t* out, size_t n);
   void finish() const;
 
  private:
@@ -52,6 +55,7 @@ class RansDecoder {
   size_t length_, pos_;
   uint32_t state_;
   uint32_t freq_[kRansMaxAlphabet] = {}, start_[kRansMaxAlphabet + 1] = {};
+  std::vector<uint8_t> symbol_of_;  // decode(): slot -> symbol
   std::string what_;
 };
 

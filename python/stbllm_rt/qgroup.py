@@ -5,19 +5,21 @@ per (row, group of input columns). Pure numpy packing and unpacking of the codes
 Codes are stored densely in chunks of 32 columns, 4·k bytes each, in the order one SIMD load turns into 32 byte
 lanes: k = 4 puts column i in the low nibble of byte i and column 16 + i in its high nibble; k = 2 puts column
 8s + i in bits 2s..2s+1 of byte i; k = 3 stores the low two bits as k = 2 does, then a u32 of the third bits.
-With params_bits = 8 the scales and offsets are int8 codes under one fp16 (d_scale, d_offset) per row, decoded by
-the binary-groups rule (binary_groups.expand_params).
+With code_coder "rans" the `codes` component is instead one order-0 rANS stream (engine/format/rans.cpp) of the
+rows × cols codes in row-major order, about n·H bits. With params_bits = 8 the scales and offsets are int8 codes
+under one fp16 (d_scale, d_offset) per row, decoded by the binary-groups rule (binary_groups.expand_params).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import binary_groups
+from . import _core, binary_groups
 from ._core import FormatError
 
 CODEC = "stb.qgroup.v1"
 CHUNK = 32
 BITS = (2, 3, 4)
+CODE_CODER = "rans"  # the one entropy coder of the codes ("code_coder" param)
 
 
 def check_params(bits: int, group: int) -> None:
@@ -52,6 +54,27 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
             high = np.packbits((c >> 2) & 1, axis=2, bitorder="little")  # 4 bytes: the little-endian u32
             out = np.concatenate([out, high], axis=2)
     return np.ascontiguousarray(out.reshape(rows, -1))
+
+
+def encode_codes(codes: np.ndarray, bits: int, coder: str | None = None) -> np.ndarray:
+    """uint8 codes [rows, cols] -> the `codes` component: fixed width (pack_codes), or with coder "rans" one rANS
+    stream of the codes in row-major order."""
+    if coder == CODE_CODER:
+        return _core.rans_encode(np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1), 1 << bits)
+    return pack_codes(codes, bits)
+
+
+def decode_codes(component: np.ndarray, rows: int, cols: int, bits: int, coder: str | None = None) -> np.ndarray:
+    """The `codes` component -> uint8 [rows, chunks * 32] (padding columns 0); raises FormatError on a malformed
+    rANS stream (the runtime's decoder) or a fixed-width one with codes in its padding."""
+    if coder == CODE_CODER:
+        codes = np.zeros((rows, -(-cols // CHUNK) * CHUNK), np.uint8)
+        codes[:, :cols] = _core.rans_decode(np.asarray(component, np.uint8), rows * cols, 1 << bits).reshape(rows, cols)
+        return codes
+    codes = unpack_codes(component, rows, cols, bits)
+    if codes[:, cols:].any():
+        raise FormatError("a code past the last column is not zero")
+    return codes
 
 
 def unpack_codes(packed: np.ndarray, rows: int, cols: int, bits: int) -> np.ndarray:
@@ -95,15 +118,13 @@ def dequantize(codes_component, scales_component, offsets_component, shape, para
                param_scales_component=None) -> np.ndarray:
     """The tensor as float32, float(scale) · code + float(offset) (product rounded, then the sum), after the checks
     the C++ reader makes: finite scales and offsets (8-bit ones with params_bits = 8: valid codes and per-row
-    scales), zero codes past the last column."""
+    scales), zero codes past the last column (fixed width) or a rANS stream of exactly rows × cols codes."""
     rows, cols = shape
     bits, group = params["bits"], params["group"]
     if (params.get("params_bits") == 8) != (param_scales_component is not None):
         raise FormatError("param_scales go with params_bits = 8 and only with it")
     scales, offsets = stored_params(scales_component, offsets_component, rows, -(-cols // group),
                                     param_scales_component)
-    codes = unpack_codes(codes_component, rows, cols, bits)
-    if codes[:, cols:].any():
-        raise FormatError("a code past the last column is not zero")
+    codes = decode_codes(codes_component, rows, cols, bits, params.get("code_coder"))
     per_col = lambda a: np.repeat(a, group, axis=1)[:, :cols]  # noqa: E731
     return per_col(scales) * codes[:, :cols].astype(np.float32) + per_col(offsets)

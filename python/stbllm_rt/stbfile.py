@@ -117,8 +117,10 @@ def tensor_group(name: str) -> str:
 class StbWriter:
     """Collects tensors, then writes one `.stb` file atomically (temp file + fsync + rename)."""
 
-    def __init__(self, metadata: dict):
+    def __init__(self, metadata: dict, code_coder: str | None = None):
+        """code_coder: how add_qgroup stores codes unless told otherwise: "rans" (entropy-coded) or None (fixed)."""
         self.metadata = copy.deepcopy(metadata)
+        self.code_coder = code_coder
         self._tensors: dict[str, dict] = {}
         self._features = 0
 
@@ -246,10 +248,14 @@ class StbWriter:
         self._add(name, CODEC_INT8_GROUP, (rows, cols), {"group": group},
                   {"values": values.reshape(rows, -1), "scales": scales})
 
-    def add_qgroup(self, name: str, codes, scales, offsets, bits: int, group: int, param_scales=None) -> None:
+    def add_qgroup(self, name: str, codes, scales, offsets, bits: int, group: int, param_scales=None,
+                   code_coder: str | None = "writer") -> None:
         """stb.qgroup.v1: codes uint8 [rows, cols] in [0, 2^bits); scales and offsets [rows, ceil(cols/group)], stored
         as fp16 (finite); w = scale · code + offset. param_scales: fp16 [rows, 2] (d_scale, d_offset) to store them
-        as 8-bit codes (params_bits = 8); each scale and offset must then be fp16(d · code), code in [-127, 127]."""
+        as 8-bit codes (params_bits = 8); each scale and offset must then be fp16(d · code), code in [-127, 127].
+        code_coder "rans": the codes as one order-0 rANS stream (lossless, about n·H bits), None: fixed width;
+        by default the writer's code_coder."""
+        code_coder = self.code_coder if code_coder == "writer" else code_coder
         codes = np.asarray(codes)
         try:
             qgroup.check_params(bits, group)
@@ -269,6 +275,10 @@ class StbWriter:
                     raise ValueError(f"{key} must be finite fp16 values")
                 halves[key] = values
             params = {"bits": int(bits), "group": int(group)}
+            if code_coder not in (None, qgroup.CODE_CODER):
+                raise ValueError(f"code_coder must be {qgroup.CODE_CODER!r} or None, got {code_coder!r}")
+            if code_coder:
+                params["code_coder"] = code_coder
             if param_scales is not None:
                 param_scales = np.asarray(param_scales, dtype="<f2")
                 if param_scales.shape != (rows, 2):
@@ -279,7 +289,7 @@ class StbWriter:
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         self._add(name, CODEC_QGROUP, (rows, cols), params,
-                  {"codes": qgroup.pack_codes(codes.astype(np.uint8), bits), **halves}, bits * rows * cols)
+                  {"codes": qgroup.encode_codes(codes.astype(np.uint8), bits, code_coder), **halves}, bits * rows * cols)
 
     def bit_report(self) -> dict:
         """Honest bits: bytes actually in the file for each group of tensors, over the weights they hold."""

@@ -14,15 +14,19 @@ Sensitivity, measured once on the full-precision model over the calibration wind
   quantizer for sign / fp16 / -rtn) and its loss above is recorded, with the relative error tr(EHE^T)/tr(WHW^T).
 - Tables (file scope, when --head-bits / --embed-bits are not given): the head is a linear over the final hidden
   states (same formula); the embedding's loss is 1/2 * sum over the tokens seen of G_emb (E_row)^2, G_emb the
-  squared gradient of the NLL at the token's embedding (a tied table pays both). Each of 16/8/4/3 bits is measured
-  on the table as the file would store it (a calibrated k-bit head: GPTQ with the full-precision model's head input
-  Hessian, where the conversion uses the quantized model's).
+  squared gradient of the NLL at the token's embedding (a tied table pays both). Each of 16 / 8 bits and 4 / 3 bits
+  at each of TABLE_GROUPS (or the --group given) is measured on the table as the file would store it (a calibrated
+  k-bit head: GPTQ with the full-precision model's head input Hessian, where the conversion uses the quantized
+  model's).
 Cost: one forward+backward of the model per window, plus one quantization per (linear, candidate): with the default
 candidates four GPTQ runs per linear, i.e. about four q3 conversions (sign and fp16 cost little).
 
 Bytes: each (shape, candidate) is written once (zeros) into a scratch StbWriter and its component bytes counted the
 way the bit report counts them, so the budget uses exactly the file's byte counts. Only candidates whose size is
-fixed by the shape are admitted (fp16, sign[:N:M], q2/q3/q4[-rtn][:gG][:pP]).
+fixed by the shape are admitted (fp16, sign[:N:M], q2/q3/q4[-rtn][:gG][:pP]). With rANS-coded qgroup codes (the
+converter's default) a q candidate's or k-bit table's size depends on its codes: each is then measured on the
+quantization the sensitivity pass makes anyway, plus CODED_MARGIN for the conversion's own quantization (of the
+quantized model's layer inputs), whose codes differ a little; a linear fixed by a rule is counted at fixed width.
 
 Choice: a multiple-choice knapsack, minimize sum of losses with sum of bytes <= budget, solved by dynamic
 programming over bytes in units of the gcd of all option sizes (exact) or, when that needs more than MAX_UNITS
@@ -44,9 +48,13 @@ from .errors import ConvertError
 from .recipe import LINEAR_KINDS, parse_method
 
 DEFAULT_CANDIDATES = "sign,q2:g64,q3:g128,q3:g64,q4:g64,fp16"
-TABLE_CHOICES = (16, 8, 4, 3)
+TABLE_CHOICES = (16, 8, 4, 3)  # a free table's bits
+TABLE_GROUPS = (64, 32)  # and the group of its k-bit options, unless --group fixes it
 SCOPES = ("linear", "file")
 MAX_UNITS = 1 << 19
+# Added to the measured size of every rANS-coded stream: on SmolLM2 the conversion's coded sizes differed from the
+# allocation's by less than a quarter of this (docs/results.md, session 10).
+CODED_MARGIN = 0.002
 
 
 # ---- the knapsack ------------------------------------------------------------------------------------------------
@@ -85,28 +93,30 @@ def solve(sizes: list[list[int]], losses: list[list[float]], budget: int) -> lis
 
 # ---- bytes -------------------------------------------------------------------------------------------------------
 
-def written_bytes(add) -> int:
+def written_bytes(add, code_coder: str | None = None) -> int:
     """Bytes the bit report counts for what add(writer) writes into an empty StbWriter."""
     from stbllm_rt.stbfile import StbWriter
 
-    writer = StbWriter({})
+    writer = StbWriter({}, code_coder=code_coder)
     add(writer)
     return sum(g["bytes"] for g in writer.bit_report()["groups"].values())
 
 
-def stored_table(w: np.ndarray, bits: int, group: int, head_hessian=None, params_bits: int | None = None) -> np.ndarray:
+def stored_table(w: np.ndarray, bits: int, group: int, head_hessian=None, params_bits: int | None = None,
+                 code_coder: str | None = None) -> tuple[np.ndarray, int]:
     """The values of an embedding / head table as the file stores it at `bits` (convert.add_table; head_hessian:
-    the head's input Hessian when the conversion calibrates the head)."""
+    the head's input Hessian when the conversion calibrates the head), and its bytes."""
     from stbllm_rt.stbfile import StbReader, StbWriter
 
     from .convert import add_table
 
-    writer = StbWriter({})
+    writer = StbWriter({}, code_coder=code_coder)
     add_table(writer, "output.weight", w, bits, group, head_hessian, params_bits)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "table.stb"
         writer.write(path)
-        return StbReader(path).dequantize("output.weight")
+        stored = sum(g["bytes"] for g in writer.bit_report()["groups"].values())
+        return StbReader(path).dequantize("output.weight"), stored
 
 
 class ByteCounter:
@@ -122,13 +132,14 @@ class ByteCounter:
                                                                              np.zeros(shape, np.float32)))
         return self.cache[key]
 
-    def table(self, bits: int, shape) -> int:
-        key = ("table", bits, tuple(shape))
+    def table(self, bits: int, shape, group: int | None = None) -> int:
+        group = group or self.group
+        key = ("table", bits, group, tuple(shape))
         if key not in self.cache:
             from .convert import add_table
 
             self.cache[key] = written_bytes(lambda writer: add_table(writer, "output.weight",
-                                                                     np.zeros(shape, np.float32), bits, self.group,
+                                                                     np.zeros(shape, np.float32), bits, group,
                                                                      params_bits=self.table_params_bits))
         return self.cache[key]
 
@@ -149,17 +160,21 @@ def shape_sized(method) -> bool:
 
 def parse_candidates(text: str | None, block: int, params_bits: int | None = None) -> dict:
     """'q3:g64,q4:p8,...' -> {spec: Method}, ordered as given (duplicates dropped); params_bits (--params-bits): the
-    q specs' without a :pBITS, as the conversion's recipe parses them."""
+    q specs' without a :pBITS, as the conversion's recipe parses them (their specs then end in :pBITS)."""
     specs = [s.strip() for s in (text or DEFAULT_CANDIDATES).split(",") if s.strip()]
     if not specs:
         raise ConvertError("--candidates: give at least one method, e.g. q2:g64,q3:g64,q4:g64")
+    from .methods import QGroupMethod
+
     methods = {}
     for spec in dict.fromkeys(specs):
         method = parse_method(spec, block=block, params_bits=params_bits)
         if not shape_sized(method):
             raise ConvertError(f"--candidates: {spec!r} has a size that depends on the data (searched salient "
                                "columns or regions); candidates must be fp16, sign[:N:M] or q2/q3/q4[-rtn][:gGROUP][:p8]")
-        methods[spec] = method
+        if isinstance(method, QGroupMethod) and params_bits is not None and not spec.split(":")[-1].startswith("p"):
+            spec = f"{spec}:p{method.params_bits}"  # the chosen rules then say it (a saved recipe needs no option)
+        methods.setdefault(spec, method)
     return methods
 
 
@@ -255,10 +270,12 @@ def relative_error(e, w, h) -> float:
 
 
 def linear_sensitivity(model, runner, plan, windows, fisher: Fisher, free: set, candidates: dict, device,
-                       progress) -> dict:
-    """{tensor name: ([loss per candidate], [relative error per candidate])} for the linears in `free`."""
+                       progress, code_coder: str | None = None) -> dict:
+    """{tensor name: ([loss per candidate], [relative error per candidate], [bytes per candidate])} for the linears
+    in `free`; bytes are measured for q candidates under `code_coder` "rans" (None otherwise: fixed by the shape)."""
     from .calibrate import layer_hessians, linear_modules, live_weight, shared_factor
     from .convert import _progress
+    from .methods import QGroupMethod
 
     table = {}
     inputs = [runner.embed(w[None]) for w in windows]
@@ -273,35 +290,52 @@ def linear_sensitivity(model, runner, plan, windows, fisher: Fisher, free: set, 
             h = hessians[name]
             w = live_weight(module, h)  # as the driver prepares it
             g = fisher.outputs[name].to(w.device)
-            losses, errors = [], []
+            losses, errors, sizes = [], [], []
             for method in candidates.values():
                 u = shared_factor(h, owner[name], factors) if method.calibrated else None
-                e = w - method.quantize(w, u, None, h).q.to(w.device)
+                result = method.quantize(w, u, None, h)
+                e = w - result.q.to(w.device)
                 losses.append(output_loss(g, e, h))
                 errors.append(relative_error(e, w, h))
-            table[name] = (losses, errors)
+                coded = code_coder is not None and isinstance(method, QGroupMethod)
+                sizes.append(written_bytes(lambda writer: method.write(writer, name, result, None), code_coder)
+                             if coded else None)
+            table[name] = (losses, errors, sizes)
         layer.to("cpu")
         inputs = outputs
     return table
 
 
-def table_sensitivity(w: np.ndarray, fisher: Fisher, as_head: bool, as_embedding: bool, group: int,
-                      calibrated: bool, params_bits: int | None = None) -> dict:
-    """{bits: estimated loss} of a table for each of TABLE_CHOICES; calibrated: whether the conversion GPTQs a
-    k-bit head with its input Hessian (here the full-precision model's, fisher.head_hessian)."""
+def table_options(groups) -> list[tuple[int, int | None]]:
+    """A free table's options (bits, group): 16 and 8 bits (no group), then 4 and 3 bits at each group."""
+    return [(b, None) if b > 4 else (b, g) for b in TABLE_CHOICES for g in ((None,) if b > 4 else groups)]
+
+
+def table_label(option) -> str:
+    """(4, 32) -> '4:g32', (16, None) -> '16'."""
+    bits, group = option
+    return str(bits) if group is None else f"{bits}:g{group}"
+
+
+def table_sensitivity(w: np.ndarray, fisher: Fisher, as_head: bool, as_embedding: bool, options, calibrated: bool,
+                      params_bits: int | None = None, code_coder: str | None = None) -> dict:
+    """{(bits, group): (estimated loss, bytes)} of a table for each of `options` (table_options); calibrated:
+    whether the conversion GPTQs a k-bit head with its input Hessian (here the full-precision model's,
+    fisher.head_hessian)."""
     import torch
 
     out = {}
     hessian = fisher.head_hessian if as_head and calibrated else None
-    for bits in TABLE_CHOICES:
-        e = torch.from_numpy(np.asarray(w, np.float32) - stored_table(w, bits, group, hessian, params_bits))
+    for bits, group in options:
+        values, stored = stored_table(w, bits, group or 64, hessian, params_bits, code_coder)
+        e = torch.from_numpy(np.asarray(w, np.float32) - values)
         loss = 0.0
         if as_head:
             loss += output_loss(fisher.outputs["head"], e, fisher.head_hessian)
         if as_embedding:
             rows = e[fisher.embed_ids]
             loss += 0.5 * float((fisher.embed.double() * (rows * rows).double()).sum())
-        out[bits] = loss
+        out[bits, group] = (loss, stored)
     return out
 
 
@@ -313,6 +347,8 @@ class Allocation:
     head_bits: int
     embed_bits: int
     provenance: dict
+    table_groups: dict = field(default_factory=dict)  # chosen k-bit tables' groups, by tensor name
+    table_params_bits: int | None = None              # --params-bits of the k-bit tables
 
 
 def layer_list(layers) -> str:
@@ -348,7 +384,7 @@ def mix_summary(chosen: dict) -> dict:
 
 
 def budget_items(plan, fixed, methods: dict, counter: ByteCounter, scope: str, free_tables: list, head_bits,
-                 embed_bits):
+                 embed_bits, table_groups=(64,)):
     """The byte side of the knapsack: (bytes of everything fixed, weights the budget is over, items, sizes), items
     [(tensor name, options ordered by size)] for the free linears and tables, sizes their bytes per option."""
     fixed_bytes, weights, items, sizes = 0, 0, [], []
@@ -372,8 +408,9 @@ def budget_items(plan, fixed, methods: dict, counter: ByteCounter, scope: str, f
         elif not counted:
             continue
         elif spec.name in free_tables:
-            items.append((spec.name, list(TABLE_CHOICES[::-1])))
-            sizes.append([counter.table(b, spec.shape) for b in TABLE_CHOICES[::-1]])
+            options = sorted(table_options(table_groups), key=lambda o: counter.table(o[0], spec.shape, o[1]))
+            items.append((spec.name, options))
+            sizes.append([counter.table(b, spec.shape, g) for b, g in options])
         elif spec.name == "token_embd.weight":
             fixed_bytes += counter.table(embed_bits, spec.shape)
         elif spec.kind == "head":
@@ -384,12 +421,13 @@ def budget_items(plan, fixed, methods: dict, counter: ByteCounter, scope: str, f
 
 
 def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, target_bpw: float, scope: str,
-             candidates: str | None, head_bits: int | None, embed_bits: int | None, block: int, group: int,
-             progress, params_bits: int | None = None) -> Allocation:
+             candidates: str | None, head_bits: int | None, embed_bits: int | None, block: int, group: int | None,
+             progress, params_bits: int | None = None, code_coder: str | None = None) -> Allocation:
     """Measures the sensitivities and solves the knapsack. fixed: the Recipe of the user's rules (the linears they
     match keep their method; the rest are chosen); head_bits / embed_bits: given table bits or None (file scope:
-    chosen; linear scope: 16); params_bits: --params-bits, for the k-bit tables and the q candidates without
-    a :pBITS."""
+    chosen; linear scope: 16); group: the k-bit tables' (--group; None: chosen among TABLE_GROUPS for a free table,
+    64 for a given one); params_bits: --params-bits, for the k-bit tables and the q candidates without
+    a :pBITS; code_coder: the conversion's (rANS-coded codes are sized as measured, see the module docstring)."""
     import torch
 
     from .calibrate import LayerRunner, calibration_windows, linear_modules, source_model
@@ -414,19 +452,27 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
         free_tables = [n for n, given in (("token_embd.weight", embed_bits), ("output.weight", head_bits))
                        if not given]
 
-    fixed_bytes, weights, items, sizes = budget_items(plan, fixed, methods, ByteCounter(group, params_bits),
-                                                      scope, free_tables, head_bits, embed_bits)
+    table_groups = (group,) if group else TABLE_GROUPS
+    fixed_bytes, weights, items, sizes = budget_items(plan, fixed, methods, ByteCounter(group or 64, params_bits),
+                                                      scope, free_tables, head_bits, embed_bits, table_groups)
     free = {name for name, _ in items if name not in free_tables}
     if not free:
         raise ConvertError("--target-bpw: the --set / recipe rules fix every linear; nothing is left to allocate")
     total_budget = math.floor(target_bpw * weights / 8)
-    low = fixed_bytes + sum(min(s) for s in sizes)
-    high = fixed_bytes + sum(max(s) for s in sizes)
-    if not low <= total_budget <= high:
-        raise ConvertError(
-            f"--target-bpw {target_bpw:g}: the candidates ({', '.join(methods)}) reach "
-            f"{math.ceil(low * 8 / weights * 1e4) / 1e4:.4f} to {math.floor(high * 8 / weights * 1e4) / 1e4:.4f} "
-            f"bits per {scope} weight on this model" + (" with the fixed tensors" if fixed_bytes else ""))
+
+    def check_reach(sizes, coded_low=False):
+        """The budget lies between the smallest and the largest options (coded_low: sizes at fixed width, which
+        rANS-coded codes undercut, so only the upper end is known yet)."""
+        low = fixed_bytes + sum(min(s) for s in sizes)
+        high = fixed_bytes + sum(max(s) for s in sizes)
+        if not (coded_low or low <= total_budget) or total_budget > high:
+            raise ConvertError(
+                f"--target-bpw {target_bpw:g}: the candidates ({', '.join(methods)}) reach "
+                f"{math.ceil(low * 8 / weights * 1e4) / 1e4:.4f} to {math.floor(high * 8 / weights * 1e4) / 1e4:.4f} "
+                f"bits per {scope} weight on this model" + (" with the fixed tensors" if fixed_bytes else "")
+                + (" at fixed width (the codes' rANS coding undercuts the lower end)" if coded_low else ""))
+
+    check_reach(sizes, coded_low=code_coder is not None)
     # Sensitivities on the full-precision model.
     calibration.check()
     torch.manual_seed(calibration.seed)
@@ -439,22 +485,36 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
         all_linears.update({n: m for n, m in linear_modules(model, plan, i).items() if n in free})
     fisher = output_fisher(model, windows, all_linears, bool(free_tables), device, progress)
     runner = LayerRunner(model, arch, config, calibration.seqlen, device)
-    linear_table = linear_sensitivity(model, runner, plan, windows, fisher, free, methods, device, progress)
+    linear_table = linear_sensitivity(model, runner, plan, windows, fisher, free, methods, device, progress,
+                                      code_coder)
     losses = []
     table_losses = {}
-    for name, opts in items:
+
+    def with_margin(measured, fixed_width):  # measured: bytes of a coded option, None when its size is fixed
+        return fixed_width if measured is None else math.ceil(measured * (1 + CODED_MARGIN))
+
+    for k, (name, opts) in enumerate(items):
         if name in linear_table:
             by_spec = dict(zip(methods, linear_table[name][0]))
+            measured = dict(zip(methods, linear_table[name][2]))
             losses.append([by_spec[s] for s in opts])
         else:
             table = next(s for s in plan.all() if s.name == name)
-            by_bits = table_sensitivity(src.planned_tensor(table), fisher, as_head=tied or name == "output.weight",
-                                        as_embedding=name == "token_embd.weight", group=group,
-                                        calibrated=any(m.calibrated for m in methods.values()),
-                                        params_bits=params_bits)
-            table_losses[name] = {str(b): round(by_bits[b], 6) for b in TABLE_CHOICES}
-            losses.append([by_bits[b] for b in opts])
+            by_option = table_sensitivity(src.planned_tensor(table), fisher,
+                                          as_head=tied or name == "output.weight",
+                                          as_embedding=name == "token_embd.weight", options=opts,
+                                          calibrated=any(m.calibrated for m in methods.values()),
+                                          params_bits=params_bits, code_coder=code_coder)
+            table_losses[name] = {table_label(o): round(by_option[o][0], 6) for o in table_options(table_groups)}
+            measured = {o: by_option[o][1] if code_coder is not None and o[0] <= 4 else None for o in opts}
+            losses.append([by_option[o][0] for o in opts])
+        sizes[k] = [with_margin(measured[o], size) for o, size in zip(opts, sizes[k])]
+        order = sorted(range(len(opts)), key=lambda j: (sizes[k][j], j))  # solve() wants them by size
+        items[k] = (name, [opts[j] for j in order])
+        sizes[k], losses[k] = [sizes[k][j] for j in order], [losses[k][j] for j in order]
     del model, runner
+    if code_coder is not None:
+        check_reach(sizes)
 
     choice = solve(sizes, losses, total_budget - fixed_bytes)
     chosen, picked_bytes, estimated = {}, 0, 0.0
@@ -462,11 +522,13 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
         chosen[name] = opts[c]
         picked_bytes += item_sizes[c]
         estimated += item_losses[c]
+    tables = {name: chosen.pop(name) for name in free_tables}  # (bits, group) each
     if tied and free_tables:
-        head_bits = embed_bits = chosen.pop("token_embd.weight")
+        head_bits = embed_bits = tables["token_embd.weight"][0]
     else:
-        embed_bits = chosen.pop("token_embd.weight", embed_bits)
-        head_bits = chosen.pop("output.weight", head_bits)
+        embed_bits = tables.get("token_embd.weight", (embed_bits,))[0]
+        head_bits = tables.get("output.weight", (head_bits,))[0]
+    chosen_groups = {name: g for name, (_, g) in tables.items() if g is not None}
     per_linear = {(int(n.split(".")[1]), n.split(".")[2]): s for n, s in chosen.items()}
     rules = {**{r.pattern: r.spec for r in fixed.rules}, **compress_rules(per_linear, len(plan.layers))}
     predicted = fixed_bytes + picked_bytes
@@ -477,9 +539,11 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
         "estimated_loss": round(estimated, 6),
         "predicted_bits_per_weight": round(predicted * 8 / weights, 4),
         "budget_bytes": total_budget, "bytes": predicted,
+        **({"code_coder": code_coder, "coded_margin": CODED_MARGIN} if code_coder is not None else {}),
         "calibration": {"text": [p.name for p in paths], "samples": calibration.samples,
                         "seqlen": calibration.seqlen, "seed": calibration.seed},
         "chosen": chosen, "mix": mix_summary(chosen), "head_bits": head_bits, "embed_bits": embed_bits,
+        **({"table_groups": chosen_groups} if chosen_groups else {}),
         "sensitivity": {name: {"loss": [float(f"{x:.4g}") for x in linear_table[name][0]],
                                "relative_error": [float(f"{x:.4g}") for x in linear_table[name][1]]}
                         for name in sorted(linear_table)},
@@ -487,7 +551,7 @@ def allocate(src, arch: str, config: dict, plan, tokenizer, fixed, calibration, 
     }
     if table_losses:
         provenance["table_loss"] = table_losses
-    return Allocation(rules, head_bits, embed_bits, provenance)
+    return Allocation(rules, head_bits, embed_bits, provenance, chosen_groups, params_bits)
 
 
 def describe(provenance: dict) -> list[str]:
@@ -495,10 +559,10 @@ def describe(provenance: dict) -> list[str]:
     specs = [s for s in provenance["candidates"] if any(s in c for c in provenance["mix"].values())]
     lines = [f"allocation: target {provenance['target_bpw']:g} bits per {provenance['scope']} weight, estimated "
              f"loss {provenance['estimated_loss']:.4f} nats/token, {provenance['allocation_seconds']:.1f} s",
-             f"  tables: embedding {provenance['embed_bits']} bits, head {provenance['head_bits']} bits",
-             "  " + f"{'kind':<9}" + "".join(f"{s:>9}" for s in specs)]
-    for kind, counts in provenance["mix"].items():
-        lines.append("  " + f"{kind:<9}" + "".join(f"{counts.get(s, 0):>9}" for s in specs))
+             f"  tables: embedding {provenance['embed_bits']} bits, head {provenance['head_bits']} bits"
+             + "".join(f", {name.split('.')[0]} group {g}" for name, g in provenance.get("table_groups", {}).items()),
+             "  " + f"{'kind':<9}" + "".join(f"{s:>{max(9, len(s) + 1)}}" for s in specs)]
     totals = {s: sum(c.get(s, 0) for c in provenance["mix"].values()) for s in specs}
-    lines.append("  " + f"{'all':<9}" + "".join(f"{totals[s]:>9}" for s in specs))
+    for kind, counts in [*provenance["mix"].items(), ("all", totals)]:
+        lines.append("  " + f"{kind:<9}" + "".join(f"{counts.get(s, 0):>{max(9, len(s) + 1)}}" for s in specs))
     return lines

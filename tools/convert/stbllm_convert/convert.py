@@ -98,7 +98,7 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
             progress: bool | None = None, head_bits: int | None = None, calibration: CalibrationOptions | None = None,
             embed_bits: int | None = None, group: int | None = None, rules=(), recipe=None,
             target_bpw: float | None = None, bpw_scope: str | None = None, candidates: str | None = None,
-            save_recipe=None, **method_options) -> dict:
+            save_recipe=None, code_coder: str | None = "rans", **method_options) -> dict:
     """Converts MODEL (HF directory, .gguf file or `smollm2-135m`) into the .stb file `out`.
 
     method: a registered method name (fp16, sign, billm, stbllm, arb-x, arb-rc, onebit-svid, q2, q3, q4, q2-rtn,
@@ -113,7 +113,9 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
     lamda, hyper_m (binary calibrated methods), arb_iters (arb-x, arb-rc), svid, kd_steps, kd_lr (onebit-svid).
     target_bpw: choose the linears' methods among `candidates` (allocate.py; comma-separated specs) for at most
     that many honest bits per weight of bpw_scope "linear" (default) or "file"; the rules fix their linears, group
-    is then the tables' only; save_recipe: also write the chosen recipe (JSON) there.
+    is then the tables' only; save_recipe: also write the chosen recipe (JSON) there; code_coder: how
+    stb.qgroup.v1 tensors (q2/q3/q4 linears, 2-4 bit tables) store their codes: "rans" (entropy-coded, lossless)
+    or None (fixed width).
     Returns {"path", "bits", "seconds", "file_size", "architecture", "tensors"} (+ "allocation").
     Raises ConvertError for user errors; nothing is written unless the whole conversion succeeds."""
     from .recipe import TABLE_BITS, read_recipe_file
@@ -139,8 +141,13 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
     if target_bpw is None:
         head_bits = head_bits or 16
         embed_bits = embed_bits or head_bits
-    table_group = group or 64
-    table_params_bits = method_options.get("params_bits")  # --params-bits 8: the k-bit tables' params too
+    file_spec = read_recipe_file(recipe) if recipe is not None else {}
+    file_groups = file_spec.get("table_group")  # a group for both tables, or {tensor name: group}
+    table_group = group or (file_groups if isinstance(file_groups, int) else None) or 64
+    # per table: the allocation's chosen group (or the recipe file's), where it differs from table_group
+    table_groups = dict(file_groups) if isinstance(file_groups, dict) and not group else {}
+    # --params-bits 8: the k-bit tables' params too
+    table_params_bits = method_options.get("params_bits") or file_spec.get("table_params_bits")
     calibrated = any(m.calibrated for m in recipe_obj.methods())
     distilled = any(getattr(m, "kd_steps", 0) for m in recipe_obj.methods())
     if calibration is not None and not (calibrated or distilled or target_bpw is not None):
@@ -178,11 +185,13 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
 
             allocation = allocate(src, arch, config, plan, _calibration_tokenizer(tok_spec, tok_blob), recipe_obj,
                                   calibration or CalibrationOptions(), target_bpw, bpw_scope or "linear", candidates,
-                                  head_bits, embed_bits, block, table_group, progress, table_params_bits)
+                                  head_bits, embed_bits, block, group, progress, table_params_bits,
+                                  code_coder)
             recipe_obj = Recipe(recipe_obj.default, recipe_obj.default_spec, allocation.rules.items(), block=block,
                                 **method_options)
             recipe_obj.check(len(plan.layers), kinds)
             head_bits, embed_bits = allocation.head_bits, allocation.embed_bits
+            table_groups = allocation.table_groups
             calibrated = any(m.calibrated for m in recipe_obj.methods())
         if config["tie_word_embeddings"] and embed_bits != head_bits:
             raise ConvertError(f"this model ties its LM head to the token embedding: --embed-bits {embed_bits} and "
@@ -210,7 +219,7 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
         if allocation is not None:
             provenance["allocation"] = allocation.provenance
         writer = StbWriter({"architecture": arch, "config": config, "tokenizer": tok_spec,
-                            "provenance": provenance})
+                            "provenance": provenance}, code_coder=code_coder)
 
         def add_plain(spec, w):
             if spec.name == head_name and calibrated_head:
@@ -218,9 +227,11 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
             if spec.kind in ("norm", "bias"):
                 writer.add_f32(spec.name, w)
             elif spec.name == "token_embd.weight":
-                add_table(writer, spec.name, w, embed_bits, table_group, params_bits=table_params_bits)
+                add_table(writer, spec.name, w, embed_bits, table_groups.get(spec.name, table_group),
+                          params_bits=table_params_bits)
             elif spec.kind == "head":
-                add_table(writer, spec.name, w, head_bits, table_group, params_bits=table_params_bits)
+                add_table(writer, spec.name, w, head_bits, table_groups.get(spec.name, table_group),
+                          params_bits=table_params_bits)
             elif spec.kind == "embedding":  # learned positions
                 writer.add_f16(spec.name, to_f16(spec.name, w))
             else:
@@ -246,8 +257,8 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
             add_plain(spec, src.planned_tensor(spec))
         if calibrated_head:
             head = next(spec for spec in plan.all() if spec.name == head_name)
-            add_table(writer, head_name, src.planned_tensor(head), head_bits, table_group, calibrator.head_hessian(),
-                      table_params_bits)
+            add_table(writer, head_name, src.planned_tensor(head), head_bits,
+                      table_groups.get(head_name, table_group), calibrator.head_hessian(), table_params_bits)
         context = SimpleNamespace(src=src, arch=arch, config=config, plan=plan,
                                   tokenizer=lambda: _calibration_tokenizer(tok_spec, tok_blob),
                                   calibration=calibration or CalibrationOptions(), progress=progress)
@@ -264,13 +275,19 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
             for entry in [provenance, *provenance.get("layers", []), provenance.get("allocation", {})]:
                 for key in RUN_MEASUREMENTS:
                     entry.pop(key, None)
-        if allocation is not None:  # the allocator's byte count must be the file's
+        if allocation is not None:
             scope = allocation.provenance["scope"]
             measured = writer.bit_report()[f"{scope}_bits_per_weight"]
             predicted = allocation.provenance["predicted_bits_per_weight"]
-            if measured != predicted:
+            if code_coder is None and measured != predicted:  # fixed widths: its byte count must be the file's
                 raise ConvertError(f"internal error: the allocator counted {predicted} bits per {scope} weight, the "
                                    f"file holds {measured}")
+            for entry in (allocation.provenance, writer.metadata["provenance"]["allocation"]):  # (the writer's copy)
+                entry["written_bits_per_weight"] = measured
+            if code_coder is not None and measured > target_bpw:  # rANS-coded codes: sized on the full-precision layers' quantization
+                warnings.warn(f"the file holds {measured} bits per {scope} weight, over --target-bpw {target_bpw:g}: "
+                              f"the rANS-coded codes came out larger than the allocation measured them (plus its "
+                              f"{allocation.provenance['coded_margin']:.1%} margin)", ConvertWarning, stacklevel=2)
         try:
             report = writer.write(out)
         except OSError as e:  # e.g. a full disk: the writer has removed its temporary file, OUT is untouched
@@ -290,7 +307,12 @@ def _write_recipe(path, allocation) -> None:
     import json
 
     try:
-        Path(path).expanduser().write_text(json.dumps({"rules": allocation.rules, "head_bits": allocation.head_bits,
-                                                       "embed_bits": allocation.embed_bits}, indent=1) + "\n")
+        recipe = {"rules": allocation.rules, "head_bits": allocation.head_bits, "embed_bits": allocation.embed_bits}
+        groups = allocation.table_groups
+        if groups:  # one group for every k-bit table, or (two untied ones that differ) one per table
+            recipe["table_group"] = next(iter(groups.values())) if len(set(groups.values())) == 1 else groups
+        if allocation.table_params_bits:
+            recipe["table_params_bits"] = allocation.table_params_bits
+        Path(path).expanduser().write_text(json.dumps(recipe, indent=1) + "\n")
     except OSError as e:
         raise ConvertError(f"cannot write the recipe {path}: {e.strerror or e}") from None

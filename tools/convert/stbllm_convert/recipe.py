@@ -7,7 +7,9 @@ without LAYERS every layer. METHOD is `NAME[:N:M][:gGROUP][:pBITS]`, e.g. `stbll
 one linear and no linear may match two rules (an overlap is an error, not a silent precedence).
 
 A recipe file (--recipe, JSON or YAML) holds {"method": default METHOD, "rules": {PATTERN: METHOD, ...},
-"embed_bits": 16|8|4|3|2, "head_bits": ...}; every key is optional and command-line options override it.
+"embed_bits": 16|8|4|3|2, "head_bits": ..., "table_group": the 2-4 bit tables' group (--group; or {tensor name:
+group} for an untied embedding and head), "table_params_bits": 8|16 (their --params-bits)}; every key is optional and
+command-line options override it.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .methods import CalibratedMethod, Method, QGroupMethod, make_method, method
 
 LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up", "ffn_down")
 TABLE_BITS = (16, 8, 4, 3, 2)
-RECIPE_KEYS = ("method", "rules", "embed_bits", "head_bits")
+RECIPE_KEYS = ("method", "rules", "embed_bits", "head_bits", "table_group", "table_params_bits")
 
 
 def parse_method(spec: str, block: int = 128, **options) -> Method:
@@ -107,6 +109,14 @@ def read_recipe_file(path) -> dict:
     if not isinstance(rules, dict):
         raise ConvertError(f"recipe {path}: 'rules' must map PATTERN to METHOD")
     data["rules"] = {str(k): str(v) for k, v in rules.items()}
+    group = data.get("table_group")
+    groups = group if isinstance(group, dict) else {"token_embd.weight": group} if group is not None else {}
+    for name, g in groups.items():
+        if name not in ("token_embd.weight", "output.weight") or isinstance(g, bool) or not isinstance(g, int):
+            raise ConvertError(f"recipe {path}: 'table_group' must be a group size (e.g. 64) or map "
+                               "token_embd.weight / output.weight to one")
+    if data.get("table_params_bits") not in (None, 8, 16):
+        raise ConvertError(f"recipe {path}: 'table_params_bits' must be 8 or 16")
     return data
 
 
