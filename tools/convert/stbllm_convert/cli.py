@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "before it know; lossless either way")
     cal.add_argument("--code-coder", choices=("rans", "fixed"), default="rans",
                      help="q2 / q3 / q4 linears and 2-4 bit tables: rans = their codes entropy-coded (default; "
-                          "lossless, 0.15-0.25 bits per weight fewer on SmolLM2, decoded once at load), fixed = "
+                          "lossless, 0.15-0.25 bits per weight fewer on SmolLM2, decoded at load), fixed = "
                           "the fixed-width codes readers before it know")
     cal.add_argument("--regions", type=int, choices=(1, 2, 3), default=None,
                      help="billm / stbllm: groups the non-salient kept weights are split into by searched break "
