@@ -88,6 +88,8 @@ void RansDecoder::decode(uint8_t* out, size_t n) {
       std::fill(symbol_of_.begin() + start_[s], symbol_of_.begin() + std::min(start_[s + 1], kRansTotal),
                 uint8_t(s));
   }
+  // The state and position live in locals (next() updates the members): stores through `out` may alias members,
+  // which would put a store and a reload on the loop's dependency chain.
   const uint8_t* symbol_of = symbol_of_.data();
   uint32_t x = state_;
   size_t pos = pos_;

@@ -151,8 +151,9 @@ void validate_row_col_sign(const TensorEntry& t) {
   }
 }
 
-// A rANS-coded stb.qgroup.v1 codes stream decoded row by row into the fixed-width layout at `out` (zeroed; padding
-// columns stay 0), or only checked when out is null; throws FormatError unless it holds exactly rows × cols codes.
+// A rANS-coded stb.qgroup.v1 codes stream decoded row by row into the fixed-width layout at `out` (rows ×
+// qgroup_row_bytes; padding columns get code 0), or only checked when out is null; throws FormatError unless it
+// holds exactly rows × cols codes.
 void decode_qgroup_codes(const TensorEntry& t, uint8_t* out) {
   const Component& c = t.component("codes");
   RansDecoder decoder(c.data, size_t(c.length), 1 << t.bits, "tensor '" + t.name + "' codes");
@@ -203,7 +204,8 @@ void validate_qgroup(TensorEntry& t) {
 // loop would.
 template <class Check>
 void for_each_tensor(std::vector<TensorEntry>& tensors, const Check& check) {
-  const size_t workers = std::min<size_t>(tensors.size(), std::max(1u, std::min(8u, std::thread::hardware_concurrency())));
+  const size_t cores = std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
+  const size_t workers = std::min(tensors.size(), cores);
   std::vector<std::exception_ptr> errors(tensors.size());
   std::atomic<size_t> next{0};
   auto work = [&] {
@@ -397,7 +399,7 @@ const uint16_t* TensorEntry::qgroup_offsets() const {
 
 const uint8_t* TensorEntry::qgroup_codes(std::vector<uint8_t>& storage) const {
   if (!codes_rans) return component("codes").data;
-  storage.assign(size_t(shape[0] * qgroup_row_bytes(shape[1], bits)), 0);
+  storage.resize(size_t(shape[0] * qgroup_row_bytes(shape[1], bits)));  // every byte is written
   decode_qgroup_codes(*this, storage.data());
   return storage.data();
 }

@@ -118,7 +118,7 @@ class StbWriter:
     """Collects tensors, then writes one `.stb` file atomically (temp file + fsync + rename)."""
 
     def __init__(self, metadata: dict, code_coder: str | None = None):
-        """code_coder: how add_qgroup stores codes unless told otherwise: "rans" (entropy-coded) or None (fixed)."""
+        """code_coder: how add_qgroup stores codes: "rans" (entropy-coded) or None (fixed width)."""
         self.metadata = copy.deepcopy(metadata)
         self.code_coder = code_coder
         self._tensors: dict[str, dict] = {}
@@ -248,14 +248,13 @@ class StbWriter:
         self._add(name, CODEC_INT8_GROUP, (rows, cols), {"group": group},
                   {"values": values.reshape(rows, -1), "scales": scales})
 
-    def add_qgroup(self, name: str, codes, scales, offsets, bits: int, group: int, param_scales=None,
-                   code_coder: str | None = "writer") -> None:
+    def add_qgroup(self, name: str, codes, scales, offsets, bits: int, group: int, param_scales=None) -> None:
         """stb.qgroup.v1: codes uint8 [rows, cols] in [0, 2^bits); scales and offsets [rows, ceil(cols/group)], stored
         as fp16 (finite); w = scale · code + offset. param_scales: fp16 [rows, 2] (d_scale, d_offset) to store them
         as 8-bit codes (params_bits = 8); each scale and offset must then be fp16(d · code), code in [-127, 127].
-        code_coder "rans": the codes as one order-0 rANS stream (lossless, about n·H bits), None: fixed width;
-        by default the writer's code_coder."""
-        code_coder = self.code_coder if code_coder == "writer" else code_coder
+        The codes are stored as the writer's code_coder says: "rans", one order-0 rANS stream (lossless, about n·H
+        bits), or None, fixed width."""
+        code_coder = self.code_coder
         codes = np.asarray(codes)
         try:
             qgroup.check_params(bits, group)
@@ -289,7 +288,8 @@ class StbWriter:
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         self._add(name, CODEC_QGROUP, (rows, cols), params,
-                  {"codes": qgroup.encode_codes(codes.astype(np.uint8), bits, code_coder), **halves}, bits * rows * cols)
+                  {"codes": qgroup.encode_codes(codes.astype(np.uint8), bits, code_coder), **halves},
+                  bits * rows * cols)
 
     def bit_report(self) -> dict:
         """Honest bits: bytes actually in the file for each group of tensors, over the weights they hold."""

@@ -93,13 +93,18 @@ def solve(sizes: list[list[int]], losses: list[list[float]], budget: int) -> lis
 
 # ---- bytes -------------------------------------------------------------------------------------------------------
 
+def counted_bytes(writer) -> int:
+    """Bytes the bit report counts for what a writer holds."""
+    return sum(g["bytes"] for g in writer.bit_report()["groups"].values())
+
+
 def written_bytes(add, code_coder: str | None = None) -> int:
     """Bytes the bit report counts for what add(writer) writes into an empty StbWriter."""
     from stbllm_rt.stbfile import StbWriter
 
     writer = StbWriter({}, code_coder=code_coder)
     add(writer)
-    return sum(g["bytes"] for g in writer.bit_report()["groups"].values())
+    return counted_bytes(writer)
 
 
 def stored_table(w: np.ndarray, bits: int, group: int, head_hessian=None, params_bits: int | None = None,
@@ -115,8 +120,7 @@ def stored_table(w: np.ndarray, bits: int, group: int, head_hessian=None, params
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "table.stb"
         writer.write(path)
-        stored = sum(g["bytes"] for g in writer.bit_report()["groups"].values())
-        return StbReader(path).dequantize("output.weight"), stored
+        return StbReader(path).dequantize("output.weight"), counted_bytes(writer)
 
 
 class ByteCounter:

@@ -122,12 +122,13 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
 
     start = time.monotonic()
     date, reproducible = conversion_date()
+    file_spec = read_recipe_file(recipe) if recipe is not None else {}
     if target_bpw is None:
         for option, value in (("--bpw-scope", bpw_scope), ("--candidates", candidates),
                               ("--save-recipe", save_recipe)):
             if value is not None:
                 raise ConvertError(f"{option} needs --target-bpw")
-    elif method is not None or (recipe is not None and "method" in read_recipe_file(recipe)):
+    elif method is not None or "method" in file_spec:
         raise ConvertError("--target-bpw chooses the method of every linear: drop --method (fix chosen linears "
                            "with --set, pick the choices with --candidates)")
     recipe_obj, file_embed_bits, file_head_bits = build_recipe(method, nm, block,
@@ -141,7 +142,6 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
     if target_bpw is None:
         head_bits = head_bits or 16
         embed_bits = embed_bits or head_bits
-    file_spec = read_recipe_file(recipe) if recipe is not None else {}
     file_groups = file_spec.get("table_group")  # a group for both tables, or {tensor name: group}
     table_group = group or (file_groups if isinstance(file_groups, int) else None) or 64
     # per table: the allocation's chosen group (or the recipe file's), where it differs from table_group
@@ -284,7 +284,7 @@ def convert(model, out, method: str | None = None, nm=None, block: int = 128, to
                                    f"file holds {measured}")
             for entry in (allocation.provenance, writer.metadata["provenance"]["allocation"]):  # (the writer's copy)
                 entry["written_bits_per_weight"] = measured
-            if code_coder is not None and measured > target_bpw:  # rANS-coded codes: sized on the full-precision layers' quantization
+            if code_coder is not None and measured > target_bpw:  # coded sizes came from the allocation's quantization
                 warnings.warn(f"the file holds {measured} bits per {scope} weight, over --target-bpw {target_bpw:g}: "
                               f"the rANS-coded codes came out larger than the allocation measured them (plus its "
                               f"{allocation.provenance['coded_margin']:.1%} margin)", ConvertWarning, stacklevel=2)
